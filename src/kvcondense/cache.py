@@ -1,0 +1,123 @@
+"""An evicting KV cache on the transformers 5.x Cache API.
+
+Keys that no future query may see (their ``expire`` has passed) are physically removed from every layer. The cache
+keeps the **logical** length (tokens processed so far, which drives positions and mask indices) apart from the
+**physical** number of stored slots, and stores per slot the metadata the mask needs: logical index, expiry and the
+closer-only flag. Rows of a batch may evict different amounts; freed slots at a row's end are marked invalid
+(logical index -1) and are never visible.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .layout import NEVER
+from .masks import visibility
+
+
+class EvictingLayer(DynamicLayer):
+    """A dynamic layer whose mask sizes are physical (the cache stores fewer slots than the logical length)."""
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep only the slots in ``index`` (B, S') of every row, in that order."""
+        if not self.is_initialized or self.keys.numel() == 0:
+            return
+        b, h, _, d = self.keys.shape
+        gather = index[:, None, :, None].expand(b, h, index.shape[1], d)
+        self.keys = torch.gather(self.keys, 2, gather)
+        self.values = torch.gather(self.values, 2, gather)
+
+
+class EvictingCache(Cache):
+    """KV cache that frees expired keys.
+
+    Args:
+        num_layers: number of attention layers of the model.
+        batch_size: number of rows.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int = 1):
+        super().__init__(layers=[EvictingLayer() for _ in range(num_layers)])
+        self.seen = 0  # logical length: tokens processed so far
+        empty = torch.zeros(batch_size, 0, dtype=torch.long)
+        self.slot_idx = empty.clone()  # (B, S) logical index of each stored slot, -1 for an invalid slot
+        self.slot_expire = empty.clone()  # (B, S)
+        self.slot_closer = empty.clone().bool()  # (B, S)
+
+    # -- lengths ----------------------------------------------------------------------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """The logical length, so that default positions continue the original count after eviction."""
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.physical_length + query_length, 0
+
+    @property
+    def physical_length(self) -> int:
+        """Number of stored slots per row (including invalid padding slots of ragged rows)."""
+        return self.slot_idx.shape[1]
+
+    def stored_slots(self) -> torch.Tensor:
+        """Valid stored slots per row. (B,)"""
+        return (self.slot_idx >= 0).sum(1)
+
+    def kv_bytes(self) -> int:
+        """Bytes of key and value tensors actually held, all layers together."""
+        return sum(
+            layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+            for layer in self.layers
+            if layer.is_initialized
+        )
+
+    # -- masks and eviction ----------------------------------------------------------------------------------------
+    def visibility(
+        self, q_idx: torch.Tensor, q_start: torch.Tensor, k_expire: torch.Tensor, k_closer: torch.Tensor
+    ) -> torch.Tensor:
+        """Visibility of the new queries against stored slots followed by the new tokens themselves.
+
+        Args:
+            q_idx, q_start: (B, n) logical index and first visible key of each new token.
+            k_expire, k_closer: (B, n) expiry and closer-only flag of each new token as a key.
+
+        Returns:
+            (B, n, S + n) bool.
+        """
+        k_idx = torch.cat([self.slot_idx, q_idx], 1)
+        vis = visibility(
+            q_idx, q_start, k_idx, torch.cat([self.slot_expire, k_expire], 1), torch.cat([self.slot_closer, k_closer], 1)
+        )
+        return vis & (k_idx >= 0).unsqueeze(1)
+
+    def append(self, q_idx: torch.Tensor, k_expire: torch.Tensor, k_closer: torch.Tensor) -> None:
+        """Record the metadata of the tokens a forward pass has just added to every layer."""
+        self.slot_idx = torch.cat([self.slot_idx, q_idx], 1)
+        self.slot_expire = torch.cat([self.slot_expire, k_expire], 1)
+        self.slot_closer = torch.cat([self.slot_closer, k_closer], 1)
+        self.seen = int(q_idx.max()) + 1
+
+    def set_expire(self, row: int, logical: torch.Tensor, expire: int) -> None:
+        """Give already stored keys an expiry (used when a span closes during generation)."""
+        hit = torch.isin(self.slot_idx[row], logical)
+        self.slot_expire[row, hit] = expire
+
+    def evict(self, next_query: int | None = None) -> int:
+        """Physically free every slot that no query from ``next_query`` on may see. Returns slots freed."""
+        nq = self.seen if next_query is None else next_query
+        keep = (self.slot_idx >= 0) & (self.slot_expire >= nq)
+        if bool(keep.all()):
+            return 0
+        before = int((self.slot_idx >= 0).sum())
+        width = int(keep.sum(1).max())
+        # stable order: kept slots first (in their original order), then the rest; cut to the widest row
+        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
+        valid = torch.gather(keep, 1, order)
+        self.slot_idx = torch.where(valid, torch.gather(self.slot_idx, 1, order), -1)
+        self.slot_expire = torch.where(valid, torch.gather(self.slot_expire, 1, order), NEVER)
+        self.slot_closer = torch.gather(self.slot_closer, 1, order) & valid
+        for layer in self.layers:
+            layer.keep(order.to(layer.keys.device) if layer.is_initialized else order)
+        return before - int(valid.sum())

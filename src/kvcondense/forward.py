@@ -1,0 +1,105 @@
+"""The two ways to run a layout through a model, which must agree:
+
+- :func:`parallel_forward`: one pass over the whole sequence with the dense mask built from key expiry
+  (training and fast evaluation);
+- :func:`incremental_forward`: chunk by chunk through an :class:`~kvcondense.cache.EvictingCache` that frees
+  expired keys after every chunk (inference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .cache import EvictingCache
+from .layout import Layout
+from .masks import batch_visibility, to_attention_mask
+
+
+def attn_implementation(model) -> str:
+    return getattr(model.config, "_attn_implementation", None) or "eager"
+
+
+def num_layers(model) -> int:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return cfg.num_hidden_layers
+
+
+def pad_layouts(layouts: list[Layout], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad input ids and positions of several layouts. Returns (B, L) ids and (B, L) positions."""
+    length = max(len(x) for x in layouts)
+    ids = torch.full((len(layouts), length), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(layouts), length), dtype=torch.long)
+    for b, lay in enumerate(layouts):
+        ids[b, : len(lay)] = lay.input_ids
+        pos[b, : len(lay)] = lay.position_ids
+    return ids, pos
+
+
+def parallel_forward(model, layouts: list[Layout], **kwargs):
+    """One masked forward over right-padded layouts. Returns the model output (logits (B, L, V))."""
+    device = model.device
+    ids, pos = pad_layouts(layouts)
+    mask = to_attention_mask(batch_visibility(layouts), attn_implementation(model), model.dtype)
+    return model(
+        input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device), use_cache=False, **kwargs
+    )
+
+
+@dataclass
+class IncrementalStats:
+    """What the evicting cache held while a layout was fed through it."""
+
+    logical_tokens: int
+    stored_slots: int
+    peak_slots: int
+    kv_bytes: int
+    peak_kv_bytes: int
+
+
+def feed(model, cache: EvictingCache, chunk: Layout, first: int) -> torch.Tensor:
+    """Run one chunk (logical indices ``first..first+len(chunk)-1``) through the cache, then evict.
+
+    Returns the chunk's logits (1, n, V).
+    """
+    device = model.device
+    n = len(chunk)
+    q_idx = torch.arange(first, first + n).unsqueeze(0)
+    k_expire, k_closer = chunk.expire.unsqueeze(0), chunk.closer_only.unsqueeze(0)
+    vis = cache.visibility(q_idx, chunk.start.unsqueeze(0), k_expire, k_closer)
+    mask = to_attention_mask(vis, attn_implementation(model), model.dtype)
+    out = model(
+        input_ids=chunk.input_ids.unsqueeze(0).to(device),
+        position_ids=chunk.position_ids.unsqueeze(0).to(device),
+        attention_mask=mask.to(device),
+        past_key_values=cache,
+        use_cache=True,
+    )
+    cache.append(q_idx, k_expire, k_closer)
+    return out.logits
+
+
+@torch.no_grad()
+def incremental_forward(
+    model, layout: Layout, chunk_size: int = 64, cache: EvictingCache | None = None
+) -> tuple[torch.Tensor, IncrementalStats]:
+    """Feed a layout chunk by chunk with real eviction. Returns logits (L, V) and the cache statistics.
+
+    Peak stored KV is bounded by the kept slots plus one chunk.
+    """
+    cache = cache if cache is not None else EvictingCache(num_layers(model))
+    logits, peak, peak_bytes = [], 0, 0
+    for lo in range(0, len(layout), chunk_size):
+        hi = min(lo + chunk_size, len(layout))
+        logits.append(feed(model, cache, layout.slice(lo, hi), lo)[0])
+        peak, peak_bytes = max(peak, cache.physical_length), max(peak_bytes, cache.kv_bytes())
+        cache.evict(hi)
+    stats = IncrementalStats(
+        logical_tokens=cache.seen,
+        stored_slots=int(cache.stored_slots()[0]),
+        peak_slots=peak,
+        kv_bytes=cache.kv_bytes(),
+        peak_kv_bytes=peak_bytes,
+    )
+    return torch.cat(logits, 0), stats

@@ -1,0 +1,128 @@
+"""The data contract between methods, masks, the cache, training and evaluation.
+
+A :class:`Layout` describes one sequence after a method has inserted its special tokens. Every method in the
+package (and every baseline) is expressed through four per-token arrays, which is all a mask builder and an
+evicting cache need (SPEC section 0):
+
+- ``expire[k]``: the last query index that may see key ``k``. Keys that stay forever hold :data:`NEVER`. An evicting
+  cache frees key ``k`` right after position ``expire[k]`` has been processed.
+- ``start[q]``: the smallest key index query ``q`` may see (0 for ordinary tokens). Sentinel ``<CR>`` rows use it to
+  see only their own span.
+- ``closer_only[k]``: key ``k`` is visible only to itself and to the query at ``expire[k]`` (the sentinel ``<CL>``:
+  its span tokens do not see it, its ``<CR>`` does).
+- ``position_ids``: the positions fed to the model (RoPE or learned), which need not be ``arange``.
+
+Key ``k`` is visible to query ``q`` iff ``k <= q``, ``q <= expire[k]``, ``k >= start[q]`` and
+(``not closer_only[k]`` or ``q in (k, expire[k])``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import torch
+
+NEVER = torch.iinfo(torch.int64).max
+"""Expiry of a key that is never evicted."""
+
+IGNORE = -100
+"""Target value for positions that carry no loss (the ``ignore_index`` of cross-entropy)."""
+
+
+class Kind(IntEnum):
+    """What each token of a layout is. Only ``TEXT`` tokens are scored for perplexity."""
+
+    TEXT = 0
+    OPEN = 1  # sentinel <CL>
+    CLOSE = 2  # sentinel <CR>
+    GIST = 3
+    COMP = 4
+    SUM = 5
+
+
+@dataclass
+class Layout:
+    """One sequence with its special tokens and its visibility rules. All fields are 1-D tensors of length L.
+
+    Attributes:
+        input_ids: token ids, special tokens included. (L,) int64.
+        kinds: a :class:`Kind` per token. (L,) int64.
+        position_ids: positions given to the model. (L,) int64.
+        expire: last query index allowed to see each key, :data:`NEVER` for permanent keys. (L,) int64.
+        start: first key index each query may see. (L,) int64.
+        closer_only: keys visible only to themselves and to the query at their expiry. (L,) bool.
+        targets: the token id each position must predict, or :data:`IGNORE`. Already shifted. (L,) int64.
+    """
+
+    input_ids: torch.Tensor
+    kinds: torch.Tensor
+    position_ids: torch.Tensor
+    expire: torch.Tensor
+    start: torch.Tensor
+    closer_only: torch.Tensor
+    targets: torch.Tensor
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = self.input_ids.shape
+        for name in ("kinds", "position_ids", "expire", "start", "closer_only", "targets"):
+            if getattr(self, name).shape != n:
+                raise ValueError(f"Layout.{name} has shape {tuple(getattr(self, name).shape)}, expected {tuple(n)}")
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def n_text(self) -> int:
+        """Number of text tokens (what a full-attention model would store)."""
+        return int((self.kinds == Kind.TEXT).sum())
+
+    def kept_slots(self, upto: int | None = None) -> int:
+        """Number of KV slots an evicting cache holds after processing positions ``0..upto`` (default: all)."""
+        last = len(self) - 1 if upto is None else upto
+        return int((self.expire[: last + 1] > last).sum())
+
+    def compression_ratio(self) -> float:
+        """Measured KV kept: stored slots at the end / text tokens (what full attention would store)."""
+        return self.kept_slots() / max(1, self.n_text)
+
+    def slice(self, lo: int, hi: int) -> Layout:
+        """Positions ``lo..hi-1`` of this layout, with indices kept absolute (used to feed a cache in chunks)."""
+        return Layout(
+            **{
+                k: getattr(self, k)[lo:hi]
+                for k in ("input_ids", "kinds", "position_ids", "expire", "start", "closer_only", "targets")
+            },
+            meta=dict(self.meta),
+        )
+
+
+def text_layout(input_ids: torch.Tensor, expire: torch.Tensor | None = None) -> Layout:
+    """A layout of plain text tokens with causal next-token targets and optional per-key expiry."""
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    n = ids.shape[0]
+    targets = torch.full((n,), IGNORE, dtype=torch.long)
+    targets[:-1] = ids[1:]
+    return Layout(
+        input_ids=ids,
+        kinds=torch.full((n,), Kind.TEXT, dtype=torch.long),
+        position_ids=torch.arange(n),
+        expire=torch.full((n,), NEVER, dtype=torch.long) if expire is None else expire.long(),
+        start=torch.zeros(n, dtype=torch.long),
+        closer_only=torch.zeros(n, dtype=torch.bool),
+        targets=targets,
+    )
+
+
+def next_text_targets(input_ids: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+    """Targets where each text token predicts the next *text* token, skipping special tokens in between.
+
+    Special tokens predict nothing and are never targets. This is the sentinel loss rule, correct also for
+    adjacent spans (``c <CR> <CL> d``: ``c`` predicts ``d``).
+    """
+    targets = torch.full_like(input_ids, IGNORE)
+    text_idx = torch.nonzero(kinds == Kind.TEXT).flatten()
+    if text_idx.numel() > 1:
+        targets[text_idx[:-1]] = input_ids[text_idx[1:]]
+    return targets

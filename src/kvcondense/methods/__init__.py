@@ -1,0 +1,31 @@
+"""Compression methods and baselines, by name. Adding a method = one class plus one line in :data:`METHODS`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .base import Method, TokenizedText, tokenize
+from .baselines import FullAttention, LocalAttention, ScatteredAttention, StreamingLLM
+from .sentinel import Sentinel
+
+METHODS: dict[str, type[Method]] = {
+    "full": FullAttention,
+    "sentinel": Sentinel,
+    "local": LocalAttention,
+    "scattered": ScatteredAttention,
+    "streaming": StreamingLLM,
+}
+
+
+def build_method(name: str, **params) -> Method:
+    """Instantiate a method by name. Parameters the method does not have are ignored (``ratio`` for ``full``);
+    ``None`` values mean "use the method's default"."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
+    cls = METHODS[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in params.items() if k in fields and v is not None})
+
+
+__all__ = ["METHODS", "Method", "TokenizedText", "build_method", "tokenize", "Sentinel", "FullAttention",
+           "LocalAttention", "ScatteredAttention", "StreamingLLM"]

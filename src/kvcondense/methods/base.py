@@ -1,0 +1,93 @@
+"""The method interface: turn a tokenized text into a :class:`~kvcondense.layout.Layout`.
+
+A method is a small dataclass whose hyperparameters are its fields, validated in ``__post_init__``. Methods and
+baselines share this interface, so training, evaluation and generation never special-case one of them.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..layout import Layout
+
+
+@dataclass
+class TokenizedText:
+    """Token ids of a text with the whitespace word and the line each token belongs to.
+
+    Attributes:
+        ids: token ids. (T,) int64.
+        word_ids: index of the whitespace-separated word each token starts in, -1 for pure whitespace. (T,) int64.
+        line_ids: index of the line (newline-separated) each token is in. (T,) int64.
+    """
+
+    ids: torch.Tensor
+    word_ids: torch.Tensor
+    line_ids: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, sl: slice) -> TokenizedText:
+        return TokenizedText(self.ids[sl], self.word_ids[sl], self.line_ids[sl])
+
+    @classmethod
+    def from_ids(cls, ids) -> TokenizedText:
+        """Ids without text: every token is its own word, all on one line."""
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        return cls(ids, torch.arange(ids.shape[0]), torch.zeros_like(ids))
+
+
+_WORD = re.compile(r"\S+")
+
+
+def tokenize(text: str, tokenizer) -> TokenizedText:
+    """Tokenize ``text`` (no special tokens) and map every token to its whitespace word and its line."""
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    words = [(m.start(), m.end()) for m in _WORD.finditer(text)]
+    word_line, line, pos = [], 0, 0
+    for s, _ in words:
+        line += text.count("\n", pos, s)
+        pos = s
+        word_line.append(line)
+    word_ids, line_ids = [], []
+    w = 0
+    for s, e in enc["offset_mapping"]:
+        first = s + (len(text[s:e]) - len(text[s:e].lstrip()))
+        while w < len(words) and words[w][1] <= first:
+            w += 1
+        inside = w < len(words) and words[w][0] <= first < words[w][1] and first < e
+        word_ids.append(w if inside else -1)
+        line_ids.append(word_line[w] if inside else (word_line[w - 1] if w > 0 else 0))
+    return TokenizedText(
+        torch.tensor(enc["input_ids"], dtype=torch.long),
+        torch.tensor(word_ids, dtype=torch.long),
+        torch.tensor(line_ids, dtype=torch.long),
+    )
+
+
+@dataclass
+class Method(ABC):
+    """Base class of every compression method and baseline.
+
+    Subclasses set ``name``, ``special_tokens`` (new vocabulary rows, added in this order) and ``trainable``
+    (whether ``kvcondense train`` makes sense for it), and implement :meth:`layout`.
+    """
+
+    name: ClassVar[str] = ""
+    special_tokens: ClassVar[tuple[str, ...]] = ()
+    trainable: ClassVar[bool] = True
+
+    @abstractmethod
+    def layout(self, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:
+        """Build the layout of ``text``. ``token_ids`` maps each special token to its id; ``seed`` drives any
+        random choice (span placement, scattered keys) so that a given (text, seed) always gives one layout."""
+
+    def params(self) -> dict:
+        """The hyperparameters, as saved in checkpoints and results."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}

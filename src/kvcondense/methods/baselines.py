@@ -1,0 +1,117 @@
+"""Baselines through the same interface as the methods: full, local, scattered attention and StreamingLLM.
+
+All of them keep plain text with contiguous positions and differ only in key expiry, so the evicting cache serves
+them exactly as it serves the learned methods.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import ClassVar
+
+import torch
+
+from ..layout import NEVER, Layout, text_layout
+from .base import Method, TokenizedText
+
+
+def _check_ratio(ratio: float) -> None:
+    if not 0 < ratio < 1:
+        raise ValueError(f"ratio must be in (0, 1), got {ratio}; pass e.g. --ratio 0.5")
+
+
+@dataclass
+class FullAttention(Method):
+    """Full causal attention, nothing evicted: the upper bound every method is compared to."""
+
+    name: ClassVar[str] = "full"
+
+    def layout(self, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:
+        return text_layout(text.ids)
+
+
+def local_expiry(n: int, ratio: float) -> torch.Tensor:
+    """Expiry for the proportional window: query ``q`` sees keys ``k >= floor(q * ratio)``.
+
+    Key ``k`` is visible while ``floor(q * r) <= k``, i.e. up to ``q = ceil((k + 1) / r) - 1``; exact rational
+    arithmetic avoids float off-by-ones.
+    """
+    r = Fraction(ratio).limit_denominator(10_000)
+    k = torch.arange(n)
+    return ((k + 1) * r.denominator + r.numerator - 1) // r.numerator - 1
+
+
+@dataclass
+class LocalAttention(Method):
+    """Local attention (the sentinel paper's baseline): each query keeps the most recent (1 - ratio) of its prefix.
+
+    Attributes:
+        ratio: fraction of the prefix hidden from each query, in (0, 1).
+    """
+
+    name: ClassVar[str] = "local"
+    ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check_ratio(self.ratio)
+
+    def layout(self, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:
+        return text_layout(text.ids, local_expiry(len(text), self.ratio))
+
+
+@dataclass
+class ScatteredAttention(Method):
+    """Scattered attention (the sentinel paper's baseline): one Bernoulli(1 - ratio) keep draw per key, shared by
+    all queries; every query sees the kept earlier keys and itself.
+
+    Attributes:
+        ratio: probability that a key is dropped, in (0, 1).
+    """
+
+    name: ClassVar[str] = "scattered"
+    ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check_ratio(self.ratio)
+
+    def layout(self, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:
+        rng = random.Random(seed)
+        n = len(text)
+        drop = torch.tensor([rng.random() < self.ratio for _ in range(n)], dtype=torch.bool)
+        expire = torch.where(drop, torch.arange(n), torch.full((n,), NEVER))
+        return text_layout(text.ids, expire)
+
+
+@dataclass
+class StreamingLLM(Method):
+    """StreamingLLM (Xiao et al., ICLR 2024): ``sinks`` first tokens plus a recent window, training-free.
+
+    The window is sized so that the KV kept at the end of a sequence matches ``1 - ratio`` of it, the same budget
+    as the other methods at that ratio.
+
+    Attributes:
+        ratio: fraction of the KV to drop at the end of the sequence, in (0, 1).
+        sinks: number of initial tokens that are always kept.
+    """
+
+    name: ClassVar[str] = "streaming"
+    trainable: ClassVar[bool] = False
+    ratio: float = 0.5
+    sinks: int = 4
+
+    def __post_init__(self) -> None:
+        _check_ratio(self.ratio)
+        if self.sinks < 0:
+            raise ValueError(f"sinks must be >= 0, got {self.sinks}")
+
+    def window(self, n: int) -> int:
+        """Recent-window size for a sequence of ``n`` tokens."""
+        return max(1, round((1 - self.ratio) * n) - self.sinks)
+
+    def layout(self, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:
+        n = len(text)
+        k = torch.arange(n)
+        expire = torch.where(k < self.sinks, torch.full((n,), NEVER), k + self.window(n) - 1)
+        return text_layout(text.ids, expire)

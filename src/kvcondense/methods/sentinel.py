@@ -1,0 +1,147 @@
+"""Sentinel tokens: a span wrapped in ``<CL> ... <CR>`` collapses into its ``<CR>``.
+
+Ren, Jia, Zhu. "Context Compression for Auto-regressive Transformers with Sentinel Tokens", EMNLP 2023
+(arXiv 2310.08152). See SPEC section 1 for the mask, positions and loss this file implements.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..layout import NEVER, Kind, Layout, next_text_targets
+from .base import Method, TokenizedText
+
+OPEN, CLOSE = "<CL>", "<CR>"
+
+
+def select_spans(n_words: int, ratio: float, max_words: int, rng: random.Random) -> list[tuple[int, int]]:
+    """Non-overlapping random word spans covering about ``ratio`` of the KV of ``n_words`` words.
+
+    Each span keeps one ``<CR>`` slot, so the covered fraction is inflated by avg/(avg-1) (as the authors do).
+    Spans are 2..``max_words`` words long and placed uniformly; adjacent spans are allowed. The attempt cap means
+    the reached ratio can fall below the target at high ratios: callers report the measured ratio.
+
+    Returns:
+        Sorted (first_word, last_word) pairs, both inclusive.
+    """
+    hi = min(max_words, n_words)
+    if hi < 2 or ratio <= 0:
+        return []
+    avg = (2 + hi) / 2
+    target = min(n_words, ratio * n_words * avg / (avg - 1))
+    taken = [False] * n_words
+    spans, covered = [], 0
+    for _ in range(20 * n_words + 100):
+        if covered >= target:
+            break
+        length = rng.randint(2, hi)
+        first = rng.randint(0, n_words - length)
+        if any(taken[first : first + length]):
+            continue
+        taken[first : first + length] = [True] * length
+        spans.append((first, first + length - 1))
+        covered += length
+    return sorted(spans)
+
+
+def sentinel_layout(
+    ids: torch.Tensor, spans: list[tuple[int, int]], open_id: int, close_id: int, cr_sees_prefix: bool = False
+) -> Layout:
+    """Insert ``<CL>``/``<CR>`` around token spans and derive positions, expiry and targets.
+
+    Args:
+        ids: text token ids. (T,)
+        spans: sorted, non-overlapping (first_token, last_token) pairs, both inclusive.
+        open_id, close_id: ids of ``<CL>`` and ``<CR>``.
+        cr_sees_prefix: let ``<CR>`` also see the uncompressed prefix (default: only its own span, as the authors).
+    """
+    opens = {s: e for s, e in spans}
+    closes = {e for _, e in spans}
+    out_ids, kinds, pos, expire, start, closer = [], [], [], [], [], []
+    n_text = 0
+    span_open = -1  # index of the open <CL>, -1 outside a span
+    members: list[int] = []
+    for t, tok in enumerate(ids.tolist()):
+        if t in opens:
+            span_open = len(out_ids)
+            members = [span_open]
+            out_ids.append(open_id), kinds.append(Kind.OPEN), pos.append(max(n_text - 1, 0))
+            expire.append(NEVER), start.append(span_open), closer.append(True)
+        if span_open >= 0:
+            members.append(len(out_ids))
+        out_ids.append(tok), kinds.append(Kind.TEXT), pos.append(n_text)
+        expire.append(NEVER), start.append(0), closer.append(False)
+        n_text += 1
+        if t in closes:
+            cr = len(out_ids)
+            for m in members:
+                expire[m] = cr
+            out_ids.append(close_id), kinds.append(Kind.CLOSE), pos.append(n_text - 1)
+            expire.append(NEVER), start.append(0 if cr_sees_prefix else span_open), closer.append(False)
+            span_open, members = -1, []
+    input_ids = torch.tensor(out_ids, dtype=torch.long)
+    kinds_t = torch.tensor([int(k) for k in kinds], dtype=torch.long)
+    return Layout(
+        input_ids=input_ids,
+        kinds=kinds_t,
+        position_ids=torch.tensor(pos, dtype=torch.long),
+        expire=torch.tensor(expire, dtype=torch.long),
+        start=torch.tensor(start, dtype=torch.long),
+        closer_only=torch.tensor(closer, dtype=torch.bool),
+        targets=next_text_targets(input_ids, kinds_t),
+    )
+
+
+def word_spans_to_tokens(text: TokenizedText, word_spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Map (first_word, last_word) spans to contiguous (first_token, last_token) spans."""
+    first, last = {}, {}
+    for t, w in enumerate(text.word_ids.tolist()):
+        if w >= 0:
+            first.setdefault(w, t)
+            last[w] = t
+    return [(first[a], last[b]) for a, b in word_spans if a in first and b in last and first[a] <= last[b]]
+
+
+@dataclass
+class Sentinel(Method):
+    """Sentinel-token compression (Ren et al., EMNLP 2023): each span of the context collapses into its ``<CR>``.
+
+    Attributes:
+        ratio: target fraction of context KV to drop, in (0, 1). The measured ratio is reported separately.
+        max_span_words: longest span, in whitespace words (spans are 2..max_span_words words).
+        min_line_words: lines shorter than this get no spans (the authors use 30).
+        cr_sees_prefix: let ``<CR>`` attend to the uncompressed prefix too (default off, as the authors).
+    """
+
+    name: ClassVar[str] = "sentinel"
+    special_tokens: ClassVar[tuple[str, ...]] = (OPEN, CLOSE)
+
+    ratio: float = 0.5
+    max_span_words: int = 25
+    min_line_words: int = 30
+    cr_sees_prefix: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 < self.ratio < 1:
+            raise ValueError(f"ratio must be in (0, 1), got {self.ratio}; pass e.g. --ratio 0.5")
+        if self.max_span_words < 2:
+            raise ValueError(f"max_span_words must be >= 2, got {self.max_span_words}")
+
+    def layout(self, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:
+        rng = random.Random(seed)
+        word_spans = []
+        lines: dict[int, list[int]] = {}
+        for w, line in zip(text.word_ids.tolist(), text.line_ids.tolist(), strict=True):
+            if w >= 0 and (not lines.get(line) or lines[line][-1] != w):
+                lines.setdefault(line, []).append(w)
+        for words in lines.values():
+            if len(words) < self.min_line_words:
+                continue
+            for a, b in select_spans(len(words), self.ratio, self.max_span_words, rng):
+                word_spans.append((words[a], words[b]))
+        spans = word_spans_to_tokens(text, sorted(word_spans))
+        return sentinel_layout(text.ids, spans, token_ids[OPEN], token_ids[CLOSE], self.cr_sees_prefix)
