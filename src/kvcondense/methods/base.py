@@ -6,6 +6,7 @@ baselines share this interface, so training, evaluation and generation never spe
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -90,4 +91,4 @@ class Method(ABC):
 
     def params(self) -> dict:
         """The hyperparameters, as saved in checkpoints and results."""
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -1,0 +1,176 @@
+"""Command line: thin argparse subcommands over the package modules.
+
+    kvcondense train    --method M [--ratio R] [--model X] [--data D] [--steps S] --out DIR [--resume]
+    kvcondense eval     (--checkpoint DIR | --method M) [--ratio R ...] [--model X] [--data D] [--json FILE]
+    kvcondense generate --checkpoint DIR (--prompt TEXT | --prompt-file F) [--max-new-tokens N]
+    kvcondense demo
+
+A mistake of the user's (bad flag, missing file, wrong model) ends with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .checkpoint import CheckpointError
+from .data import DataError
+from .fetch import FetchError
+from .methods import METHODS
+from .models import DEFAULT_MODEL, ModelError
+
+USER_ERRORS = (ValueError, DataError, ModelError, CheckpointError, FetchError, FileNotFoundError)
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ratio must be a number in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"ratio must be in (0, 1), got {value}")
+    return value
+
+
+def _method(text: str) -> str:
+    if text not in METHODS:
+        raise argparse.ArgumentTypeError(f"unknown method {text!r}; choose one of: {', '.join(METHODS)}")
+    return text
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help=f"registered name or local HF directory (default {DEFAULT_MODEL})")
+    p.add_argument("--data", default="wiki", help="built-in corpus (wiki) or .txt/.jsonl file or folder")
+
+
+def _cmd_train(args) -> int:
+    from .train import TrainConfig, config_from_checkpoint, train
+
+    if args.resume and Path(args.out, "kvcondense.json").exists():
+        cfg = config_from_checkpoint(args.out)
+        cfg.steps = args.steps if args.steps is not None else cfg.steps
+    else:
+        params = {"ratio": args.ratio, "cr_sees_prefix": args.cr_sees_prefix or None}
+        cfg = TrainConfig(
+            method=args.method, method_params={k: v for k, v in params.items() if v is not None},
+            model=args.model or DEFAULT_MODEL, data=args.data, out=args.out,
+            steps=300 if args.steps is None else args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+            block_tokens=args.block_tokens, lr=args.lr, seed=args.seed, save_every=args.save_every,
+        )
+    out = train(cfg, resume=args.resume)
+    print(f"checkpoint written to {out}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .evaluate import EvalConfig, format_table, run_eval
+
+    cfg = EvalConfig(
+        checkpoint=args.checkpoint, method=args.method, ratios=args.ratio or [0.5], model=args.model, data=args.data,
+        split=args.split, max_tokens=args.max_tokens, block_tokens=args.block_tokens, batch_size=args.batch_size,
+        verify=args.verify, seed=args.seed,
+    )
+    results = run_eval(cfg)
+    print(format_table(results))
+    if args.json:
+        payload = results[0] if len(results) == 1 else {"results": results}
+        tmp = Path(args.json).with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        tmp.replace(args.json)
+        print(f"results written to {args.json}")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from .generate import generate_cli
+
+    prompt = args.prompt if args.prompt is not None else _read_prompt(args.prompt_file)
+    return generate_cli(args, prompt)
+
+
+def _read_prompt(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompt file {p} does not exist")
+    return p.read_bytes().decode("utf-8", errors="replace")
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(quick=args.quick, max_tokens=args.max_tokens)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvcondense", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a method's LoRA and token rows; writes a checkpoint")
+    p.add_argument("--method", type=_method, required=True)
+    p.add_argument("--ratio", type=_ratio, default=None, help="compression ratio in (0, 1) (default 0.5)")
+    p.add_argument("--cr-sees-prefix", action="store_true", help="sentinel: <CR> also attends to the prefix")
+    _add_common(p)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 300)")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--block-tokens", type=int, default=256)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--out", required=True, help="checkpoint directory (replaced atomically)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="held-out perplexity, measured compression and stored KV")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="checkpoint directory made by train")
+    src.add_argument("--method", type=_method, help="evaluate a method without training (baselines, ablations)")
+    p.add_argument("--ratio", type=_ratio, nargs="+", default=None, help="one or more ratios (default 0.5)")
+    _add_common(p)
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--max-tokens", type=int, default=8192, help="text tokens to score (default 8192)")
+    p.add_argument("--block-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--verify", action="store_true", help="also run the evicting cache and report max_abs_diff")
+    p.add_argument("--json", help="write the results as JSON to this file")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("generate", help="generate from a compressed prompt and print cache statistics")
+    p.add_argument("--checkpoint", help="checkpoint directory (omit to use --method without training)")
+    p.add_argument("--method", type=_method, default=None)
+    p.add_argument("--ratio", type=_ratio, default=None)
+    p.add_argument("--model", default=None)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt")
+    group.add_argument("--prompt-file")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--chunk-tokens", type=int, default=64, help="prefill chunk size")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("demo", help="the main job on the embedded defaults")
+    p.add_argument("--quick", action="store_true", help="a tiny budget (used by the test suite)")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        print(f"kvcondense {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing half-written was left behind", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

