@@ -38,3 +38,46 @@ def llama():
 @pytest.fixture
 def sample_text() -> str:
     return (DATA / "sample.txt").read_text()
+
+
+def build_tokenizer(text: str, vocab_size: int = 320):
+    """A byte-level BPE trained on ``text``: real offsets, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"]
+    )
+    tok.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def save_tiny_model(path: Path, seed: int = 0, family: str = "llama") -> Path:
+    tokenizer = build_tokenizer((DATA / "sample.txt").read_text())
+    cfg = _CONFIGS[family]()
+    cfg.vocab_size = len(tokenizer)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama with a BPE tokenizer, saved as a normal model directory."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def other_tiny_dir(tmp_path_factory) -> Path:
+    """The same architecture with other random weights (a "different base model")."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny2") / "model", seed=1)
+
+
+@pytest.fixture(scope="session")
+def sample_path() -> Path:
+    return DATA / "sample.txt"

@@ -97,7 +97,8 @@ def split_documents(docs: list[Document], split: str, min_docs: int = 10) -> lis
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {SPLITS}")
     if len(docs) < min_docs:
-        docs = [p for d in docs for p in pieces(d)]
+        size = max(300, sum(len(d.text) for d in docs) // 30)
+        docs = [p for d in docs for p in pieces(d, size)]
     chosen = [d for d in docs if split_of(d) == split]
     if not chosen:
         raise DataError(f"the {split} split is empty ({len(docs)} pieces of text in all); give more text")

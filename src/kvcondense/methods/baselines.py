@@ -107,11 +107,11 @@ class StreamingLLM(Method):
             raise ValueError(f"sinks must be >= 0, got {self.sinks}")
 
     def window(self, n: int) -> int:
-        """Recent-window size for a sequence of ``n`` tokens."""
+        """Recent keys kept in the cache for a sequence of ``n`` tokens (each query also sees itself)."""
         return max(1, round((1 - self.ratio) * n) - self.sinks)
 
     def layout(self, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:
         n = len(text)
         k = torch.arange(n)
-        expire = torch.where(k < self.sinks, torch.full((n,), NEVER), k + self.window(n) - 1)
+        expire = torch.where(k < self.sinks, torch.full((n,), NEVER), k + self.window(n))
         return text_layout(text.ids, expire)

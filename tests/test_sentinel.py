@@ -1,0 +1,96 @@
+"""Sentinel spans, positions, targets and the measured ratio."""
+
+import random
+
+import pytest
+import torch
+
+from kvcondense.layout import IGNORE, NEVER
+from kvcondense.methods import Sentinel, TokenizedText, tokenize
+from kvcondense.methods.sentinel import select_spans, sentinel_layout
+
+L, R = 90, 91
+
+
+def test_targets_skip_sentinels_including_adjacent_spans():
+    # text a b c d e with spans (b c) and (d) adjacent: a L b c R L d R e   ("c <CR> <CL> d")
+    lay = sentinel_layout(torch.tensor([10, 11, 12, 13, 14]), [(1, 2), (3, 3)], L, R)
+    assert lay.input_ids.tolist() == [10, L, 11, 12, R, L, 13, R, 14]
+    # c predicts d (not <CL>), d predicts e; sentinels predict nothing
+    assert lay.targets.tolist() == [11, IGNORE, 12, 13, IGNORE, IGNORE, 14, IGNORE, IGNORE]
+
+
+def test_span_at_start_positions_copy_zero():
+    lay = sentinel_layout(torch.tensor([10, 11, 12]), [(0, 1)], L, R)
+    assert lay.input_ids.tolist() == [L, 10, 11, R, 12]
+    assert lay.position_ids.tolist() == [0, 0, 1, 1, 2]
+
+
+def test_expiry_and_kept_slots():
+    lay = sentinel_layout(torch.tensor([1, 2, 3, 4, 5, 6]), [(2, 3)], L, R)
+    assert lay.expire.tolist() == [NEVER, NEVER, 5, 5, 5, NEVER, NEVER, NEVER]
+    assert lay.kept_slots() == 5  # a b R e f
+    assert lay.compression_ratio() == pytest.approx(5 / 6)
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.5, 0.9])
+def test_select_spans_properties(ratio):
+    rng = random.Random(0)
+    spans = select_spans(200, ratio, 25, rng)
+    covered = set()
+    for a, b in spans:
+        assert 2 <= b - a + 1 <= 25
+        assert not covered & set(range(a, b + 1))
+        covered |= set(range(a, b + 1))
+    assert spans == sorted(spans)
+    assert len(covered) <= 200
+
+
+def long_line_text(n_words: int, lines: int = 3) -> TokenizedText:
+    ids, words, line_ids = [], [], []
+    for line in range(lines):
+        for w in range(n_words):
+            ids.append(w % 50)
+            words.append(line * n_words + w)
+            line_ids.append(line)
+    return TokenizedText(torch.tensor(ids), torch.tensor(words), torch.tensor(line_ids))
+
+
+def test_measured_ratio_tracks_target():
+    text = long_line_text(120, lines=20)
+    for ratio in (0.3, 0.5, 0.7):
+        lay = Sentinel(ratio=ratio).layout(text, {"<CL>": L, "<CR>": R}, seed=0)
+        dropped = 1 - lay.compression_ratio()
+        assert abs(dropped - ratio) < 0.1, (ratio, dropped)
+
+
+def test_short_lines_get_no_spans():
+    lay = Sentinel(ratio=0.5).layout(long_line_text(29, lines=5), {"<CL>": L, "<CR>": R}, seed=0)
+    assert lay.kept_slots() == lay.n_text == len(lay)
+
+
+def test_same_seed_same_layout_other_seed_other_layout():
+    text, ids = long_line_text(100, lines=4), {"<CL>": L, "<CR>": R}
+    a, b, c = (Sentinel(0.5).layout(text, ids, seed=s) for s in (3, 3, 4))
+    assert torch.equal(a.input_ids, b.input_ids)
+    assert not torch.equal(a.input_ids, c.input_ids)
+
+
+def test_bad_ratio_is_refused():
+    with pytest.raises(ValueError, match="ratio must be in"):
+        Sentinel(ratio=1.0)
+
+
+def test_tokenize_maps_tokens_to_words_and_lines(tiny_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    text = "Alice was  tired.\nThe Rabbit ran"
+    tt = tokenize(text, tok)
+    words = {}
+    for t, w in zip(tt.ids.tolist(), tt.word_ids.tolist(), strict=True):
+        if w >= 0:
+            words.setdefault(w, "")
+            words[w] += tok.decode([t])
+    assert [s.strip() for s in words.values()] == text.split()
+    assert set(tt.line_ids.tolist()) == {0, 1}
