@@ -59,6 +59,8 @@ def save_tiny_model(path: Path, seed: int = 0, family: str = "llama") -> Path:
     tokenizer = build_tokenizer((DATA / "sample.txt").read_text())
     cfg = _CONFIGS[family]()
     cfg.vocab_size = len(tokenizer)
+    # A frozen random LM head with the default 0.02 init caps logits near uniform; larger weights let LoRA learn.
+    cfg.initializer_range = 0.2
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(path)

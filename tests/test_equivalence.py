@@ -69,3 +69,45 @@ def test_cache_memory_is_physically_freed():
     assert cache.get_seq_length() == len(layout)  # logical length drives positions, not the physical one
     assert cache.physical_length == layout.kept_slots()
     assert stats.peak_slots <= layout.kept_slots() + 16 + 16  # kept so far + one chunk
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_decode_time_eviction_matches_parallel(method):
+    """Tokens laid out by the decode policy (spans closing over generated text, windows sliding) and fed one
+    step at a time through the cache give the parallel forward's logits over the final layout."""
+    from kvcondense.cache import EvictingCache
+    from kvcondense.forward import feed
+    from kvcondense.layout import concat
+
+    model = tiny_model("llama")
+    m = build_method(method, ratio=0.5, min_line_words=1, max_span_words=8)
+    prompt = m.layout(text(40), TOKENS, seed=1)
+    policy = m.decode_policy(prompt, TOKENS, seed=1)
+    cache = EvictingCache(model.config.num_hidden_layers)
+    with torch.no_grad():
+        feed(model, cache, prompt, 0)
+    cache.evict(len(prompt))
+    pieces, rows, got = [prompt], [], []
+    for token in torch.randint(0, 90, (30,), generator=torch.Generator().manual_seed(5)).tolist():
+        step = policy.step(token)
+        for logical, expire in step.updates:
+            cache.set_expire(0, logical, expire)
+            offset = 0
+            for p in pieces:  # the final layout carries the same expiry
+                p.expire[torch.isin(torch.arange(offset, offset + len(p)), logical)] = expire
+                offset += len(p)
+        first = cache.seen
+        with torch.no_grad():
+            out = feed(model, cache, step.layout, first)
+        cache.evict(first + len(step.layout))
+        rows.append(first + step.text_row)
+        got.append(out[0, step.text_row])
+        pieces.append(step.layout)
+    full = concat(pieces)
+    with torch.no_grad():
+        parallel = parallel_forward(model, [full]).logits[0]
+    diff = (parallel[rows] - torch.stack(got)).abs().max().item()
+    assert diff < 1e-4, f"max abs diff {diff:.2e}"
+    assert int(cache.stored_slots()[0]) == full.kept_slots()
+    if method != "full":
+        assert full.kept_slots() < 0.8 * full.n_text

@@ -104,8 +104,15 @@ def _cmd_demo(args) -> int:
     return run_demo(quick=args.quick, max_tokens=args.max_tokens)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line naming the problem (and exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvcondense", description=__doc__.split("\n")[0])
+    parser = Parser(prog="kvcondense", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a method's LoRA and token rows; writes a checkpoint")
@@ -162,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # our own progress bars and messages are enough
+    hf_logging.disable_progress_bar()
     try:
         return args.func(args)
     except USER_ERRORS as e:

@@ -41,7 +41,7 @@ class Kind(IntEnum):
     SUM = 5
 
 
-@dataclass
+@dataclass(eq=False)
 class Layout:
     """One sequence with its special tokens and its visibility rules. All fields are 1-D tensors of length L.
 
@@ -126,3 +126,9 @@ def next_text_targets(input_ids: torch.Tensor, kinds: torch.Tensor) -> torch.Ten
     if text_idx.numel() > 1:
         targets[text_idx[:-1]] = input_ids[text_idx[1:]]
     return targets
+
+
+def concat(layouts: list[Layout]) -> Layout:
+    """Join layouts whose indices are already absolute (a prompt layout followed by decode pieces)."""
+    names = ("input_ids", "kinds", "position_ids", "expire", "start", "closer_only", "targets")
+    return Layout(**{k: torch.cat([getattr(x, k) for x in layouts]) for k in names})

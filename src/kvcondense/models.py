@@ -91,9 +91,14 @@ def load_model(name_or_path: str = DEFAULT_MODEL, attn_implementation: str = "sd
     """Load a causal LM and its tokenizer. Returns (model, tokenizer)."""
     path = resolve_model(name_or_path)
     config = AutoConfig.from_pretrained(path)
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    archs = getattr(config, "architectures", None) or []
+    causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not getattr(config, "is_encoder_decoder", False)
+    if not causal or (archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)):
         raise ModelError(f"{path} holds a {config.model_type!r} model, which is not a causal LM; give a decoder-only LM")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path} has no usable tokenizer ({type(e).__name__}); save the tokenizer beside the model")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     model.eval()
     return model, tokenizer

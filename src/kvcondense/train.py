@@ -152,10 +152,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     method = build_method(cfg.method, **cfg.method_params)
     if not method.trainable:
         raise ValueError(f"method {method.name!r} is training-free; evaluate it directly with kvcondense eval")
+    docs = load_split(cfg.data, "train")  # bad data fails before the model is loaded
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
     model, tokenizer, token_ids, identity = prepare_model(cfg, method)
 
-    blocks = text_blocks(load_split(cfg.data, "train"), tokenizer, cfg.block_tokens)
+    blocks = text_blocks(docs, tokenizer, cfg.block_tokens)
     if not blocks:
         raise ValueError(f"no training block of {cfg.block_tokens} tokens in {cfg.data}; give more text")
     trainable = [p for p in model.parameters() if p.requires_grad]

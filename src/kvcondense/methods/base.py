@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from ..layout import Layout
+from ..layout import NEVER, Layout
 
 
 @dataclass
@@ -88,6 +88,12 @@ class Method(ABC):
     def layout(self, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:
         """Build the layout of ``text``. ``token_ids`` maps each special token to its id; ``seed`` drives any
         random choice (span placement, scattered keys) so that a given (text, seed) always gives one layout."""
+
+    def decode_policy(self, prompt: Layout, token_ids: dict[str, int], seed: int = 0):
+        """How generated tokens are laid out after ``prompt`` (see :mod:`kvcondense.decode`). Default: kept."""
+        from ..decode import TextPolicy
+
+        return TextPolicy(prompt, lambda index: NEVER)
 
     def params(self) -> dict:
         """The hyperparameters, as saved in checkpoints and results."""

@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 
 from ..layout import NEVER, Layout, text_layout
+from ..decode import TextPolicy
 from .base import Method, TokenizedText
 
 
@@ -60,6 +61,9 @@ class LocalAttention(Method):
     def layout(self, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:
         return text_layout(text.ids, local_expiry(len(text), self.ratio))
 
+    def decode_policy(self, prompt: Layout, token_ids: dict[str, int], seed: int = 0) -> TextPolicy:
+        return TextPolicy(prompt, lambda index: int(local_expiry(index + 1, self.ratio)[index]))
+
 
 @dataclass
 class ScatteredAttention(Method):
@@ -82,6 +86,10 @@ class ScatteredAttention(Method):
         drop = torch.tensor([rng.random() < self.ratio for _ in range(n)], dtype=torch.bool)
         expire = torch.where(drop, torch.arange(n), torch.full((n,), NEVER))
         return text_layout(text.ids, expire)
+
+    def decode_policy(self, prompt: Layout, token_ids: dict[str, int], seed: int = 0) -> TextPolicy:
+        rng = random.Random(seed + 1)
+        return TextPolicy(prompt, lambda index: index if rng.random() < self.ratio else NEVER)
 
 
 @dataclass
@@ -115,3 +123,7 @@ class StreamingLLM(Method):
         k = torch.arange(n)
         expire = torch.where(k < self.sinks, torch.full((n,), NEVER), k + self.window(n))
         return text_layout(text.ids, expire)
+
+    def decode_policy(self, prompt: Layout, token_ids: dict[str, int], seed: int = 0) -> TextPolicy:
+        window = self.window(len(prompt))  # the budget is fixed by the prompt
+        return TextPolicy(prompt, lambda index: NEVER if index < self.sinks else index + window)

@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 
 from ..layout import NEVER, Kind, Layout, next_text_targets
+from ..decode import SentinelPolicy
 from .base import Method, TokenizedText
 
 OPEN, CLOSE = "<CL>", "<CR>"
@@ -115,6 +116,7 @@ class Sentinel(Method):
         max_span_words: longest span, in whitespace words (spans are 2..max_span_words words).
         min_line_words: lines shorter than this get no spans (the authors use 30).
         cr_sees_prefix: let ``<CR>`` attend to the uncompressed prefix too (default off, as the authors).
+        decode_span: span length, in tokens, used to compress generated text.
     """
 
     name: ClassVar[str] = "sentinel"
@@ -124,6 +126,7 @@ class Sentinel(Method):
     max_span_words: int = 25
     min_line_words: int = 30
     cr_sees_prefix: bool = False
+    decode_span: int = 8
 
     def __post_init__(self) -> None:
         if not 0 < self.ratio < 1:
@@ -145,3 +148,9 @@ class Sentinel(Method):
                 word_spans.append((words[a], words[b]))
         spans = word_spans_to_tokens(text, sorted(word_spans))
         return sentinel_layout(text.ids, spans, token_ids[OPEN], token_ids[CLOSE], self.cr_sees_prefix)
+
+    def decode_policy(self, prompt: Layout, token_ids: dict[str, int], seed: int = 0) -> SentinelPolicy:
+        """Generated text is compressed as it is produced: spans of ``decode_span`` tokens at this ratio."""
+        return SentinelPolicy(
+            prompt, token_ids[OPEN], token_ids[CLOSE], self.ratio, self.decode_span, self.cr_sees_prefix
+        )

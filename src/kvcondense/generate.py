@@ -1,0 +1,135 @@
+"""Prefill and decode with compression and real eviction.
+
+The prompt is laid out by the method and fed in chunks through the evicting cache (spans are freed as soon as
+they close); generated tokens are laid out by the method's decode policy and freed the same way.
+
+    kvcondense generate --checkpoint checkpoints/sentinel-r0.5 --prompt-file doc.txt --max-new-tokens 64
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .cache import EvictingCache
+from .forward import feed, num_layers
+from .layout import Kind
+from .methods import Method, tokenize
+
+
+@dataclass
+class Generation:
+    """A generated continuation and what the cache held."""
+
+    text: str
+    new_tokens: list[int]
+    prompt_tokens: int
+    logical_tokens: int
+    stored_slots: int
+    kv_bytes: int
+    kv_bytes_full: int
+    peak_kv_bytes: int
+    slots_per_step: list[int] = field(default_factory=list)
+
+
+def context_limit(model) -> int | None:
+    cfg = model.config
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    method: Method,
+    token_ids: dict[str, int],
+    prompt: str,
+    max_new_tokens: int = 64,
+    chunk_tokens: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+) -> Generation:
+    """Greedy generation from a compressed prompt. Raises ValueError if prompt plus output exceed the context."""
+    text = tokenize(prompt, tokenizer)
+    if len(text) == 0:
+        raise ValueError("the prompt is empty; give some text")
+    limit = context_limit(model)
+    if limit is not None and len(text) + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt ({len(text)} tokens) plus --max-new-tokens ({max_new_tokens}) exceeds the model's context of "
+            f"{limit} tokens; shorten the prompt or generate fewer tokens"
+        )
+    layout = method.layout(text, token_ids, seed=seed)
+    cache = EvictingCache(num_layers(model))
+    last_text = int(torch.nonzero(layout.kinds == Kind.TEXT).max())
+    logits, peak = None, 0
+    for lo in range(0, len(layout), chunk_tokens):
+        hi = min(lo + chunk_tokens, len(layout))
+        out = feed(model, cache, layout.slice(lo, hi), lo)
+        if lo <= last_text < hi:
+            logits = out[0, last_text - lo]
+        peak = max(peak, cache.kv_bytes())
+        cache.evict(hi)
+
+    policy = method.decode_policy(layout, token_ids, seed=seed)
+    eos = tokenizer.eos_token_id
+    new, slots = [], []
+    for _ in tqdm(range(max_new_tokens), desc="generate", disable=not progress, leave=False):
+        token = int(logits.argmax())
+        if token == eos:
+            break
+        new.append(token)
+        step = policy.step(token)
+        for logical, expire in step.updates:
+            cache.set_expire(0, logical, expire)
+        first = cache.seen
+        out = feed(model, cache, step.layout, first)
+        logits = out[0, step.text_row]
+        peak = max(peak, cache.kv_bytes())
+        cache.evict(first + len(step.layout))
+        slots.append(int(cache.stored_slots()[0]))
+    stored = int(cache.stored_slots()[0])
+    per_slot = cache.kv_bytes() / max(stored, 1)
+    return Generation(
+        text=tokenizer.decode(new),
+        new_tokens=new,
+        prompt_tokens=len(text),
+        logical_tokens=cache.seen,
+        stored_slots=stored,
+        kv_bytes=cache.kv_bytes(),
+        kv_bytes_full=int(per_slot * (len(text) + len(new))),
+        peak_kv_bytes=peak,
+        slots_per_step=slots,
+    )
+
+
+def generate_cli(args, prompt: str) -> int:
+    """``kvcondense generate``: print the continuation and the cache statistics."""
+    from .checkpoint import load_checkpoint
+    from .methods import build_method
+    from .models import DEFAULT_MODEL, add_special_tokens, load_model
+    from .verify import check_family
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.checkpoint:
+        model, tokenizer, method, token_ids, _ = load_checkpoint(args.checkpoint, args.model)
+        if args.ratio is not None:
+            method = build_method(method.name, **{**method.params(), "ratio": args.ratio})
+    else:
+        if args.method is None:
+            raise ValueError("give --checkpoint DIR, or --method M to generate with an untrained method")
+        model, tokenizer = load_model(args.model or DEFAULT_MODEL)
+        method = build_method(args.method, ratio=args.ratio)
+        token_ids = add_special_tokens(model, tokenizer, method.special_tokens)
+    check_family(model, tuple(token_ids.values())[:2] or None)
+    gen = generate(model, tokenizer, method, token_ids, prompt, args.max_new_tokens, args.chunk_tokens, args.seed)
+    print(gen.text)
+    print(
+        f"\n[{method.name}] logical tokens: {gen.logical_tokens}  stored slots: {gen.stored_slots}  "
+        f"KV bytes: {gen.kv_bytes:,} (full attention: {gen.kv_bytes_full:,}, "
+        f"{gen.kv_bytes / max(gen.kv_bytes_full, 1):.2f}x)  peak KV bytes: {gen.peak_kv_bytes:,}"
+    )
+    return 0

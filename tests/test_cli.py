@@ -1,0 +1,140 @@
+"""Bad input gets one clear line on stderr and exit status 2, and leaves nothing half-written."""
+
+import json
+
+import pytest
+
+from kvcondense.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dir, sample_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ck") / "sentinel"
+    rc = main(["train", "--method", "sentinel", "--ratio", "0.5", "--model", str(tiny_dir), "--data", str(sample_path),
+               "--steps", "2", "--block-tokens", "64", "--out", str(out)])
+    assert rc == 0
+    return out
+
+
+def run(capsys, *argv):
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse usage errors
+        rc = e.code
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+def one_line_error(capsys, *argv, match):
+    rc, err = run(capsys, *argv)
+    assert rc == 2, err
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and match in errors[0], err
+
+
+def test_unknown_method(capsys, tmp_path):
+    one_line_error(capsys, "train", "--method", "nope", "--out", tmp_path / "x", match="unknown method 'nope'")
+
+
+@pytest.mark.parametrize("ratio", ["0", "1", "1.5", "-0.2", "abc"])
+def test_ratio_out_of_range(capsys, tmp_path, ratio):
+    one_line_error(capsys, "train", "--method", "sentinel", "--ratio", ratio, "--out", tmp_path / "x", match="ratio")
+
+
+def test_missing_data_path(capsys, tiny_dir, tmp_path):
+    one_line_error(capsys, "train", "--method", "sentinel", "--model", tiny_dir, "--data", tmp_path / "none.txt",
+                   "--out", tmp_path / "x", match="does not exist")
+    assert not (tmp_path / "x").exists()
+
+
+def test_empty_data_path(capsys, tiny_dir, tmp_path):
+    (tmp_path / "empty.txt").write_text("  \n")
+    one_line_error(capsys, "train", "--method", "sentinel", "--model", tiny_dir, "--data", tmp_path / "empty.txt",
+                   "--out", tmp_path / "x", match="holds no text")
+
+
+def test_model_dir_that_is_not_a_causal_lm(capsys, tmp_path, sample_path):
+    from transformers import BertConfig
+
+    BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+               architectures=["BertForMaskedLM"]).save_pretrained(tmp_path / "bert")
+    one_line_error(capsys, "eval", "--method", "full", "--model", tmp_path / "bert", "--data", sample_path,
+                   match="not a causal LM")
+
+
+def test_model_path_that_is_not_a_model(capsys, tmp_path):
+    one_line_error(capsys, "eval", "--method", "full", "--model", tmp_path, match="neither a registered name")
+
+
+def test_checkpoint_on_another_base_model(capsys, trained, other_tiny_dir, sample_path):
+    one_line_error(capsys, "eval", "--checkpoint", trained, "--model", other_tiny_dir, "--data", sample_path,
+                   match="load it with the model it was trained on")
+
+
+def test_negative_steps(capsys, tiny_dir, sample_path, tmp_path):
+    one_line_error(capsys, "train", "--method", "sentinel", "--model", tiny_dir, "--data", sample_path,
+                   "--steps", "-3", "--out", tmp_path / "x", match="steps must be >= 1")
+
+
+def test_output_path_is_a_file(capsys, tiny_dir, sample_path, tmp_path):
+    (tmp_path / "file").write_text("keep me")
+    one_line_error(capsys, "train", "--method", "sentinel", "--model", tiny_dir, "--data", sample_path,
+                   "--out", tmp_path / "file", match="is an existing file")
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
+def test_training_free_method_cannot_be_trained(capsys, tiny_dir, sample_path, tmp_path):
+    one_line_error(capsys, "train", "--method", "streaming", "--model", tiny_dir, "--data", sample_path,
+                   "--out", tmp_path / "x", match="training-free")
+
+
+def test_prompt_longer_than_context(capsys, trained):
+    one_line_error(capsys, "generate", "--checkpoint", trained, "--prompt", "word " * 600,
+                   match="exceeds the model's context")
+
+
+def test_not_a_checkpoint(capsys, tmp_path):
+    one_line_error(capsys, "eval", "--checkpoint", tmp_path, match="not a kvcondense checkpoint")
+
+
+def test_non_utf8_text_is_decoded_with_replacement(tmp_path):
+    from kvcondense.data import read_path
+
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait ".encode("latin-1") * 5)
+    with pytest.warns(UserWarning, match="not valid UTF-8"):
+        docs = read_path(tmp_path / "latin1.txt")
+    assert "caf\ufffd" in docs[0].text
+
+
+def test_malformed_jsonl_names_the_line(capsys, tiny_dir, tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "fine"}\n{not json}\n')
+    one_line_error(capsys, "eval", "--method", "full", "--model", tiny_dir, "--data", tmp_path / "d.jsonl",
+                   match="d.jsonl:2")
+
+
+def test_eval_json_and_verify(capsys, trained, sample_path, tmp_path):
+    out = tmp_path / "r.json"
+    rc = main(["eval", "--checkpoint", str(trained), "--data", str(sample_path), "--split", "train",
+               "--max-tokens", "256", "--block-tokens", "128", "--verify", "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    for key in ("perplexity", "tokens_scored", "compression_ratio", "kv_bytes", "config"):
+        assert key in res
+    assert res["verify"]["max_abs_diff"] < 1e-4
+    assert 0 < res["compression_ratio"] < 1
+
+
+def test_eval_ratio_list_prints_table(capsys, tiny_dir, sample_path):
+    rc = main(["eval", "--method", "local", "--ratio", "0.3", "0.6", "--model", str(tiny_dir), "--data",
+               str(sample_path), "--max-tokens", "128", "--block-tokens", "64"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "0.3" in out and "0.6" in out
+
+
+def test_generate_prints_stats(capsys, trained):
+    rc = main(["generate", "--checkpoint", str(trained), "--prompt", "Alice was beginning to get very tired " * 8,
+               "--max-new-tokens", "12", "--chunk-tokens", "16"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "logical tokens" in out and "stored slots" in out and "KV bytes" in out

@@ -1,0 +1,97 @@
+"""Training recipe: the loss goes down, checkpoints round-trip exactly, --resume continues the same run, and a
+failed write leaves nothing half-written."""
+
+import json
+
+import pytest
+import torch
+
+from kvcondense import checkpoint as ckpt
+from kvcondense.checkpoint import load_checkpoint, read_log, read_meta, write_checkpoint
+from kvcondense.data import load_split
+from kvcondense.evaluate import perplexity
+from kvcondense.forward import parallel_forward
+from kvcondense.lora import adapter_state
+from kvcondense.methods import build_method
+from kvcondense.train import TrainConfig, checkpoint_meta, prepare_model, text_blocks, train
+
+
+def config(tiny_dir, sample_path, out, **kw):
+    base = dict(method="sentinel", method_params={"ratio": 0.5}, model=str(tiny_dir), data=str(sample_path),
+                out=str(out), steps=6, batch_size=2, block_tokens=64, lr=3e-3, save_every=0, log_every=1)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_training_lowers_the_loss(tiny_dir, sample_path, tmp_path):
+    cfg = config(tiny_dir, sample_path, tmp_path / "ck", steps=40, lr=1e-2, schedule="constant")
+    method = build_method("sentinel", ratio=0.5)
+    model, tok, token_ids, _ = prepare_model(cfg, method)
+    blocks = text_blocks(load_split(str(sample_path), "train"), tok, 64)
+    model.eval()
+    before = perplexity(model, method, blocks, token_ids, 4, seed=99)["perplexity"]
+    train(cfg)
+    model, tok, method, token_ids, meta = load_checkpoint(cfg.out)
+    after = perplexity(model, method, blocks, token_ids, 4, seed=99)["perplexity"]
+    assert after < 0.9 * before, (before, after)
+    assert meta["training"]["steps_done"] == 40
+    assert meta["base_model"]["model_type"] == "llama" and len(meta["base_model"]["fingerprint"]) == 16
+
+
+def test_checkpoint_round_trip_is_exact(tiny_dir, sample_path, tmp_path):
+    cfg = config(tiny_dir, sample_path, tmp_path / "ck")
+    method = build_method("sentinel", ratio=0.5)
+    model, tok, token_ids, identity = prepare_model(cfg, method)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:  # bf16-representable values, so storage in bf16 is lossless
+                p.copy_((torch.randn_like(p) * 0.1).bfloat16().float())
+    model.eval()
+    layout = method.layout(text_blocks(load_split(str(sample_path), "train"), tok, 64)[0], token_ids, seed=0)
+    with torch.no_grad():
+        expected = parallel_forward(model, [layout]).logits
+    write_checkpoint(cfg.out, checkpoint_meta(cfg, method, token_ids, identity, 0), adapter_state(model), [])
+    loaded, *_ = load_checkpoint(cfg.out)
+    with torch.no_grad():
+        got = parallel_forward(loaded, [layout]).logits
+    assert (got - expected).abs().max() < 1e-5
+    assert (tmp_path / "ck" / "adapter.safetensors").stat().st_size < 200_000  # adapter and rows only
+
+
+def test_resume_continues_the_same_run(tiny_dir, sample_path, tmp_path, monkeypatch):
+    import kvcondense.train as train_module
+
+    full = config(tiny_dir, sample_path, tmp_path / "full", steps=6)
+    train(full)
+    part = config(tiny_dir, sample_path, tmp_path / "part", steps=6, save_every=3)
+    real_write = train_module.write_checkpoint
+
+    def write_then_die(*args, **kwargs):  # the run is killed right after its step-3 checkpoint
+        real_write(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "write_checkpoint", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(part)
+    assert read_meta(part.out)["training"]["steps_done"] == 3
+    monkeypatch.setattr(train_module, "write_checkpoint", real_write)
+    train(part, resume=True)
+    a, b = read_log(full.out), read_log(part.out)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-4), (ra, rb)
+    assert read_meta(part.out)["training"]["steps_done"] == 6
+
+
+def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    out = tmp_path / "ck"
+    write_checkpoint(out, {"x": 1}, {"w": torch.zeros(2)}, [])
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", boom)
+    with pytest.raises(OSError):
+        write_checkpoint(out, {"x": 2}, {"w": torch.ones(2)}, [])
+    assert json.loads((out / "kvcondense.json").read_text())["x"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temp dirs left behind
