@@ -10,8 +10,25 @@ from kvcondense.cli import main
 @pytest.fixture(scope="module")
 def trained(tiny_dir, sample_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("ck") / "sentinel"
-    rc = main(["train", "--method", "sentinel", "--ratio", "0.5", "--model", str(tiny_dir), "--data", str(sample_path),
-               "--steps", "2", "--block-tokens", "64", "--out", str(out)])
+    rc = main(
+        [
+            "train",
+            "--method",
+            "sentinel",
+            "--ratio",
+            "0.5",
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(sample_path),
+            "--steps",
+            "2",
+            "--block-tokens",
+            "64",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     return out
 
@@ -43,24 +60,53 @@ def test_ratio_out_of_range(capsys, tmp_path, ratio):
 
 
 def test_missing_data_path(capsys, tiny_dir, tmp_path):
-    one_line_error(capsys, "train", "--method", "sentinel", "--model", tiny_dir, "--data", tmp_path / "none.txt",
-                   "--out", tmp_path / "x", match="does not exist")
+    one_line_error(
+        capsys,
+        "train",
+        "--method",
+        "sentinel",
+        "--model",
+        tiny_dir,
+        "--data",
+        tmp_path / "none.txt",
+        "--out",
+        tmp_path / "x",
+        match="does not exist",
+    )
     assert not (tmp_path / "x").exists()
 
 
 def test_empty_data_path(capsys, tiny_dir, tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
-    one_line_error(capsys, "train", "--method", "sentinel", "--model", tiny_dir, "--data", tmp_path / "empty.txt",
-                   "--out", tmp_path / "x", match="holds no text")
+    one_line_error(
+        capsys,
+        "train",
+        "--method",
+        "sentinel",
+        "--model",
+        tiny_dir,
+        "--data",
+        tmp_path / "empty.txt",
+        "--out",
+        tmp_path / "x",
+        match="holds no text",
+    )
 
 
 def test_model_dir_that_is_not_a_causal_lm(capsys, tmp_path, sample_path):
     from transformers import BertConfig
 
-    BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-               architectures=["BertForMaskedLM"]).save_pretrained(tmp_path / "bert")
-    one_line_error(capsys, "eval", "--method", "full", "--model", tmp_path / "bert", "--data", sample_path,
-                   match="not a causal LM")
+    BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        architectures=["BertForMaskedLM"],
+    ).save_pretrained(tmp_path / "bert")
+    one_line_error(
+        capsys, "eval", "--method", "full", "--model", tmp_path / "bert", "--data", sample_path, match="not a causal LM"
+    )
 
 
 def test_model_path_that_is_not_a_model(capsys, tmp_path):
@@ -68,30 +114,75 @@ def test_model_path_that_is_not_a_model(capsys, tmp_path):
 
 
 def test_checkpoint_on_another_base_model(capsys, trained, other_tiny_dir, sample_path):
-    one_line_error(capsys, "eval", "--checkpoint", trained, "--model", other_tiny_dir, "--data", sample_path,
-                   match="load it with the model it was trained on")
+    one_line_error(
+        capsys,
+        "eval",
+        "--checkpoint",
+        trained,
+        "--model",
+        other_tiny_dir,
+        "--data",
+        sample_path,
+        match="load it with the model it was trained on",
+    )
 
 
 def test_negative_steps(capsys, tiny_dir, sample_path, tmp_path):
-    one_line_error(capsys, "train", "--method", "sentinel", "--model", tiny_dir, "--data", sample_path,
-                   "--steps", "-3", "--out", tmp_path / "x", match="steps must be >= 1")
+    one_line_error(
+        capsys,
+        "train",
+        "--method",
+        "sentinel",
+        "--model",
+        tiny_dir,
+        "--data",
+        sample_path,
+        "--steps",
+        "-3",
+        "--out",
+        tmp_path / "x",
+        match="steps must be >= 1",
+    )
 
 
 def test_output_path_is_a_file(capsys, tiny_dir, sample_path, tmp_path):
     (tmp_path / "file").write_text("keep me")
-    one_line_error(capsys, "train", "--method", "sentinel", "--model", tiny_dir, "--data", sample_path,
-                   "--out", tmp_path / "file", match="is an existing file")
+    one_line_error(
+        capsys,
+        "train",
+        "--method",
+        "sentinel",
+        "--model",
+        tiny_dir,
+        "--data",
+        sample_path,
+        "--out",
+        tmp_path / "file",
+        match="is an existing file",
+    )
     assert (tmp_path / "file").read_text() == "keep me"
 
 
 def test_training_free_method_cannot_be_trained(capsys, tiny_dir, sample_path, tmp_path):
-    one_line_error(capsys, "train", "--method", "streaming", "--model", tiny_dir, "--data", sample_path,
-                   "--out", tmp_path / "x", match="training-free")
+    one_line_error(
+        capsys,
+        "train",
+        "--method",
+        "streaming",
+        "--model",
+        tiny_dir,
+        "--data",
+        sample_path,
+        "--out",
+        tmp_path / "x",
+        match="training-free",
+    )
 
 
 def test_prompt_longer_than_context(capsys, trained):
-    one_line_error(capsys, "generate", "--checkpoint", trained, "--prompt", "word " * 600,
-                   match="exceeds the model's context")
+    one_line_error(
+        capsys, "generate", "--checkpoint", trained, "--prompt", "word " * 600, match="exceeds the model's context"
+    )
 
 
 def test_not_a_checkpoint(capsys, tmp_path):
@@ -109,14 +200,31 @@ def test_non_utf8_text_is_decoded_with_replacement(tmp_path):
 
 def test_malformed_jsonl_names_the_line(capsys, tiny_dir, tmp_path):
     (tmp_path / "d.jsonl").write_text('{"text": "fine"}\n{not json}\n')
-    one_line_error(capsys, "eval", "--method", "full", "--model", tiny_dir, "--data", tmp_path / "d.jsonl",
-                   match="d.jsonl:2")
+    one_line_error(
+        capsys, "eval", "--method", "full", "--model", tiny_dir, "--data", tmp_path / "d.jsonl", match="d.jsonl:2"
+    )
 
 
 def test_eval_json_and_verify(capsys, trained, sample_path, tmp_path):
     out = tmp_path / "r.json"
-    rc = main(["eval", "--checkpoint", str(trained), "--data", str(sample_path), "--split", "train",
-               "--max-tokens", "256", "--block-tokens", "128", "--verify", "--json", str(out)])
+    rc = main(
+        [
+            "eval",
+            "--checkpoint",
+            str(trained),
+            "--data",
+            str(sample_path),
+            "--split",
+            "train",
+            "--max-tokens",
+            "256",
+            "--block-tokens",
+            "128",
+            "--verify",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     res = json.loads(out.read_text())
     for key in ("perplexity", "tokens_scored", "compression_ratio", "kv_bytes", "config"):
@@ -126,15 +234,42 @@ def test_eval_json_and_verify(capsys, trained, sample_path, tmp_path):
 
 
 def test_eval_ratio_list_prints_table(capsys, tiny_dir, sample_path):
-    rc = main(["eval", "--method", "local", "--ratio", "0.3", "0.6", "--model", str(tiny_dir), "--data",
-               str(sample_path), "--max-tokens", "128", "--block-tokens", "64"])
+    rc = main(
+        [
+            "eval",
+            "--method",
+            "local",
+            "--ratio",
+            "0.3",
+            "0.6",
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(sample_path),
+            "--max-tokens",
+            "128",
+            "--block-tokens",
+            "64",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "0.3" in out and "0.6" in out
 
 
 def test_generate_prints_stats(capsys, trained):
-    rc = main(["generate", "--checkpoint", str(trained), "--prompt", "Alice was beginning to get very tired " * 8,
-               "--max-new-tokens", "12", "--chunk-tokens", "16"])
+    rc = main(
+        [
+            "generate",
+            "--checkpoint",
+            str(trained),
+            "--prompt",
+            "Alice was beginning to get very tired " * 8,
+            "--max-new-tokens",
+            "12",
+            "--chunk-tokens",
+            "16",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "logical tokens" in out and "stored slots" in out and "KV bytes" in out

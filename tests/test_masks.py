@@ -67,7 +67,16 @@ def test_sdpa_mask_is_bool_and_eager_mask_is_additive():
 def test_positions_and_kinds_of_spec_example():
     lay = one_span()
     assert lay.position_ids.tolist() == [0, 1, 1, 2, 3, 3, 4, 5]
-    assert lay.kinds.tolist() == [Kind.TEXT, Kind.TEXT, Kind.OPEN, Kind.TEXT, Kind.TEXT, Kind.CLOSE, Kind.TEXT, Kind.TEXT]
+    assert lay.kinds.tolist() == [
+        Kind.TEXT,
+        Kind.TEXT,
+        Kind.OPEN,
+        Kind.TEXT,
+        Kind.TEXT,
+        Kind.CLOSE,
+        Kind.TEXT,
+        Kind.TEXT,
+    ]
 
 
 def test_unsupported_backend_is_refused():

@@ -17,8 +17,19 @@ from kvcondense.train import TrainConfig, checkpoint_meta, prepare_model, text_b
 
 
 def config(tiny_dir, sample_path, out, **kw):
-    base = dict(method="sentinel", method_params={"ratio": 0.5}, model=str(tiny_dir), data=str(sample_path),
-                out=str(out), steps=6, batch_size=2, block_tokens=64, lr=3e-3, save_every=0, log_every=1)
+    base = dict(
+        method="sentinel",
+        method_params={"ratio": 0.5},
+        model=str(tiny_dir),
+        data=str(sample_path),
+        out=str(out),
+        steps=6,
+        batch_size=2,
+        block_tokens=64,
+        lr=3e-3,
+        save_every=0,
+        log_every=1,
+    )
     return TrainConfig(**{**base, **kw})
 
 

@@ -88,7 +88,11 @@ class EvictingCache(Cache):
         """
         k_idx = torch.cat([self.slot_idx, q_idx], 1)
         vis = visibility(
-            q_idx, q_start, k_idx, torch.cat([self.slot_expire, k_expire], 1), torch.cat([self.slot_closer, k_closer], 1)
+            q_idx,
+            q_start,
+            k_idx,
+            torch.cat([self.slot_expire, k_expire], 1),
+            torch.cat([self.slot_closer, k_closer], 1),
         )
         return vis & (k_idx >= 0).unsqueeze(1)
 

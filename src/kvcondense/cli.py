@@ -55,10 +55,18 @@ def _cmd_train(args) -> int:
     else:
         params = {"ratio": args.ratio, "cr_sees_prefix": args.cr_sees_prefix or None}
         cfg = TrainConfig(
-            method=args.method, method_params={k: v for k, v in params.items() if v is not None},
-            model=args.model or DEFAULT_MODEL, data=args.data, out=args.out,
-            steps=300 if args.steps is None else args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-            block_tokens=args.block_tokens, lr=args.lr, seed=args.seed, save_every=args.save_every,
+            method=args.method,
+            method_params={k: v for k, v in params.items() if v is not None},
+            model=args.model or DEFAULT_MODEL,
+            data=args.data,
+            out=args.out,
+            steps=300 if args.steps is None else args.steps,
+            batch_size=args.batch_size,
+            grad_accum=args.grad_accum,
+            block_tokens=args.block_tokens,
+            lr=args.lr,
+            seed=args.seed,
+            save_every=args.save_every,
         )
     out = train(cfg, resume=args.resume)
     print(f"checkpoint written to {out}")
@@ -69,9 +77,17 @@ def _cmd_eval(args) -> int:
     from .evaluate import EvalConfig, format_table, run_eval
 
     cfg = EvalConfig(
-        checkpoint=args.checkpoint, method=args.method, ratios=args.ratio or [0.5], model=args.model, data=args.data,
-        split=args.split, max_tokens=args.max_tokens, block_tokens=args.block_tokens, batch_size=args.batch_size,
-        verify=args.verify, seed=args.seed,
+        checkpoint=args.checkpoint,
+        method=args.method,
+        ratios=args.ratio or [0.5],
+        model=args.model,
+        data=args.data,
+        split=args.split,
+        max_tokens=args.max_tokens,
+        block_tokens=args.block_tokens,
+        batch_size=args.batch_size,
+        verify=args.verify,
+        seed=args.seed,
     )
     results = run_eval(cfg)
     print(format_table(results))

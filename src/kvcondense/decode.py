@@ -48,8 +48,14 @@ class TextPolicy:
         self.expiry = expiry
 
     def step(self, token: int) -> Piece:
-        row = {"id": token, "kind": Kind.TEXT, "pos": self.n_text, "expire": self.expiry(self.index), "start": 0,
-               "closer": False}
+        row = {
+            "id": token,
+            "kind": Kind.TEXT,
+            "pos": self.n_text,
+            "expire": self.expiry(self.index),
+            "start": 0,
+            "closer": False,
+        }
         self.index += 1
         self.n_text += 1
         return Piece(piece([row]), 0, [])
@@ -59,8 +65,9 @@ class SentinelPolicy:
     """Generated text is compressed in a fixed pattern: ``gap`` plain tokens, then a span of ``span`` tokens
     wrapped in ``<CL> ... <CR>``. With ``gap = ((1 - r) * span - 1) / r`` the kept fraction is ``1 - r``."""
 
-    def __init__(self, prompt: Layout, open_id: int, close_id: int, ratio: float, span: int = 8,
-                 cr_sees_prefix: bool = False):
+    def __init__(
+        self, prompt: Layout, open_id: int, close_id: int, ratio: float, span: int = 8, cr_sees_prefix: bool = False
+    ):
         self.index, self.n_text = len(prompt), prompt.n_text
         self.open_id, self.close_id, self.span, self.cr_sees_prefix = open_id, close_id, span, cr_sees_prefix
         self.gap = max(0, round(((1 - ratio) * span - 1) / ratio))
@@ -74,8 +81,16 @@ class SentinelPolicy:
         if self.phase == self.gap:  # open a span before this token
             self.open_at = self.index
             self.members = [self.index]
-            rows.append({"id": self.open_id, "kind": Kind.OPEN, "pos": max(self.n_text - 1, 0), "expire": NEVER,
-                         "start": self.index, "closer": True})
+            rows.append(
+                {
+                    "id": self.open_id,
+                    "kind": Kind.OPEN,
+                    "pos": max(self.n_text - 1, 0),
+                    "expire": NEVER,
+                    "start": self.index,
+                    "closer": True,
+                }
+            )
             self.index += 1
         text_row = len(rows)
         rows.append({"id": token, "kind": Kind.TEXT, "pos": self.n_text, "expire": NEVER, "start": 0, "closer": False})
@@ -86,8 +101,16 @@ class SentinelPolicy:
         self.phase += 1
         if self.phase == self.gap + self.span:  # close the span after this token
             cr = self.index
-            rows.append({"id": self.close_id, "kind": Kind.CLOSE, "pos": self.n_text - 1, "expire": NEVER,
-                         "start": 0 if self.cr_sees_prefix else self.open_at, "closer": False})
+            rows.append(
+                {
+                    "id": self.close_id,
+                    "kind": Kind.CLOSE,
+                    "pos": self.n_text - 1,
+                    "expire": NEVER,
+                    "start": 0 if self.cr_sees_prefix else self.open_at,
+                    "closer": False,
+                }
+            )
             first_new = cr - len(rows) + 1
             for r, idx in zip(rows, range(first_new, cr + 1), strict=True):
                 if idx in self.members:

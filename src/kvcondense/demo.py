@@ -36,11 +36,15 @@ def demo_rows(ratio: float) -> list[tuple[str, dict]]:
 
 
 def markdown_table(results: list[tuple[str, dict]]) -> str:
-    lines = ["| method | KV kept (measured) | perplexity | tokens scored | KV bytes (first block) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| method | KV kept (measured) | perplexity | tokens scored | KV bytes (first block) |",
+        "|---|---|---|---|---|",
+    ]
     for label, r in results:
-        lines.append(f"| {label} | {r['compression_ratio']:.3f} | {r['perplexity']:.2f} | {r['tokens_scored']} | "
-                     f"{r['kv_bytes']:,} |")
+        lines.append(
+            f"| {label} | {r['compression_ratio']:.3f} | {r['perplexity']:.2f} | {r['tokens_scored']} | "
+            f"{r['kv_bytes']:,} |"
+        )
     return "\n".join(lines)
 
 
@@ -60,8 +64,9 @@ def show_generation(ratio: float, prompt_tokens: int, new_tokens: int) -> str:
         method = build_method("sentinel", ratio=ratio)
         token_ids = add_special_tokens(model, tokenizer, method.special_tokens)
     comp = generate(model, tokenizer, method, token_ids, prompt, new_tokens, progress=False)
-    parts.append(f"[sentinel r={ratio}] KV {comp.kv_bytes:,} bytes ({comp.kv_bytes / full.kv_bytes:.2f}x)\n"
-                 f"  {comp.text!r}\n")
+    parts.append(
+        f"[sentinel r={ratio}] KV {comp.kv_bytes:,} bytes ({comp.kv_bytes / full.kv_bytes:.2f}x)\n  {comp.text!r}\n"
+    )
     return "\n".join(parts)
 
 
@@ -77,8 +82,10 @@ def run_demo(quick: bool = False, max_tokens: int | None = None, ratio: float = 
     gen = show_generation(ratio, 128 if quick else 400, 16 if quick else 48)
     print("\nHeld-out perplexity over text tokens (wiki test split, blocks of 256 tokens, r = 0.5):\n")
     print(table)
-    print("\nverify (parallel vs evicting cache, max |logit diff|): "
-          + ", ".join(f"{label}: {r['verify']['max_abs_diff']:.1e}" for label, r in results))
+    print(
+        "\nverify (parallel vs evicting cache, max |logit diff|): "
+        + ", ".join(f"{label}: {r['verify']['max_abs_diff']:.1e}" for label, r in results)
+    )
     print("\n" + gen)
     tmp = OUT / "results.json.tmp"
     tmp.write_text(json.dumps([{"label": label, **r} for label, r in results], indent=2))

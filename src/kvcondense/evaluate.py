@@ -77,9 +77,7 @@ def load_for_eval(cfg: EvalConfig):
 
 
 @torch.no_grad()
-def perplexity(
-    model, method: Method, blocks: list[TokenizedText], token_ids: dict, batch_size: int, seed: int
-) -> dict:
+def perplexity(model, method: Method, blocks: list[TokenizedText], token_ids: dict, batch_size: int, seed: int) -> dict:
     """Perplexity over text targets, and the measured compression, for one method on fixed blocks."""
     nll, n_scored, kept, n_text = 0.0, 0, 0, 0
     for lo in tqdm(range(0, len(blocks), batch_size), desc=f"eval {method.name}", leave=False):

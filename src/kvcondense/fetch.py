@@ -50,8 +50,10 @@ def fetch_package(name: str, version: str, sdist: bool = False) -> Path:
         files = list(Path(tmp).iterdir())
         if res.returncode != 0 or not files:
             tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no file"]
-            raise FetchError(f"could not download {name}=={version} from the package registry ({tail[0]}); "
-                             "check network access to PyPI")
+            raise FetchError(
+                f"could not download {name}=={version} from the package registry ({tail[0]}); "
+                "check network access to PyPI"
+            )
         files[0].rename(folder / files[0].name)
     found = find()
     if found is None:

@@ -41,9 +41,6 @@ DEFAULT_MODELS: dict[str, DefaultModel] = {
 DEFAULT_MODEL = "smollm2-135m"
 
 
-
-
-
 def _convert_default(name: str, spec: DefaultModel, target: Path) -> None:
     """GGUF in a wheel -> a plain transformers directory at ``target`` (written atomically)."""
     steps = tqdm(total=4, desc=f"preparing {name} (first use only)", unit="step")
@@ -94,12 +91,22 @@ def load_model(name_or_path: str = DEFAULT_MODEL, attn_implementation: str = "sd
     archs = getattr(config, "architectures", None) or []
     causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not getattr(config, "is_encoder_decoder", False)
     if not causal or (archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)):
-        raise ModelError(f"{path} holds a {config.model_type!r} model, which is not a causal LM; give a decoder-only LM")
+        raise ModelError(
+            f"{path} holds a {config.model_type!r} model, which is not a causal LM; give a decoder-only LM"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise ModelError(f"{path} has no usable tokenizer ({type(e).__name__}); save the tokenizer beside the model")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+        raise ModelError(
+            f"{path} has no usable tokenizer ({type(e).__name__}); save the tokenizer beside the model"
+        ) from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    except ValueError as e:
+        if "attention implementation" not in str(e) or attn_implementation == "eager":
+            raise
+        # e.g. ALiBi families have no sdpa path; eager takes the additive form of the same mask
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
     model.eval()
     return model, tokenizer
 

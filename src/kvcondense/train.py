@@ -211,8 +211,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         bar.set_postfix(loss=f"{loss_value:.3f}")
         if step % cfg.log_every == 0 or step == cfg.steps:
             kept = sum(lay.kept_slots() for lay in layouts) / sum(lay.n_text for lay in layouts)
-            log.append({"step": step, "epoch": epoch, "loss": round(loss_value, 5), "lr": scheduler.get_last_lr()[0],
-                        "kv_kept": round(kept, 4), "elapsed_s": round(time.perf_counter() - t0, 1)})
+            log.append(
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": round(loss_value, 5),
+                    "lr": scheduler.get_last_lr()[0],
+                    "kv_kept": round(kept, 4),
+                    "elapsed_s": round(time.perf_counter() - t0, 1),
+                }
+            )
         if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
             save(final=step == cfg.steps)
     bar.close()

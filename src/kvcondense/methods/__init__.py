@@ -27,5 +27,15 @@ def build_method(name: str, **params) -> Method:
     return cls(**{k: v for k, v in params.items() if k in fields and v is not None})
 
 
-__all__ = ["METHODS", "Method", "TokenizedText", "build_method", "tokenize", "Sentinel", "FullAttention",
-           "LocalAttention", "ScatteredAttention", "StreamingLLM"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "TokenizedText",
+    "build_method",
+    "tokenize",
+    "Sentinel",
+    "FullAttention",
+    "LocalAttention",
+    "ScatteredAttention",
+    "StreamingLLM",
+]

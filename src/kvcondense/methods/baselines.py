@@ -13,8 +13,8 @@ from typing import ClassVar
 
 import torch
 
-from ..layout import NEVER, Layout, text_layout
 from ..decode import TextPolicy
+from ..layout import NEVER, Layout, text_layout
 from .base import Method, TokenizedText
 
 

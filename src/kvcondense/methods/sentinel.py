@@ -12,8 +12,8 @@ from typing import ClassVar
 
 import torch
 
-from ..layout import NEVER, Kind, Layout, next_text_targets
 from ..decode import SentinelPolicy
+from ..layout import NEVER, Kind, Layout, next_text_targets
 from .base import Method, TokenizedText
 
 OPEN, CLOSE = "<CL>", "<CR>"
