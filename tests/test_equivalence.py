@@ -111,3 +111,15 @@ def test_decode_time_eviction_matches_parallel(method):
     assert int(cache.stored_slots()[0]) == full.kept_slots()
     if method != "full":
         assert full.kept_slots() < 0.8 * full.n_text
+
+
+def test_batched_right_padded_parallel_forward_matches_single_rows():
+    model = tiny_model("llama")
+    m = build_method("sentinel", ratio=0.5, min_line_words=1, max_span_words=8)
+    a, b = m.layout(text(70, seed=1), TOKENS, seed=1), m.layout(text(40, seed=2), TOKENS, seed=2)
+    with torch.no_grad():
+        both = parallel_forward(model, [a, b]).logits
+        for row, lay in enumerate((a, b)):
+            alone = parallel_forward(model, [lay]).logits[0]
+            diff = (both[row, : len(lay)] - alone).abs().max().item()
+            assert diff < 1e-4, f"row {row}: max abs diff {diff:.2e}"
