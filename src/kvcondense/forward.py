@@ -58,17 +58,20 @@ class IncrementalStats:
     peak_kv_bytes: int
 
 
-def feed(model, cache: EvictingCache, chunk: Layout, first: int) -> torch.Tensor:
-    """Run one chunk (logical indices ``first..first+len(chunk)-1``) through the cache, then evict.
+def chunk_mask(model, cache: EvictingCache, chunk: Layout, first: int) -> torch.Tensor:
+    """The 4-D mask of a chunk (logical indices ``first..``) against the cache's stored slots and itself."""
+    q_idx = torch.arange(first, first + len(chunk)).unsqueeze(0)
+    vis = cache.visibility(q_idx, chunk.start.unsqueeze(0), chunk.expire.unsqueeze(0), chunk.closer_only.unsqueeze(0))
+    return to_attention_mask(vis, attn_implementation(model), model.dtype)
+
+
+def feed(model, cache: EvictingCache, chunk: Layout, first: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Run one chunk (logical indices ``first..first+len(chunk)-1``) through the cache. The caller evicts.
 
     Returns the chunk's logits (1, n, V).
     """
     device = model.device
-    n = len(chunk)
-    q_idx = torch.arange(first, first + n).unsqueeze(0)
-    k_expire, k_closer = chunk.expire.unsqueeze(0), chunk.closer_only.unsqueeze(0)
-    vis = cache.visibility(q_idx, chunk.start.unsqueeze(0), k_expire, k_closer)
-    mask = to_attention_mask(vis, attn_implementation(model), model.dtype)
+    mask = chunk_mask(model, cache, chunk, first) if mask is None else mask
     out = model(
         input_ids=chunk.input_ids.unsqueeze(0).to(device),
         position_ids=chunk.position_ids.unsqueeze(0).to(device),
@@ -76,7 +79,7 @@ def feed(model, cache: EvictingCache, chunk: Layout, first: int) -> torch.Tensor
         past_key_values=cache,
         use_cache=True,
     )
-    cache.append(q_idx, k_expire, k_closer)
+    cache.append(torch.arange(first, first + len(chunk)).unsqueeze(0), chunk.expire[None], chunk.closer_only[None])
     return out.logits
 
 
