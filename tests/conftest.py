@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
 DATA = Path(__file__).parent / "data"
-VOCAB = 96
+VOCAB = 100
 
 _CONFIGS = {
     "llama": lambda: LlamaConfig(

@@ -10,14 +10,15 @@ from kvcondense.forward import incremental_forward, parallel_forward
 from kvcondense.layout import IGNORE
 from kvcondense.methods import METHODS, TokenizedText, build_method
 
-TOKENS = {"<CL>": 94, "<CR>": 95}
+TOKENS = {"<CL>": 94, "<CR>": 95, **{f"<GIST_{i}>": 96 + i for i in range(4)}}
 
 
 def text(n=90, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 90, (n,), generator=g)
-    # one long "line" of single-token words so that sentinel spans are placed
-    return TokenizedText(ids, torch.arange(n), torch.zeros(n, dtype=torch.long))
+    # one long "line" of single-token words so that sentinel spans are placed; a sentence ends every ~8 tokens
+    ends = torch.rand(n, generator=g) < 0.12
+    return TokenizedText(ids, torch.arange(n), torch.zeros(n, dtype=torch.long), ends)
 
 
 def assert_equivalent(model, layout, chunk):
@@ -100,8 +101,8 @@ def test_decode_time_eviction_matches_parallel(method):
         with torch.no_grad():
             out = feed(model, cache, step.layout, first)
         cache.evict(first + len(step.layout))
-        rows.append(first + step.text_row)
-        got.append(out[0, step.text_row])
+        rows.append(first + step.next_row)
+        got.append(out[0, step.next_row])
         pieces.append(step.layout)
     full = concat(pieces)
     with torch.no_grad():

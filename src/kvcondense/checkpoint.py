@@ -115,6 +115,7 @@ def load_checkpoint(path: str | Path, model_name: str | None = None, **model_kwa
     if token_ids != meta["special_tokens"]:
         raise CheckpointError(f"special token ids {token_ids} differ from the checkpoint's {meta['special_tokens']}")
     model = attach_lora(model, LoraSettings(**meta["lora"]), list(token_ids.values()))
-    load_adapter_state(model, load_file(str(Path(path) / ADAPTER)))
+    full = meta["training"].get("stage") == "full"
+    load_adapter_state(model, load_file(str(Path(path) / ADAPTER)), full=full)
     model.eval()
     return model, tokenizer, method, token_ids, meta

@@ -41,6 +41,26 @@ def _method(text: str) -> str:
     return text
 
 
+def _add_method_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gist-tokens", type=int, default=None, help="gist: tokens per sentence, 1..8 (default 4)")
+    p.add_argument(
+        "--max-sentence-tokens",
+        type=int,
+        default=None,
+        help="gist: force a gist block after this many regular tokens without a sentence end (default 128)",
+    )
+    p.add_argument("--bos-sink", action="store_true", help="gist: keep the first token visible as an attention sink")
+
+
+def _method_params(args) -> dict:
+    params = {
+        "n_gist": getattr(args, "gist_tokens", None),
+        "max_sentence_tokens": getattr(args, "max_sentence_tokens", None),
+        "bos_sink": getattr(args, "bos_sink", False) or None,
+    }
+    return {k: v for k, v in params.items() if v is not None}
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help=f"registered name or local HF directory (default {DEFAULT_MODEL})")
     p.add_argument("--data", default="wiki", help="built-in corpus (wiki) or .txt/.jsonl file or folder")
@@ -53,7 +73,7 @@ def _cmd_train(args) -> int:
         cfg = config_from_checkpoint(args.out)
         cfg.steps = args.steps if args.steps is not None else cfg.steps
     else:
-        params = {"ratio": args.ratio, "cr_sees_prefix": args.cr_sees_prefix or None}
+        params = {"ratio": args.ratio, "cr_sees_prefix": args.cr_sees_prefix or None, **_method_params(args)}
         cfg = TrainConfig(
             method=args.method,
             method_params={k: v for k, v in params.items() if v is not None},
@@ -67,6 +87,8 @@ def _cmd_train(args) -> int:
             lr=args.lr,
             seed=args.seed,
             save_every=args.save_every,
+            stage=args.stage,
+            init_from=args.init_from,
         )
     out = train(cfg, resume=args.resume)
     print(f"checkpoint written to {out}")
@@ -80,6 +102,7 @@ def _cmd_eval(args) -> int:
         checkpoint=args.checkpoint,
         method=args.method,
         ratios=args.ratio or [0.5],
+        method_params=_method_params(args),
         model=args.model,
         data=args.data,
         split=args.split,
@@ -135,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", type=_method, required=True)
     p.add_argument("--ratio", type=_ratio, default=None, help="compression ratio in (0, 1) (default 0.5)")
     p.add_argument("--cr-sees-prefix", action="store_true", help="sentinel: <CR> also attends to the prefix")
+    _add_method_flags(p)
+    p.add_argument(
+        "--stage",
+        default="lora",
+        choices=["rows", "lora", "full"],
+        help="what trains: new token rows only, LoRA + rows (default), or every weight",
+    )
+    p.add_argument("--init-from", default=None, help="start from this checkpoint's trained tensors (stage 1 -> 2)")
     _add_common(p)
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 300)")
     p.add_argument("--batch-size", type=int, default=2)
@@ -152,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", help="checkpoint directory made by train")
     src.add_argument("--method", type=_method, help="evaluate a method without training (baselines, ablations)")
     p.add_argument("--ratio", type=_ratio, nargs="+", default=None, help="one or more ratios (default 0.5)")
+    _add_method_flags(p)
     _add_common(p)
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--max-tokens", type=int, default=8192, help="text tokens to score (default 8192)")
@@ -166,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint directory (omit to use --method without training)")
     p.add_argument("--method", type=_method, default=None)
     p.add_argument("--ratio", type=_ratio, default=None)
+    _add_method_flags(p)
     p.add_argument("--model", default=None)
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt")

@@ -18,11 +18,11 @@ from .layout import IGNORE, NEVER, Kind, Layout
 
 @dataclass
 class Piece:
-    """One decode step: the layout piece to feed, which of its rows is the text token (whose logits predict the
-    next token), and expiry updates ``(logical indices, expire)`` for keys already stored."""
+    """One decode step: the layout piece to feed, the row whose logits predict the next token, and expiry
+    updates ``(logical indices, expire)`` for keys already stored."""
 
     layout: Layout
-    text_row: int
+    next_row: int
     updates: list[tuple[torch.Tensor, int]]
 
 
@@ -76,7 +76,7 @@ class SentinelPolicy:
         self.members: list[int] = []
 
     def step(self, token: int) -> Piece:
-        rows, updates, text_row = [], [], 0
+        rows, updates, next_row = [], [], 0
         in_span = self.phase >= self.gap
         if self.phase == self.gap:  # open a span before this token
             self.open_at = self.index
@@ -92,7 +92,7 @@ class SentinelPolicy:
                 }
             )
             self.index += 1
-        text_row = len(rows)
+        next_row = len(rows)
         rows.append({"id": token, "kind": Kind.TEXT, "pos": self.n_text, "expire": NEVER, "start": 0, "closer": False})
         if in_span:
             self.members.append(self.index)
@@ -120,4 +120,43 @@ class SentinelPolicy:
                 updates.append((torch.tensor(stored), cr))
             self.index += 1
             self.phase, self.members = 0, []
-        return Piece(piece(rows), text_row, updates)
+        return Piece(piece(rows), next_row, updates)
+
+
+class GistPolicy:
+    """Gist tokens during generation: when the model emits ``g_1`` the rest of the block is forced, and the
+    finished sentence's regular tokens are freed at once (the paper's code keeps them until the end). A block is
+    also forced after ``max_sentence_tokens`` regular tokens."""
+
+    def __init__(self, prompt: Layout, gist_ids: list[int], max_sentence_tokens: int = 0, bos_sink: bool = False):
+        self.index = len(prompt)
+        self.gist_ids = gist_ids
+        self.max_sentence_tokens = max_sentence_tokens
+        # regular tokens of the prompt's unfinished sentence are still stored: they are freed with its block
+        tail = [i for i in range(len(prompt)) if prompt.expire[i] == NEVER and prompt.kinds[i] == Kind.TEXT]
+        self.sentence = [i for i in tail if not (bos_sink and i == 0)]
+        self.run = len(self.sentence)
+
+    def _block(self, rows: list[dict]) -> list[tuple[torch.Tensor, int]]:
+        first = self.index - len(rows)
+        for g in self.gist_ids:
+            rows.append({"id": g, "kind": Kind.GIST, "pos": self.index, "expire": NEVER, "start": 0, "closer": False})
+            self.index += 1
+        last = self.index - 1
+        for r, idx in zip(rows, range(first, last + 1), strict=False):
+            if idx in self.sentence:
+                r["expire"] = last
+        stored = [i for i in self.sentence if i < first]
+        self.sentence, self.run = [], 0
+        return [(torch.tensor(stored), last)] if stored else []
+
+    def step(self, token: int) -> Piece:
+        if token in self.gist_ids:  # the model closed the sentence: force the whole block
+            updates = self._block(rows := [])
+            return Piece(piece(rows), len(rows) - 1, updates)
+        rows = [{"id": token, "kind": Kind.TEXT, "pos": self.index, "expire": NEVER, "start": 0, "closer": False}]
+        self.sentence.append(self.index)
+        self.index += 1
+        self.run += 1
+        updates = self._block(rows) if self.run == self.max_sentence_tokens else []
+        return Piece(piece(rows), len(rows) - 1, updates)

@@ -11,7 +11,7 @@ parallel forward.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,9 @@ class EvalConfig:
     Attributes:
         checkpoint: checkpoint directory (trained method), or None to evaluate ``method`` untrained.
         method: method name when no checkpoint is given (baselines, untrained ablations).
-        ratios: compression ratios to evaluate; each gives one result.
+        ratios: compression ratios to evaluate; each gives one result (methods without a ratio give one).
+        method_params: other method hyperparameters (e.g. ``{"n_gist": 4}``); with a checkpoint they must agree
+            with it.
         model: base model (default: the checkpoint's, or the embedded default).
         data: corpus name or path; its ``split`` is scored.
         split: train, validation or test.
@@ -48,6 +50,7 @@ class EvalConfig:
     checkpoint: str | None = None
     method: str | None = None
     ratios: tuple[float, ...] = (0.5,)
+    method_params: dict = field(default_factory=dict)
     model: str | None = None
     data: str = "wiki"
     split: str = "test"
@@ -68,9 +71,15 @@ def load_for_eval(cfg: EvalConfig):
     """(model, tokenizer, method, token_ids, label) for a checkpoint or for an untrained method."""
     if cfg.checkpoint is not None:
         model, tokenizer, method, token_ids, meta = load_checkpoint(cfg.checkpoint, cfg.model)
+        saved = method.params()
+        for key, value in cfg.method_params.items():
+            if key in saved and key != "ratio" and saved[key] != value:
+                raise ValueError(
+                    f"checkpoint {cfg.checkpoint} was trained with {key}={saved[key]}, not {value}; drop the flag"
+                )
         return model, tokenizer, method, token_ids, f"{method.name} (trained)"
     model, tokenizer = load_model(cfg.model or DEFAULT_MODEL)
-    method = build_method(cfg.method)
+    method = build_method(cfg.method, **cfg.method_params)
     token_ids = add_special_tokens(model, tokenizer, method.special_tokens)
     label = f"{method.name} (untrained tokens)" if method.special_tokens else method.name
     return model, tokenizer, method, token_ids, label
@@ -78,25 +87,41 @@ def load_for_eval(cfg: EvalConfig):
 
 @torch.no_grad()
 def perplexity(model, method: Method, blocks: list[TokenizedText], token_ids: dict, batch_size: int, seed: int) -> dict:
-    """Perplexity over text targets, and the measured compression, for one method on fixed blocks."""
-    nll, n_scored, kept, n_text = 0.0, 0, 0, 0
+    """Perplexity over regular (text) targets and the measured compression, for one method on fixed blocks.
+
+    Methods whose special tokens are LM targets (gist) also get ``perplexity_with_special_targets``: easy
+    targets flatter it, so it is reported apart and never as ``perplexity``.
+    """
+    special = torch.tensor(sorted(token_ids.values()), dtype=torch.long)
+    nll, n_scored, nll_all, n_all, kept, n_text, n_special = 0.0, 0, 0.0, 0, 0, 0, 0
     for lo in tqdm(range(0, len(blocks), batch_size), desc=f"eval {method.name}", leave=False):
         layouts = [method.layout(b, token_ids, seed=seed + lo + i) for i, b in enumerate(blocks[lo : lo + batch_size])]
         logits = parallel_forward(model, layouts).logits
         for b, lay in enumerate(layouts):
             scored = lay.targets != IGNORE
-            nll += F.cross_entropy(logits[b, : len(lay)][scored].float(), lay.targets[scored], reduction="sum").item()
-            n_scored += int(scored.sum())
+            losses = F.cross_entropy(logits[b, : len(lay)][scored].float(), lay.targets[scored], reduction="none")
+            regular = ~torch.isin(lay.targets[scored], special)
+            nll += losses[regular].sum().item()
+            n_scored += int(regular.sum())
+            nll_all += losses.sum().item()
+            n_all += losses.numel()
             kept += lay.kept_slots()
             n_text += lay.n_text
-    return {
+            n_special += len(lay) - lay.n_text
+    out = {
         "perplexity": math.exp(nll / max(n_scored, 1)),
         "nll": nll / max(n_scored, 1),
         "tokens_scored": n_scored,
         "compression_ratio": kept / max(n_text, 1),
         "kv_slots_kept": kept,
         "kv_slots_full": n_text,
+        "special_tokens_inserted": n_special,
     }
+    if n_all > n_scored:
+        out["perplexity_with_special_targets"] = math.exp(nll_all / n_all)
+    if n_special:
+        out["R_c"] = n_text / n_special  # regular tokens per inserted special token
+    return out
 
 
 def measured_kv(model, method: Method, block: TokenizedText, token_ids: dict, seed: int, verify: bool) -> dict:
@@ -131,8 +156,9 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
     if not chosen:
         raise ValueError(f"no text to evaluate in the {cfg.split} split of {cfg.data}")
     results = []
-    for ratio in cfg.ratios:
-        params = {**base_method.params(), "ratio": ratio}
+    has_ratio = "ratio" in base_method.params()
+    for ratio in cfg.ratios if has_ratio else cfg.ratios[:1]:
+        params = {**base_method.params(), "ratio": ratio} if has_ratio else base_method.params()
         method = build_method(base_method.name, **params)
         res = {
             "method": method.name,
@@ -156,6 +182,11 @@ def format_table(results: list[dict]) -> str:
             f"{r['label']:<28} {ratio!s:>5} {r['compression_ratio']:>8.3f} {r['perplexity']:>10.3f} "
             f"{r['tokens_scored']:>7} {r['kv_bytes']:>10}"
         )
+        if "perplexity_with_special_targets" in r:
+            rows.append(
+                f"  perplexity with special-token targets (easier, not comparable): "
+                f"{r['perplexity_with_special_targets']:.3f}; R_c {r.get('R_c', 0):.2f} regular tokens per special"
+            )
         if "verify" in r:
             rows.append(f"  verify: max_abs_diff {r['verify']['max_abs_diff']:.2e}")
     return "\n".join(rows)

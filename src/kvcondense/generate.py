@@ -15,7 +15,6 @@ from tqdm.auto import tqdm
 
 from .cache import EvictingCache
 from .forward import feed, num_layers
-from .layout import Kind
 from .methods import Method, tokenize
 
 
@@ -63,7 +62,8 @@ def generate(
         )
     layout = method.layout(text, token_ids, seed=seed)
     cache = EvictingCache(num_layers(model))
-    last_text = int(torch.nonzero(layout.kinds == Kind.TEXT).max())
+    predictors = torch.isin(layout.kinds, torch.tensor([int(k) for k in method.predict_from]))
+    last_text = int(torch.nonzero(predictors).max())
     logits, peak = None, 0
     for lo in range(0, len(layout), chunk_tokens):
         hi = min(lo + chunk_tokens, len(layout))
@@ -86,14 +86,14 @@ def generate(
             cache.set_expire(0, logical, expire)
         first = cache.seen
         out = feed(model, cache, step.layout, first)
-        logits = out[0, step.text_row]
+        logits = out[0, step.next_row]
         peak = max(peak, cache.kv_bytes())
         cache.evict(first + len(step.layout))
         slots.append(int(cache.stored_slots()[0]))
     stored = int(cache.stored_slots()[0])
     per_slot = cache.kv_bytes() / max(stored, 1)
     return Generation(
-        text=tokenizer.decode(new),
+        text=tokenizer.decode(new, skip_special_tokens=True),
         new_tokens=new,
         prompt_tokens=len(text),
         logical_tokens=cache.seen,
@@ -108,6 +108,7 @@ def generate(
 def generate_cli(args, prompt: str) -> int:
     """``kvcondense generate``: print the continuation and the cache statistics."""
     from .checkpoint import load_checkpoint
+    from .cli import _method_params
     from .methods import build_method
     from .models import DEFAULT_MODEL, add_special_tokens, load_model
     from .verify import check_family
@@ -122,7 +123,7 @@ def generate_cli(args, prompt: str) -> int:
         if args.method is None:
             raise ValueError("give --checkpoint DIR, or --method M to generate with an untrained method")
         model, tokenizer = load_model(args.model or DEFAULT_MODEL)
-        method = build_method(args.method, ratio=args.ratio)
+        method = build_method(args.method, ratio=args.ratio, **_method_params(args))
         token_ids = add_special_tokens(model, tokenizer, method.special_tokens)
     check_family(model, tuple(token_ids.values())[:2] or None)
     gen = generate(model, tokenizer, method, token_ids, prompt, args.max_new_tokens, args.chunk_tokens, args.seed)

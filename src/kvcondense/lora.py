@@ -59,16 +59,36 @@ def attach_lora(model, settings: LoraSettings, token_ids: list[int]) -> PeftMode
     return get_peft_model(model, config)
 
 
-def adapter_state(model: PeftModel, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-    """The trained tensors only (LoRA matrices and new token rows), cast for storage."""
-    state = get_peft_model_state_dict(model, save_embedding_layers=False)
+STAGES = ("rows", "lora", "full")
+
+
+def set_stage(model: PeftModel, stage: str) -> None:
+    """Choose what trains: ``rows`` (the new token rows only), ``lora`` (LoRA + rows, the default) or ``full``
+    (every weight: full fine-tuning, for GPU users; the checkpoint then holds the whole model)."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES}")
+    for name, p in model.named_parameters():
+        is_row = "trainable_tokens_delta" in name
+        is_lora = "lora_" in name
+        p.requires_grad_(stage == "full" or is_row or (stage == "lora" and is_lora))
+
+
+def adapter_state(model: PeftModel, dtype: torch.dtype = torch.bfloat16, full: bool = False) -> dict[str, torch.Tensor]:
+    """The trained tensors (LoRA matrices and new token rows; every weight when ``full``), cast for storage."""
+    state = model.state_dict() if full else get_peft_model_state_dict(model, save_embedding_layers=False)
     return {k: v.detach().to(dtype).contiguous() for k, v in state.items()}
 
 
-def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
+def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor], full: bool = False) -> None:
     """Load tensors saved by :func:`adapter_state` (cast back to the model's dtype); every key must be used."""
     dtype = next(model.parameters()).dtype
-    result = set_peft_model_state_dict(model, {k: v.to(dtype) for k, v in state.items()})
+    state = {k: v.to(dtype) for k, v in state.items()}
+    if full:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected:
+            raise ValueError(f"checkpoint holds {len(unexpected)} tensors this model has no place for")
+        return
+    result = set_peft_model_state_dict(model, state)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"adapter holds {len(unexpected)} tensors this model has no place for (e.g. {unexpected[0]})")

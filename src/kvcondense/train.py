@@ -20,14 +20,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .checkpoint import check_output_dir, read_log, read_meta, read_resume, write_checkpoint
+from .checkpoint import ADAPTER, check_output_dir, read_log, read_meta, read_resume, write_checkpoint
 from .data import load_split
 from .forward import parallel_forward
 from .layout import IGNORE, Layout
-from .lora import LoraSettings, adapter_state, attach_lora
+from .lora import LoraSettings, adapter_state, attach_lora, load_adapter_state, set_stage
 from .methods import Method, TokenizedText, build_method, tokenize
 from .models import DEFAULT_MODEL, add_special_tokens, load_model, model_identity
 
@@ -53,6 +54,8 @@ class TrainConfig:
         lora: LoRA settings.
         log_every: steps between log lines.
         save_every: steps between checkpoints (0: only at the end).
+        stage: what trains: ``rows`` (new token rows only), ``lora`` (LoRA + rows) or ``full`` (every weight).
+        init_from: a checkpoint of the same method whose trained tensors start this run (stage 1 -> stage 2).
     """
 
     method: str = "sentinel"
@@ -71,6 +74,8 @@ class TrainConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     log_every: int = 1
     save_every: int = 50
+    stage: str = "lora"
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -130,6 +135,13 @@ def prepare_model(cfg: TrainConfig, method: Method):
     token_ids = add_special_tokens(model, tokenizer, method.special_tokens)
     torch.manual_seed(cfg.seed)
     model = attach_lora(model, cfg.lora, list(token_ids.values()))
+    set_stage(model, cfg.stage)
+    if cfg.init_from:
+        start = read_meta(cfg.init_from)
+        if start["method"]["name"] != method.name or start["special_tokens"] != token_ids:
+            raise ValueError(f"--init-from {cfg.init_from} was trained for another method or other tokens")
+        full = start["training"].get("stage") == "full"
+        load_adapter_state(model, load_file(str(Path(cfg.init_from) / ADAPTER)), full=full)
     model.train()
     return model, tokenizer, token_ids, identity
 
@@ -174,7 +186,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         step, log = state["step"], read_log(out)
         torch.set_rng_state(state["torch_rng"])
 
-    def save(final: bool) -> None:
+    def save() -> None:
         if not accelerator.is_main_process:
             return
         unwrapped = accelerator.unwrap_model(model)
@@ -186,7 +198,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             "torch_rng": torch.get_rng_state(),
         }
         meta = checkpoint_meta(cfg, method, token_ids, identity, step)
-        write_checkpoint(out, meta, adapter_state(unwrapped), log, resume_state)
+        write_checkpoint(out, meta, adapter_state(unwrapped, full=cfg.stage == "full"), log, resume_state)
 
     stream = batches(blocks, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes)
     for _ in range(step * cfg.grad_accum):  # fast-forward the data order on resume
@@ -222,7 +234,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 }
             )
         if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
-            save(final=step == cfg.steps)
+            save()
     bar.close()
     accelerator.wait_for_everyone()
     return out

@@ -6,11 +6,13 @@ import dataclasses
 
 from .base import Method, TokenizedText, tokenize
 from .baselines import FullAttention, LocalAttention, ScatteredAttention, StreamingLLM
+from .gist import Gist
 from .sentinel import Sentinel
 
 METHODS: dict[str, type[Method]] = {
     "full": FullAttention,
     "sentinel": Sentinel,
+    "gist": Gist,
     "local": LocalAttention,
     "scattered": ScatteredAttention,
     "streaming": StreamingLLM,

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from ..layout import NEVER, Layout
+from ..layout import NEVER, Kind, Layout
 
 
 @dataclass
@@ -25,21 +25,27 @@ class TokenizedText:
         ids: token ids. (T,) int64.
         word_ids: index of the whitespace-separated word each token starts in, -1 for pure whitespace. (T,) int64.
         line_ids: index of the line (newline-separated) each token is in. (T,) int64.
+        sentence_end: whether a sentence ends with this token (see ``methods.gist.sentence_ends``). (T,) bool.
     """
 
     ids: torch.Tensor
     word_ids: torch.Tensor
     line_ids: torch.Tensor
+    sentence_end: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.sentence_end is None:
+            self.sentence_end = torch.zeros(self.ids.shape, dtype=torch.bool)
 
     def __len__(self) -> int:
         return self.ids.shape[0]
 
     def __getitem__(self, sl: slice) -> TokenizedText:
-        return TokenizedText(self.ids[sl], self.word_ids[sl], self.line_ids[sl])
+        return TokenizedText(self.ids[sl], self.word_ids[sl], self.line_ids[sl], self.sentence_end[sl])
 
     @classmethod
     def from_ids(cls, ids) -> TokenizedText:
-        """Ids without text: every token is its own word, all on one line."""
+        """Ids without text: every token is its own word, all on one line, no sentence ends."""
         ids = torch.as_tensor(ids, dtype=torch.long)
         return cls(ids, torch.arange(ids.shape[0]), torch.zeros_like(ids))
 
@@ -56,33 +62,55 @@ def tokenize(text: str, tokenizer) -> TokenizedText:
         line += text.count("\n", pos, s)
         pos = s
         word_line.append(line)
-    word_ids, line_ids = [], []
+    word_ids, line_ids, firsts = [], [], []
     w = 0
     for s, e in enc["offset_mapping"]:
         first = s + (len(text[s:e]) - len(text[s:e].lstrip()))
+        firsts.append(first if first < e else s)  # a whitespace-only token stays with what precedes it
         while w < len(words) and words[w][1] <= first:
             w += 1
         inside = w < len(words) and words[w][0] <= first < words[w][1] and first < e
         word_ids.append(w if inside else -1)
         line_ids.append(word_line[w] if inside else (word_line[w - 1] if w > 0 else 0))
+    # a sentence ends with the last token whose first non-space character comes before the boundary offset
+    ends = torch.zeros(len(firsts), dtype=torch.bool)
+    order = torch.tensor(firsts, dtype=torch.long)
+    for boundary in sentence_ends(text):
+        t = int((order < boundary).sum()) - 1
+        if t >= 0:
+            ends[t] = True
     return TokenizedText(
         torch.tensor(enc["input_ids"], dtype=torch.long),
         torch.tensor(word_ids, dtype=torch.long),
         torch.tensor(line_ids, dtype=torch.long),
+        ends,
     )
+
+
+# punctuation, optional closing quotes/brackets, then whitespace or the end of the text
+_BOUNDARY = re.compile(r"[.?!][\"'\u201d\u2019)\]]*(?:\s+|$)")
+
+
+def sentence_ends(text: str) -> list[int]:
+    """Character offsets where a sentence ends: after ``. ``/``? ``/``! `` (newline forms too, closing quotes
+    allowed) and after a final ``.``/``?``/``!``. Decimals (``3.14``) have no whitespace after the point, so they
+    are no boundary; abbreviations and list numbers are (as in the gist paper)."""
+    return [m.end() for m in _BOUNDARY.finditer(text)]
 
 
 @dataclass
 class Method(ABC):
     """Base class of every compression method and baseline.
 
-    Subclasses set ``name``, ``special_tokens`` (new vocabulary rows, added in this order) and ``trainable``
-    (whether ``kvcondense train`` makes sense for it), and implement :meth:`layout`.
+    Subclasses set ``name``, ``special_tokens`` (new vocabulary rows, added in this order), ``trainable``
+    (whether ``kvcondense train`` makes sense for it) and ``predict_from`` (which rows' logits predict the next
+    token at inference), and implement :meth:`layout`.
     """
 
     name: ClassVar[str] = ""
     special_tokens: ClassVar[tuple[str, ...]] = ()
     trainable: ClassVar[bool] = True
+    predict_from: ClassVar[tuple[Kind, ...]] = (Kind.TEXT,)  # kinds whose logits predict the next text token
 
     @abstractmethod
     def layout(self, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:

@@ -1,0 +1,104 @@
+"""Sentence-anchored gist tokens: every sentence collapses into N gist tokens.
+
+Tarasov, Goncharova, Kuznetsov. "Sentence-Anchored Gist Compression for Long-Context LLMs", 2025
+(arXiv 2511.08128). See SPEC section 2 for the insertion rule, the mask and the training this file implements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..decode import GistPolicy
+from ..layout import IGNORE, NEVER, Kind, Layout
+from .base import Method, TokenizedText
+
+MAX_GIST_TOKENS = 8
+
+
+def gist_token_names(n: int) -> tuple[str, ...]:
+    return tuple(f"<GIST_{i}>" for i in range(n))
+
+
+@dataclass
+class Gist(Method):
+    """Sentence-anchored gist tokens (Tarasov et al. 2025): each sentence is followed by ``n_gist`` gist tokens;
+    later tokens see earlier gist tokens and their own sentence only, so a finished sentence's KV is freed.
+
+    Attributes:
+        n_gist: gist tokens per sentence, 1..8.
+        max_sentence_tokens: K, force a gist block after this many regular tokens without a sentence end (text
+            without punctuation: code, lists, transcripts). Default 128, about 4-5 typical English sentences,
+            so that prose is unaffected.
+        bos_sink: keep the first token of the sequence visible to every later token (an attention sink).
+    """
+
+    name: ClassVar[str] = "gist"
+    predict_from: ClassVar[tuple[Kind, ...]] = (Kind.TEXT, Kind.GIST)
+    n_gist: int = 4
+    max_sentence_tokens: int = 128
+    bos_sink: bool = False
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.n_gist <= MAX_GIST_TOKENS:
+            raise ValueError(f"gist tokens must be in 1..{MAX_GIST_TOKENS}, got {self.n_gist}; pass --gist-tokens 4")
+        if self.max_sentence_tokens < 1:
+            raise ValueError(f"max sentence tokens (K) must be >= 1, got {self.max_sentence_tokens}")
+
+    @property
+    def special_tokens(self) -> tuple[str, ...]:  # type: ignore[override]
+        return gist_token_names(self.n_gist)
+
+    def block_after(self, text: TokenizedText) -> list[int]:
+        """Token indices followed by a gist block: sentence ends, plus forced blocks after long runs."""
+        ends = set(torch.nonzero(text.sentence_end).flatten().tolist())
+        out, run = [], 0
+        for t in range(len(text)):
+            run += 1
+            if t in ends or run == self.max_sentence_tokens:
+                out.append(t)
+                run = 0
+        return out
+
+    def layout(self, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:
+        gist_ids = [token_ids[t] for t in self.special_tokens]
+        return gist_layout(text.ids, self.block_after(text), gist_ids, self.bos_sink)
+
+    def decode_policy(self, prompt: Layout, token_ids: dict[str, int], seed: int = 0) -> GistPolicy:
+        return GistPolicy(prompt, [token_ids[t] for t in self.special_tokens], self.max_sentence_tokens, self.bos_sink)
+
+
+def gist_layout(ids: torch.Tensor, after: list[int], gist_ids: list[int], bos_sink: bool = False) -> Layout:
+    """Insert a block of gist tokens after each token index in ``after``.
+
+    Regular tokens expire at the last gist token of their sentence's block; gist tokens never expire. Positions
+    are contiguous (gist tokens take positions). Targets are the plain next token, gist tokens included (the
+    model learns to emit ``g_1`` after a sentence); perplexity is reported on regular targets separately.
+    """
+    after_set = set(after)
+    out_ids, kinds, expire, sentence = [], [], [], []
+    for t, tok in enumerate(ids.tolist()):
+        if not (bos_sink and t == 0):
+            sentence.append(len(out_ids))
+        out_ids.append(tok), kinds.append(Kind.TEXT), expire.append(NEVER)
+        if t in after_set:
+            last = len(out_ids) + len(gist_ids) - 1
+            for idx in sentence:
+                expire[idx] = last
+            out_ids.extend(gist_ids), kinds.extend([Kind.GIST] * len(gist_ids)), expire.extend([NEVER] * len(gist_ids))
+            sentence = []
+    n = len(out_ids)
+    input_ids = torch.tensor(out_ids, dtype=torch.long)
+    targets = torch.full((n,), IGNORE, dtype=torch.long)
+    targets[:-1] = input_ids[1:]
+    return Layout(
+        input_ids=input_ids,
+        kinds=torch.tensor([int(k) for k in kinds], dtype=torch.long),
+        position_ids=torch.arange(n),
+        expire=torch.tensor(expire, dtype=torch.long),
+        start=torch.zeros(n, dtype=torch.long),
+        closer_only=torch.zeros(n, dtype=torch.bool),
+        targets=targets,
+    )
