@@ -256,3 +256,16 @@ def test_empty_prompt_is_refused(capsys, tiny_dir):
 
     rc = main(["generate", "--method", "gist", "--model", str(tiny_dir), "--prompt", ""])
     assert rc == 2 and "prompt is empty" in capsys.readouterr().err
+
+
+def test_long_document_mode_reports_perplexity_against_prefix(capsys, tiny_dir, sample_path, tmp_path):
+    import json
+
+    from kvcondense.cli import main
+
+    rc = main(["eval", "--method", "gist", "--model", str(tiny_dir), "--data", str(sample_path), "--split", "train",
+               "--long-doc", "--block-tokens", "600", "--max-tokens", "600", "--json", str(tmp_path / "r.json")])
+    res = json.loads((tmp_path / "r.json").read_text())
+    buckets = [b for b in res["perplexity_by_prefix"] if b["tokens"]]
+    assert rc == 0 and [b["prefix_upto"] for b in buckets][:2] == [256, 512]
+    assert sum(b["tokens"] for b in res["perplexity_by_prefix"]) == res["tokens_scored"]

@@ -107,9 +107,10 @@ def _cmd_eval(args) -> int:
         data=args.data,
         split=args.split,
         max_tokens=args.max_tokens,
-        block_tokens=args.block_tokens,
-        batch_size=args.batch_size,
+        block_tokens=args.block_tokens or (4096 if args.long_doc else 256),
+        batch_size=1 if args.long_doc else args.batch_size,
         verify=args.verify,
+        prefix_buckets=(256, 512, 1024, 2048, 4096, 8192, 16384) if args.long_doc else (),
         seed=args.seed,
     )
     results = run_eval(cfg)
@@ -187,10 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--max-tokens", type=int, default=8192, help="text tokens to score (default 8192)")
-    p.add_argument("--block-tokens", type=int, default=256)
+    p.add_argument("--block-tokens", type=int, default=None, help="text tokens per block (default 256)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--verify", action="store_true", help="also run the evicting cache and report max_abs_diff")
+    p.add_argument(
+        "--long-doc",
+        action="store_true",
+        help="long-document mode: blocks of 4096 tokens (unless --block-tokens) and perplexity against prefix length",
+    )
     p.add_argument("--json", help="write the results as JSON to this file")
     p.set_defaults(func=_cmd_eval)
 

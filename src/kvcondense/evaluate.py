@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_checkpoint, method_from_meta
 from .data import load_split
 from .forward import incremental_forward, parallel_forward
-from .layout import IGNORE
+from .layout import IGNORE, Kind
 from .methods import Method, TokenizedText, build_method
 from .models import DEFAULT_MODEL, add_special_tokens, load_model
 from .train import text_blocks
@@ -45,6 +45,8 @@ class EvalConfig:
         batch_size: blocks per forward pass.
         verify: compare the parallel and the incremental forward on the first block.
         seed: seed for span placement and scattered keys (the same for every method).
+        prefix_buckets: also report perplexity against prefix length, in buckets with these upper bounds (text
+            tokens); use with long blocks (the long-document mode).
     """
 
     checkpoint: str | None = None
@@ -59,6 +61,7 @@ class EvalConfig:
     batch_size: int = 4
     verify: bool = False
     seed: int = 1234
+    prefix_buckets: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if (self.checkpoint is None) == (self.method is None):
@@ -86,12 +89,23 @@ def load_for_eval(cfg: EvalConfig):
 
 
 @torch.no_grad()
-def perplexity(model, method: Method, blocks: list[TokenizedText], token_ids: dict, batch_size: int, seed: int) -> dict:
+def perplexity(
+    model,
+    method: Method,
+    blocks: list[TokenizedText],
+    token_ids: dict,
+    batch_size: int,
+    seed: int,
+    prefix_buckets: tuple[int, ...] = (),
+) -> dict:
     """Perplexity over regular (text) targets and the measured compression, for one method on fixed blocks.
 
     Methods whose special tokens are LM targets (gist) also get ``perplexity_with_special_targets``: easy
-    targets flatter it, so it is reported apart and never as ``perplexity``.
+    targets flatter it, so it is reported apart and never as ``perplexity``. With ``prefix_buckets`` (upper
+    bounds in text tokens) the regular-token perplexity is also given against prefix length.
     """
+    bounds = torch.tensor(sorted(prefix_buckets), dtype=torch.long)
+    bucket_nll, bucket_n = torch.zeros(len(bounds), dtype=torch.float64), torch.zeros(len(bounds), dtype=torch.long)
     special = torch.tensor(sorted(token_ids.values()), dtype=torch.long)
     nll, n_scored, nll_all, n_all, kept, n_text, n_special = 0.0, 0, 0.0, 0, 0, 0, 0
     for lo in tqdm(range(0, len(blocks), batch_size), desc=f"eval {method.name}", leave=False):
@@ -101,7 +115,11 @@ def perplexity(model, method: Method, blocks: list[TokenizedText], token_ids: di
             scored = lay.targets != IGNORE
             losses = F.cross_entropy(logits[b, : len(lay)][scored].float(), lay.targets[scored], reduction="none")
             regular = ~torch.isin(lay.targets[scored], special)
-            nll += losses[regular].sum().item()
+            if len(bounds):  # text tokens seen before each scored target = its prefix length
+                prefix = torch.cumsum((lay.kinds == Kind.TEXT).long(), 0)[scored][regular]
+                which = torch.searchsorted(bounds, prefix, right=False).clamp(max=len(bounds) - 1)
+                bucket_nll.index_add_(0, which, losses[regular].double())
+                bucket_n.index_add_(0, which, torch.ones_like(which))
             n_scored += int(regular.sum())
             nll_all += losses.sum().item()
             n_all += losses.numel()
@@ -121,6 +139,11 @@ def perplexity(model, method: Method, blocks: list[TokenizedText], token_ids: di
         out["perplexity_with_special_targets"] = math.exp(nll_all / n_all)
     if n_special:
         out["R_c"] = n_text / n_special  # regular tokens per inserted special token
+    if len(bounds):
+        out["perplexity_by_prefix"] = [
+            {"prefix_upto": int(b), "perplexity": math.exp(s / n) if n else None, "tokens": int(n)}
+            for b, s, n in zip(bounds.tolist(), bucket_nll.tolist(), bucket_n.tolist(), strict=True)
+        ]
     return out
 
 
@@ -164,7 +187,7 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
             "method": method.name,
             "label": label,
             "params": method.params(),
-            **perplexity(model, method, chosen, token_ids, cfg.batch_size, cfg.seed),
+            **perplexity(model, method, chosen, token_ids, cfg.batch_size, cfg.seed, tuple(cfg.prefix_buckets)),
             **measured_kv(model, method, chosen[0], token_ids, cfg.seed, cfg.verify),
             "config": asdict(cfg),
         }
@@ -187,6 +210,11 @@ def format_table(results: list[dict]) -> str:
                 f"  perplexity with special-token targets (easier, not comparable): "
                 f"{r['perplexity_with_special_targets']:.3f}; R_c {r.get('R_c', 0):.2f} regular tokens per special"
             )
+        for b in r.get("perplexity_by_prefix", []):
+            if b["tokens"]:
+                rows.append(
+                    f"  prefix <= {b['prefix_upto']:>6}: perplexity {b['perplexity']:.3f} ({b['tokens']} tokens)"
+                )
         if "verify" in r:
             rows.append(f"  verify: max_abs_diff {r['verify']['max_abs_diff']:.2e}")
     return "\n".join(rows)

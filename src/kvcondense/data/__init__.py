@@ -7,11 +7,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..fetch import cache_dir
+from .books import load_books
 from .documents import SPLITS, DataError, Document, read_path, split_documents
 from .wiki import load_wiki
 
 CORPORA: dict[str, Callable[[], list[Document]]] = {
     "wiki": load_wiki,
+    "books": load_books,
 }
 
 
