@@ -128,7 +128,7 @@ def _cmd_generate(args) -> int:
     from .generate import generate_cli
 
     prompt = args.prompt if args.prompt is not None else _read_prompt(args.prompt_file)
-    return generate_cli(args, prompt)
+    return generate_cli(args, prompt, _method_params(args))
 
 
 def _read_prompt(path: str) -> str:

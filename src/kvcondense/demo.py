@@ -31,6 +31,8 @@ def demo_rows(ratio: float) -> list[tuple[str, dict]]:
         else:
             print(f"note: no checkpoint at {ck}; skipping trained {name}")
     rows.append(("StreamingLLM (4 sinks)", {"method": "streaming"}))
+    if (CHECKPOINTS / "gist4" / "kvcondense.json").exists():
+        rows.append(("gist N=4 (trained; KV set by sentences)", {"checkpoint": str(CHECKPOINTS / "gist4")}))
     rows.append(("sentinel (untrained tokens)", {"method": "sentinel"}))
     return rows
 

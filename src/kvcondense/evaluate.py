@@ -167,7 +167,7 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
     """Evaluate at every ratio of ``cfg``. Returns one JSON-ready dict per ratio."""
     docs = load_split(cfg.data, cfg.split)  # bad data fails before the model is loaded
     model, tokenizer, base_method, token_ids, label = load_for_eval(cfg)
-    check_family(model, tuple(token_ids.values())[:2] or None)
+    check_family(model)
     blocks = text_blocks(docs, tokenizer, cfg.block_tokens)
     budget, chosen = cfg.max_tokens, []
     for b in blocks:

@@ -105,10 +105,9 @@ def generate(
     )
 
 
-def generate_cli(args, prompt: str) -> int:
+def generate_cli(args, prompt: str, method_params: dict) -> int:
     """``kvcondense generate``: print the continuation and the cache statistics."""
     from .checkpoint import load_checkpoint
-    from .cli import _method_params
     from .methods import build_method
     from .models import DEFAULT_MODEL, add_special_tokens, load_model
     from .verify import check_family
@@ -123,9 +122,9 @@ def generate_cli(args, prompt: str) -> int:
         if args.method is None:
             raise ValueError("give --checkpoint DIR, or --method M to generate with an untrained method")
         model, tokenizer = load_model(args.model or DEFAULT_MODEL)
-        method = build_method(args.method, ratio=args.ratio, **_method_params(args))
+        method = build_method(args.method, ratio=args.ratio, **method_params)
         token_ids = add_special_tokens(model, tokenizer, method.special_tokens)
-    check_family(model, tuple(token_ids.values())[:2] or None)
+    check_family(model)
     gen = generate(model, tokenizer, method, token_ids, prompt, args.max_new_tokens, args.chunk_tokens, args.seed)
     print(gen.text)
     print(
@@ -133,4 +132,5 @@ def generate_cli(args, prompt: str) -> int:
         f"KV bytes: {gen.kv_bytes:,} (full attention: {gen.kv_bytes_full:,}, "
         f"{gen.kv_bytes / max(gen.kv_bytes_full, 1):.2f}x)  peak KV bytes: {gen.peak_kv_bytes:,}"
     )
+    print(f"stored slots after each generated token: {' '.join(map(str, gen.slots_per_step))}")
     return 0

@@ -30,7 +30,7 @@ def max_abs_diff(model, layout: Layout, chunk_size: int = 64) -> float:
     return float((parallel[scored] - incremental[scored]).abs().max())
 
 
-def check_family(model, probe_ids: tuple[int, int] | None = None) -> None:
+def check_family(model) -> None:
     """Refuse a model whose attention backend or family cannot honour the masks and the evicting cache.
 
     Families covered by the test suite pass at once; any other is probed with a short sentinel-style layout
@@ -46,7 +46,7 @@ def check_family(model, probe_ids: tuple[int, int] | None = None) -> None:
     vocab = model.get_input_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (40,), generator=gen)
-    open_id, close_id = probe_ids or (1, 2)
+    open_id, close_id = 1, 2  # any ids will do: the probe checks the attention path, not the tokens
     layout = sentinel_layout(ids, [(4, 10), (11, 17), (25, 30)], open_id, close_id)
     try:
         diff = max_abs_diff(model, layout, chunk_size=8)
