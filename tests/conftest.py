@@ -95,3 +95,35 @@ def other_tiny_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sample_path() -> Path:
     return DATA / "sample.txt"
+
+
+def decode_with_policy(model, prompt, policy, tokens: list[int]):
+    """Prefill ``prompt`` through an evicting cache, then feed ``tokens`` one decode step at a time through the
+    method's policy. Returns (final layout with the same expiry, incremental logits of each step's predicting
+    row, those rows' indices in the final layout, the cache, stored slots after each step)."""
+    from kvcondense.cache import EvictingCache
+    from kvcondense.forward import feed
+    from kvcondense.layout import concat
+
+    cache = EvictingCache(model.config.num_hidden_layers)
+    with torch.no_grad():
+        feed(model, cache, prompt, 0)
+    cache.evict(len(prompt))
+    pieces, rows, got, slots = [prompt], [], [], []
+    for token in tokens:
+        step = policy.step(token)
+        for logical, expire in step.updates:
+            cache.set_expire(0, logical, expire)
+            offset = 0
+            for p in pieces:  # the final layout carries the same expiry
+                p.expire[torch.isin(torch.arange(offset, offset + len(p)), logical)] = expire
+                offset += len(p)
+        first = cache.seen
+        with torch.no_grad():
+            out = feed(model, cache, step.layout, first)
+        cache.evict(first + len(step.layout))
+        rows.append(first + step.next_row)
+        got.append(out[0, step.next_row])
+        pieces.append(step.layout)
+        slots.append(int(cache.stored_slots()[0]))
+    return concat(pieces), torch.stack(got), rows, cache, slots

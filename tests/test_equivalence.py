@@ -3,7 +3,7 @@ for every method, on a RoPE model (Llama, Qwen2) and on one with learned absolut
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import decode_with_policy, tiny_model
 
 from kvcondense.cache import EvictingCache
 from kvcondense.forward import incremental_forward, parallel_forward
@@ -76,38 +76,14 @@ def test_cache_memory_is_physically_freed():
 def test_decode_time_eviction_matches_parallel(method):
     """Tokens laid out by the decode policy (spans closing over generated text, windows sliding) and fed one
     step at a time through the cache give the parallel forward's logits over the final layout."""
-    from kvcondense.cache import EvictingCache
-    from kvcondense.forward import feed
-    from kvcondense.layout import concat
-
     model = tiny_model("llama")
     m = build_method(method, ratio=0.5, min_line_words=1, max_span_words=8)
     prompt = m.layout(text(40), TOKENS, seed=1)
-    policy = m.decode_policy(prompt, TOKENS, seed=1)
-    cache = EvictingCache(model.config.num_hidden_layers)
-    with torch.no_grad():
-        feed(model, cache, prompt, 0)
-    cache.evict(len(prompt))
-    pieces, rows, got = [prompt], [], []
-    for token in torch.randint(0, 90, (30,), generator=torch.Generator().manual_seed(5)).tolist():
-        step = policy.step(token)
-        for logical, expire in step.updates:
-            cache.set_expire(0, logical, expire)
-            offset = 0
-            for p in pieces:  # the final layout carries the same expiry
-                p.expire[torch.isin(torch.arange(offset, offset + len(p)), logical)] = expire
-                offset += len(p)
-        first = cache.seen
-        with torch.no_grad():
-            out = feed(model, cache, step.layout, first)
-        cache.evict(first + len(step.layout))
-        rows.append(first + step.next_row)
-        got.append(out[0, step.next_row])
-        pieces.append(step.layout)
-    full = concat(pieces)
+    tokens = torch.randint(0, 90, (30,), generator=torch.Generator().manual_seed(5)).tolist()
+    full, got, rows, cache, _ = decode_with_policy(model, prompt, m.decode_policy(prompt, TOKENS, seed=1), tokens)
     with torch.no_grad():
         parallel = parallel_forward(model, [full]).logits[0]
-    diff = (parallel[rows] - torch.stack(got)).abs().max().item()
+    diff = (parallel[rows] - got).abs().max().item()
     assert diff < 1e-4, f"max abs diff {diff:.2e}"
     assert int(cache.stored_slots()[0]) == full.kept_slots()
     if method != "full":

@@ -3,11 +3,10 @@ stage-1 freezing and bad input."""
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import decode_with_policy, tiny_model
 
-from kvcondense.cache import EvictingCache
-from kvcondense.forward import feed, parallel_forward
-from kvcondense.layout import IGNORE, NEVER, Kind, concat
+from kvcondense.forward import parallel_forward
+from kvcondense.layout import IGNORE, NEVER, Kind
 from kvcondense.masks import layout_visibility
 from kvcondense.methods import Gist, TokenizedText, tokenize
 from kvcondense.methods.base import sentence_ends
@@ -121,33 +120,12 @@ def test_generation_evicts_a_finished_sentence_at_once():
     ids = {"<GIST_0>": 96, "<GIST_1>": 97}
     prompt = method.layout(TokenizedText.from_ids(torch.arange(10)), ids)
     policy = method.decode_policy(prompt, ids)
-    cache = EvictingCache(model.config.num_hidden_layers)
-    with torch.no_grad():
-        feed(model, cache, prompt, 0)
-    cache.evict(len(prompt))
     stream = [5, 6, 7, 96, 8, 9, 96, 10, 11, 12, 96]  # three sentences closed by the model's g_1
-    pieces, rows, got, slots = [prompt], [], [], []
-    for token in stream:
-        step = policy.step(token)
-        for logical, expire in step.updates:
-            cache.set_expire(0, logical, expire)
-            offset = 0
-            for p in pieces:
-                p.expire[torch.isin(torch.arange(offset, offset + len(p)), logical)] = expire
-                offset += len(p)
-        first = cache.seen
-        with torch.no_grad():
-            out = feed(model, cache, step.layout, first)
-        cache.evict(first + len(step.layout))
-        rows.append(first + step.next_row)
-        got.append(out[0, step.next_row])
-        pieces.append(step.layout)
-        if token == 96:
-            slots.append(int(cache.stored_slots()[0]))
-    full = concat(pieces)
+    full, got, rows, _, slots_each = decode_with_policy(model, prompt, policy, stream)
+    slots = [n for n, tok in zip(slots_each, stream, strict=True) if tok == 96]
     with torch.no_grad():
         parallel = parallel_forward(model, [full]).logits[0]
-    assert (parallel[rows] - torch.stack(got)).abs().max() < 1e-4
+    assert (parallel[rows] - got).abs().max() < 1e-4
     assert slots == [2, 4, 6]  # the prompt's unfinished sentence closes with the first block; N slots a sentence
     assert int((full.kinds == Kind.GIST).sum()) == 2 * 3
     assert full.targets[-1] == IGNORE
@@ -263,8 +241,26 @@ def test_long_document_mode_reports_perplexity_against_prefix(capsys, tiny_dir, 
 
     from kvcondense.cli import main
 
-    rc = main(["eval", "--method", "gist", "--model", str(tiny_dir), "--data", str(sample_path), "--split", "train",
-               "--long-doc", "--block-tokens", "600", "--max-tokens", "600", "--json", str(tmp_path / "r.json")])
+    rc = main(
+        [
+            "eval",
+            "--method",
+            "gist",
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(sample_path),
+            "--split",
+            "train",
+            "--long-doc",
+            "--block-tokens",
+            "600",
+            "--max-tokens",
+            "600",
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     res = json.loads((tmp_path / "r.json").read_text())
     buckets = [b for b in res["perplexity_by_prefix"] if b["tokens"]]
     assert rc == 0 and [b["prefix_upto"] for b in buckets][:2] == [256, 512]
