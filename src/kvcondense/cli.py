@@ -111,6 +111,12 @@ def _cmd_eval(args) -> int:
         batch_size=1 if args.long_doc else args.batch_size,
         verify=args.verify,
         prefix_buckets=(256, 512, 1024, 2048, 4096, 8192, 16384) if args.long_doc else (),
+        task=args.task,
+        prefix_tokens=args.prefix_tokens,
+        new_tokens=args.new_tokens,
+        docs=args.docs,
+        bertscore=not args.no_bertscore,
+        bertscore_encoder=args.bertscore_encoder,
         seed=args.seed,
     )
     results = run_eval(cfg)
@@ -197,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="long-document mode: blocks of 4096 tokens (unless --block-tokens) and perplexity against prefix length",
     )
+    p.add_argument("--task", default="perplexity", choices=["perplexity", "continuation"])
+    p.add_argument("--prefix-tokens", type=int, default=512, help="continuation: tokens of the compressed prefix")
+    p.add_argument("--new-tokens", type=int, default=64, help="continuation: tokens generated and scored")
+    p.add_argument("--docs", type=int, default=8, help="continuation: documents")
+    p.add_argument("--no-bertscore", action="store_true", help="continuation: ROUGE-L only")
+    p.add_argument("--bertscore-encoder", default=None, help="continuation: local encoder dir (default MiniLM)")
     p.add_argument("--json", help="write the results as JSON to this file")
     p.set_defaults(func=_cmd_eval)
 

@@ -18,13 +18,17 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, method_from_meta
+from .continuation import continuation_quality, continuation_samples
 from .data import load_split
 from .forward import incremental_forward, parallel_forward
 from .layout import IGNORE, Kind
 from .methods import Method, TokenizedText, build_method
+from .metrics import BertScore
 from .models import DEFAULT_MODEL, add_special_tokens, load_model
 from .train import text_blocks
 from .verify import check_family, max_abs_diff
+
+TASKS = ("perplexity", "continuation")
 
 
 @dataclass
@@ -47,6 +51,10 @@ class EvalConfig:
         seed: seed for span placement and scattered keys (the same for every method).
         prefix_buckets: also report perplexity against prefix length, in buckets with these upper bounds (text
             tokens); use with long blocks (the long-document mode).
+        task: ``perplexity`` or ``continuation`` (generate after a compressed prefix; ROUGE-L and BERTScore).
+        prefix_tokens, new_tokens, docs: continuation: prefix length, generated length, number of documents.
+        bertscore: continuation: also compute BERTScore (``bertscore_encoder``: a local encoder directory, default
+            the embedded MiniLM).
     """
 
     checkpoint: str | None = None
@@ -62,12 +70,22 @@ class EvalConfig:
     verify: bool = False
     seed: int = 1234
     prefix_buckets: tuple[int, ...] = ()
+    task: str = "perplexity"
+    prefix_tokens: int = 512
+    new_tokens: int = 64
+    docs: int = 8
+    bertscore: bool = True
+    bertscore_encoder: str | None = None
 
     def __post_init__(self) -> None:
         if (self.checkpoint is None) == (self.method is None):
             raise ValueError("give exactly one of --checkpoint or --method")
         if self.max_tokens < 2 or self.block_tokens < 2:
             raise ValueError("--max-tokens and --block-tokens must be >= 2")
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose one of {TASKS}")
+        if min(self.prefix_tokens, self.new_tokens, self.docs) < 1:
+            raise ValueError("--prefix-tokens, --new-tokens and --docs must be >= 1")
 
 
 def load_for_eval(cfg: EvalConfig):
@@ -168,9 +186,31 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
     docs = load_split(cfg.data, cfg.split)  # bad data fails before the model is loaded
     model, tokenizer, base_method, token_ids, label = load_for_eval(cfg)
     check_family(model)
-    blocks = text_blocks(docs, tokenizer, cfg.block_tokens)
+    if cfg.task == "continuation":
+        samples = continuation_samples(docs, tokenizer, cfg.prefix_tokens, cfg.new_tokens, cfg.docs)
+        scorer = BertScore(cfg.bertscore_encoder) if cfg.bertscore else None
+    else:
+        chosen = scored_blocks(docs, tokenizer, cfg)
+    results = []
+    has_ratio = "ratio" in base_method.params()
+    for ratio in cfg.ratios if has_ratio else cfg.ratios[:1]:
+        params = {**base_method.params(), "ratio": ratio} if has_ratio else base_method.params()
+        method = build_method(base_method.name, **params)
+        res = {"method": method.name, "label": label, "params": method.params(), "task": cfg.task}
+        if cfg.task == "continuation":
+            res.update(continuation_quality(model, tokenizer, method, token_ids, samples, cfg.new_tokens, scorer))
+        else:
+            res.update(perplexity(model, method, chosen, token_ids, cfg.batch_size, cfg.seed, cfg.prefix_buckets))
+            res.update(measured_kv(model, method, chosen[0], token_ids, cfg.seed, cfg.verify))
+        res["config"] = asdict(cfg)
+        results.append(res)
+    return results
+
+
+def scored_blocks(docs, tokenizer, cfg: EvalConfig) -> list[TokenizedText]:
+    """The blocks to score: ``block_tokens`` text tokens each, ``max_tokens`` in all."""
     budget, chosen = cfg.max_tokens, []
-    for b in blocks:
+    for b in text_blocks(docs, tokenizer, cfg.block_tokens):
         if budget <= 0:
             break
         chosen.append(b[:budget])
@@ -178,25 +218,21 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
     chosen = [b for b in chosen if len(b) >= 2]
     if not chosen:
         raise ValueError(f"no text to evaluate in the {cfg.split} split of {cfg.data}")
-    results = []
-    has_ratio = "ratio" in base_method.params()
-    for ratio in cfg.ratios if has_ratio else cfg.ratios[:1]:
-        params = {**base_method.params(), "ratio": ratio} if has_ratio else base_method.params()
-        method = build_method(base_method.name, **params)
-        res = {
-            "method": method.name,
-            "label": label,
-            "params": method.params(),
-            **perplexity(model, method, chosen, token_ids, cfg.batch_size, cfg.seed, tuple(cfg.prefix_buckets)),
-            **measured_kv(model, method, chosen[0], token_ids, cfg.seed, cfg.verify),
-            "config": asdict(cfg),
-        }
-        results.append(res)
-    return results
+    return chosen
 
 
 def format_table(results: list[dict]) -> str:
     """A plain-text table of results (one row each)."""
+    if results and results[0].get("task") == "continuation":
+        head = f"{'method':<28} {'ratio':>5} {'KV kept':>8} {'ROUGE-L':>8} {'BERTScore':>9} {'docs':>5}"
+        rows = [head, "-" * len(head)]
+        for r in results:
+            bert = f"{r['bertscore_f1']:.4f}" if "bertscore_f1" in r else "-"
+            rows.append(
+                f"{r['label']:<28} {r['params'].get('ratio', '-')!s:>5} {r['kv_kept_generation']:>8.3f} "
+                f"{r['rouge_l']:>8.4f} {bert:>9} {r['documents']:>5}"
+            )
+        return "\n".join(rows)
     head = f"{'method':<28} {'ratio':>5} {'KV kept':>8} {'perplexity':>10} {'tokens':>7} {'KV bytes':>10}"
     rows = [head, "-" * len(head)]
     for r in results:

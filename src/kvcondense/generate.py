@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .cache import EvictingCache
 from .forward import feed, num_layers
-from .methods import Method, tokenize
+from .methods import Method, TokenizedText, tokenize
 
 
 @dataclass
@@ -44,14 +44,15 @@ def generate(
     tokenizer,
     method: Method,
     token_ids: dict[str, int],
-    prompt: str,
+    prompt: str | TokenizedText,
     max_new_tokens: int = 64,
     chunk_tokens: int = 64,
     seed: int = 0,
     progress: bool = True,
 ) -> Generation:
-    """Greedy generation from a compressed prompt. Raises ValueError if prompt plus output exceed the context."""
-    text = tokenize(prompt, tokenizer)
+    """Greedy generation from a compressed prompt (text, or already tokenized). Raises ValueError if the prompt is
+    empty or prompt plus output exceed the model's context."""
+    text = tokenize(prompt, tokenizer) if isinstance(prompt, str) else prompt
     if len(text) == 0:
         raise ValueError("the prompt is empty; give some text")
     limit = context_limit(model)
