@@ -57,6 +57,22 @@ class EvictingCache(Cache):
         return self.physical_length + query_length, 0
 
     @property
+    def rows(self) -> int:
+        """Number of rows (batch size)."""
+        return self.slot_idx.shape[0]
+
+    def repeat_rows(self, times: int) -> None:
+        """Turn a one-row cache into ``times`` identical rows (benchmarks: a batch with one stored history)."""
+        if self.rows != 1:
+            raise ValueError("repeat_rows needs a one-row cache")
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.keys = layer.keys.repeat(times, 1, 1, 1)
+                layer.values = layer.values.repeat(times, 1, 1, 1)
+        self.slot_idx, self.slot_expire = self.slot_idx.repeat(times, 1), self.slot_expire.repeat(times, 1)
+        self.slot_closer = self.slot_closer.repeat(times, 1)
+
+    @property
     def physical_length(self) -> int:
         """Number of stored slots per row (including invalid padding slots of ragged rows)."""
         return self.slot_idx.shape[1]

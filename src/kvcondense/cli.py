@@ -122,11 +122,7 @@ def _cmd_eval(args) -> int:
     results = run_eval(cfg)
     print(format_table(results))
     if args.json:
-        payload = results[0] if len(results) == 1 else {"results": results}
-        tmp = Path(args.json).with_suffix(".tmp")
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
-        tmp.replace(args.json)
-        print(f"results written to {args.json}")
+        _write_json(args.json, results[0] if len(results) == 1 else {"results": results})
     return 0
 
 
@@ -142,6 +138,36 @@ def _read_prompt(path: str) -> str:
     if not p.is_file():
         raise FileNotFoundError(f"prompt file {p} does not exist")
     return p.read_bytes().decode("utf-8", errors="replace")
+
+
+def _cmd_bench(args) -> int:
+    from .bench import BenchConfig, format_bench, run_bench
+
+    cfg = BenchConfig(
+        method=args.method,
+        ratio=args.ratio,
+        checkpoint=args.checkpoint,
+        model=args.model,
+        data=args.data,
+        contexts=args.context,
+        batches=args.batch,
+        decode_steps=args.steps,
+        chunk=args.chunk_tokens,
+        kv_budget_mb=args.kv_budget_mb,
+        max_batch=args.max_batch,
+    )
+    res = run_bench(cfg)
+    print(format_bench(res))
+    if args.json:
+        _write_json(args.json, res)
+    return 0
+
+
+def _write_json(path: str, payload) -> None:
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+    print(f"results written to {path}")
 
 
 def _cmd_demo(args) -> int:
@@ -225,6 +251,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-tokens", type=int, default=64, help="prefill chunk size")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("bench", help="throughput and memory, compressed against full attention, as ratios")
+    p.add_argument("--method", type=_method, default="sentinel")
+    p.add_argument("--ratio", type=_ratio, default=0.5)
+    p.add_argument("--checkpoint", default=None, help="use a trained checkpoint's model and method")
+    _add_common(p)
+    p.add_argument("--context", type=int, nargs="+", default=[1024], help="context lengths in tokens")
+    p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes for decoding")
+    p.add_argument("--steps", type=int, default=8, help="timed decode steps (median reported)")
+    p.add_argument("--chunk-tokens", type=int, default=512, help="prefill chunk size")
+    p.add_argument("--kv-budget-mb", type=float, default=None, help="fixed KV memory: largest batch that fits")
+    p.add_argument("--max-batch", type=int, default=64, help="cap for the batch search under --kv-budget-mb")
+    p.add_argument("--json", help="write the results as JSON to this file")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("demo", help="the main job on the embedded defaults")
     p.add_argument("--quick", action="store_true", help="a tiny budget (used by the test suite)")

@@ -59,27 +59,47 @@ class IncrementalStats:
 
 
 def chunk_mask(model, cache: EvictingCache, chunk: Layout, first: int) -> torch.Tensor:
-    """The 4-D mask of a chunk (logical indices ``first..``) against the cache's stored slots and itself."""
-    q_idx = torch.arange(first, first + len(chunk)).unsqueeze(0)
-    vis = cache.visibility(q_idx, chunk.start.unsqueeze(0), chunk.expire.unsqueeze(0), chunk.closer_only.unsqueeze(0))
+    """The 4-D mask of a chunk (logical indices ``first..``) against every row's stored slots and itself.
+
+    All rows share the chunk's layout. Returns (B, 1, n, S + n) for the cache's B rows.
+    """
+    rows = cache.rows
+    q_idx = torch.arange(first, first + len(chunk)).expand(rows, -1)
+    vis = cache.visibility(
+        q_idx, chunk.start.expand(rows, -1), chunk.expire.expand(rows, -1), chunk.closer_only.expand(rows, -1)
+    )
     return to_attention_mask(vis, attn_implementation(model), model.dtype)
 
 
-def feed(model, cache: EvictingCache, chunk: Layout, first: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+def feed(
+    model,
+    cache: EvictingCache,
+    chunk: Layout,
+    first: int,
+    mask: torch.Tensor | None = None,
+    input_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Run one chunk (logical indices ``first..first+len(chunk)-1``) through the cache. The caller evicts.
 
-    Returns the chunk's logits (1, n, V).
+    ``input_ids`` (B, n) feeds B rows that share the chunk's layout (default: the layout's own ids, one row).
+    Returns the chunk's logits (B, n, V).
     """
     device = model.device
+    ids = chunk.input_ids.unsqueeze(0) if input_ids is None else input_ids
     mask = chunk_mask(model, cache, chunk, first) if mask is None else mask
     out = model(
-        input_ids=chunk.input_ids.unsqueeze(0).to(device),
-        position_ids=chunk.position_ids.unsqueeze(0).to(device),
+        input_ids=ids.to(device),
+        position_ids=chunk.position_ids.expand(ids.shape[0], -1).to(device),
         attention_mask=mask.to(device),
         past_key_values=cache,
         use_cache=True,
     )
-    cache.append(torch.arange(first, first + len(chunk)).unsqueeze(0), chunk.expire[None], chunk.closer_only[None])
+    n, rows = len(chunk), ids.shape[0]
+    cache.append(
+        torch.arange(first, first + n).expand(rows, -1),
+        chunk.expire.expand(rows, -1),
+        chunk.closer_only.expand(rows, -1),
+    )
     return out.logits
 
 

@@ -1,0 +1,250 @@
+"""Throughput and memory, compressed against full attention, measured in one run as ratios.
+
+For each context length: one real chunked prefill per variant (compressed with eviction, and full), which gives
+the prefill time and the KV bytes each actually stores; then the stored history is repeated over a batch and
+decode steps are timed (the method's decode policy keeps compressing what is generated). With
+``--kv-budget-mb``, the largest batch whose stored KV fits the budget is found for each variant and its
+throughput measured: the paper's "system throughput at fixed memory".
+
+    kvcondense bench --method sentinel --ratio 0.5 --context 4096 --batch 8 --json bench.json
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .cache import EvictingCache
+from .data import load_corpus
+from .forward import feed, incremental_forward, num_layers
+from .layout import Layout
+from .methods import FullAttention, Method, TokenizedText, build_method, tokenize
+
+
+@dataclass
+class BenchConfig:
+    """What to measure.
+
+    Attributes:
+        method, ratio, checkpoint: the compressed variant (a checkpoint gives the trained model; timing and memory
+            do not depend on the weights, so an untrained method measures the same).
+        model, data: base model and the corpus the contexts are cut from (test split).
+        contexts: context lengths in text tokens.
+        batches: batch sizes for the decode measurement.
+        decode_steps: timed decode steps per measurement (the median is reported).
+        chunk: prefill chunk size.
+        kv_budget_mb: find the largest batch fitting this much stored KV, per variant, and measure it.
+        max_batch: cap on the batch searched for under the budget.
+    """
+
+    method: str = "sentinel"
+    ratio: float = 0.5
+    checkpoint: str | None = None
+    model: str | None = None
+    data: str = "wiki"
+    contexts: list[int] = field(default_factory=lambda: [1024])
+    batches: list[int] = field(default_factory=lambda: [1])
+    decode_steps: int = 8
+    chunk: int = 512
+    kv_budget_mb: float | None = None
+    max_batch: int = 64
+
+    def __post_init__(self) -> None:
+        if min(self.contexts) < 8 or min(self.batches) < 1 or self.decode_steps < 1:
+            raise ValueError("contexts must be >= 8 tokens, batches and --steps >= 1")
+        if self.kv_budget_mb is not None and self.kv_budget_mb <= 0:
+            raise ValueError(f"--kv-budget-mb must be > 0, got {self.kv_budget_mb}")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def context_text(tokenizer, data: str, n: int) -> TokenizedText:
+    """The first ``n`` tokens of the corpus's documents, joined (timing and memory do not depend on the split)."""
+    docs, text = load_corpus(data), None
+    for k in range(1, len(docs) + 1):  # join just enough documents
+        text = tokenize("\n".join(d.text for d in docs[:k]), tokenizer)
+        if len(text) >= n:
+            return text[:n]
+    raise ValueError(f"{data} has only {len(text)} tokens, fewer than --context {n}")
+
+
+@torch.no_grad()
+def decode_step_ms(model, cache: EvictingCache, method: Method, layout: Layout, token_ids, steps: int) -> float:
+    """Median wall time of one decode step over the cache's rows (the cache is left as it was grown)."""
+    policy = method.decode_policy(layout, token_ids)
+    rows, times = cache.rows, []
+    for i in range(steps):
+        step = policy.step(100 + i)
+        for logical, expire in step.updates:
+            for r in range(rows):
+                cache.set_expire(r, logical, expire)
+        first = cache.seen
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        feed(model, cache, step.layout, first, input_ids=step.layout.input_ids.expand(rows, -1))
+        cache.evict(first + len(step.layout))
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+def prefill(model, method: Method, text: TokenizedText, token_ids, chunk: int) -> tuple[EvictingCache, Layout, dict]:
+    layout = method.layout(text, token_ids, seed=0)
+    cache = EvictingCache(num_layers(model))
+    if model.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    _, stats = incremental_forward(model, layout, chunk, cache=cache)
+    out = {
+        "prefill_s": time.perf_counter() - t,
+        "kv_bytes": stats.kv_bytes,
+        "stored_slots": stats.stored_slots,
+        "peak_kv_bytes": stats.peak_kv_bytes,
+    }
+    if model.device.type == "cuda":
+        out["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated()
+    return cache, layout, out
+
+
+def snapshot(cache: EvictingCache) -> EvictingCache:
+    """A copy of a one-row cache (decode steps grow a cache; each measurement starts from the same history)."""
+    copy = EvictingCache(len(cache.layers))
+    for dst, src in zip(copy.layers, cache.layers, strict=True):
+        dst.lazy_initialization(src.keys, src.values)
+        dst.keys, dst.values = src.keys.clone(), src.values.clone()
+    copy.seen = cache.seen
+    copy.slot_idx, copy.slot_expire, copy.slot_closer = (
+        cache.slot_idx.clone(),
+        cache.slot_expire.clone(),
+        cache.slot_closer.clone(),
+    )
+    return copy
+
+
+def measure_decode(model, variants: dict, token_ids, batch: int, steps: int) -> dict:
+    out = {}
+    for name, (cache, layout, method) in variants.items():
+        c = snapshot(cache)
+        c.repeat_rows(batch)
+        ms = decode_step_ms(model, c, method, layout, token_ids, steps)
+        out[name] = {"decode_ms_per_step": ms, "decode_tokens_per_s": 1e3 * batch / ms}
+    return out
+
+
+def budget_batches(budget_mb: float, per_row: dict[str, int], cap: int) -> dict[str, int]:
+    """Largest batch whose stored KV fits the budget, per variant. Refuses a budget that fits no row at all."""
+    budget = budget_mb * 2**20
+    fits = {name: min(cap, int(budget // max(b, 1))) for name, b in per_row.items()}
+    if max(fits.values()) == 0:
+        need = min(per_row.values()) / 2**20
+        raise ValueError(
+            f"--kv-budget-mb {budget_mb} is too small for even one sequence (the smallest needs "
+            f"{need:.1f} MB of KV); raise the budget or shorten --context"
+        )
+    return fits
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    """Measure every context and batch of ``cfg``. Returns a JSON-ready dict (see the module docstring)."""
+    from .checkpoint import load_checkpoint
+    from .models import DEFAULT_MODEL, add_special_tokens, load_model
+
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if cfg.checkpoint:
+        model, tokenizer, method, token_ids, _ = load_checkpoint(cfg.checkpoint, cfg.model, dtype=dtype)
+        method = build_method(method.name, **{**method.params(), "ratio": cfg.ratio})
+    else:
+        model, tokenizer = load_model(cfg.model or DEFAULT_MODEL, dtype=dtype)
+        method = build_method(cfg.method, ratio=cfg.ratio)
+        token_ids = add_special_tokens(model, tokenizer, method.special_tokens)
+    if cuda:
+        model = model.to("cuda")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and max(cfg.contexts) + cfg.decode_steps * 2 > limit:
+        raise ValueError(f"--context {max(cfg.contexts)} is longer than the model's context of {limit} tokens")
+    results = []
+    for context in tqdm(cfg.contexts, desc="bench contexts"):
+        text = context_text(tokenizer, cfg.data, context)
+        comp_cache, comp_layout, comp = prefill(model, method, text, token_ids, cfg.chunk)
+        comp["peak_rss_mb_after"] = peak_rss_mb()  # compressed first: its peak is not masked by the full run
+        full_method = FullAttention()
+        full_cache, full_layout, full = prefill(model, full_method, text, token_ids, cfg.chunk)
+        full["peak_rss_mb_after"] = peak_rss_mb()
+        variants = {"compressed": (comp_cache, comp_layout, method), "full": (full_cache, full_layout, full_method)}
+        row = {
+            "context": context,
+            "compressed": comp,
+            "full": full,
+            "kv_ratio": comp["kv_bytes"] / full["kv_bytes"],
+            "prefill_speedup": full["prefill_s"] / comp["prefill_s"],
+            "batches": [],
+        }
+        for batch in cfg.batches:
+            d = measure_decode(model, variants, token_ids, batch, cfg.decode_steps)
+            speedup = d["full"]["decode_ms_per_step"] / d["compressed"]["decode_ms_per_step"]
+            row["batches"].append({"batch": batch, **d, "decode_speedup": speedup})
+        if cfg.kv_budget_mb is not None:
+            fits = budget_batches(
+                cfg.kv_budget_mb, {"compressed": comp["kv_bytes"], "full": full["kv_bytes"]}, cfg.max_batch
+            )
+            measured = {}
+            for name, b in fits.items():
+                if b > 0:
+                    measured[name] = {
+                        "batch": b,
+                        **measure_decode(model, {name: variants[name]}, token_ids, b, cfg.decode_steps)[name],
+                    }
+                else:
+                    measured[name] = {"batch": 0, "decode_tokens_per_s": 0.0}
+            row["fixed_budget"] = {
+                "kv_budget_mb": cfg.kv_budget_mb,
+                **measured,
+                "sequences_ratio": fits["compressed"] / max(fits["full"], 1) if fits["full"] else None,
+                "throughput_ratio": (
+                    measured["compressed"]["decode_tokens_per_s"] / measured["full"]["decode_tokens_per_s"]
+                )
+                if fits["full"]
+                else None,
+            }
+        results.append(row)
+    first = results[0]
+    summary = {
+        "decode_speedup": first["batches"][-1]["decode_speedup"],
+        "kv_ratio": first["kv_ratio"],
+        "device": "cuda" if cuda else "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    return {**summary, "method": method.name, "params": method.params(), "contexts": results, "config": asdict(cfg)}
+
+
+def format_bench(res: dict) -> str:
+    lines = [f"{res['method']} {res['params']} on {res['device']} ({res['dtype']})"]
+    for row in res["contexts"]:
+        lines.append(
+            f"context {row['context']}: KV stored {row['compressed']['kv_bytes'] / 2**20:.1f} MiB vs "
+            f"{row['full']['kv_bytes'] / 2**20:.1f} MiB (kv_ratio {row['kv_ratio']:.3f}); prefill "
+            f"{row['compressed']['prefill_s']:.1f} s vs {row['full']['prefill_s']:.1f} s"
+        )
+        for b in row["batches"]:
+            lines.append(
+                f"  batch {b['batch']}: decode {b['compressed']['decode_ms_per_step']:.1f} ms vs "
+                f"{b['full']['decode_ms_per_step']:.1f} ms per step -> decode_speedup {b['decode_speedup']:.2f}"
+            )
+        if "fixed_budget" in row:
+            fb = row["fixed_budget"]
+            lines.append(
+                f"  KV budget {fb['kv_budget_mb']} MB: compressed fits batch {fb['compressed']['batch']} "
+                f"({fb['compressed']['decode_tokens_per_s']:.1f} tok/s), full fits {fb['full']['batch']} "
+                f"({fb['full']['decode_tokens_per_s']:.1f} tok/s)"
+            )
+    return "\n".join(lines)
