@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from .checkpoint import CheckpointError
@@ -119,8 +120,13 @@ def _cmd_eval(args) -> int:
         bertscore_encoder=args.bertscore_encoder,
         seed=args.seed,
     )
+    target = _results_path(args, f"eval-{cfg.task}", asdict(cfg)) if args.out_dir else None
+    if args.out_dir and target is None:
+        return 0
     results = run_eval(cfg)
     print(format_table(results))
+    if target is not None:
+        _write_json(target, {"results": results})
     if args.json:
         _write_json(args.json, results[0] if len(results) == 1 else {"results": results})
     return 0
@@ -156,8 +162,13 @@ def _cmd_bench(args) -> int:
         kv_budget_mb=args.kv_budget_mb,
         max_batch=args.max_batch,
     )
+    target = _results_path(args, "bench", asdict(cfg)) if args.out_dir else None
+    if args.out_dir and target is None:
+        return 0
     res = run_bench(cfg)
     print(format_bench(res))
+    if target is not None:
+        _write_json(target, res)
     if args.json:
         _write_json(args.json, res)
     return 0
@@ -168,6 +179,27 @@ def _write_json(path: str, payload) -> None:
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(path)
     print(f"results written to {path}")
+
+
+def _cmd_report(args) -> int:
+    from .report import write_report
+
+    table, pngs = write_report(args.dirs, args.out or Path(args.dirs[0]) / "report")
+    print(table.read_text())
+    print(f"report written to {table}" + (f"; plots: {', '.join(map(str, pngs))}" if pngs else ""))
+    return 0
+
+
+def _results_path(args, kind: str, config: dict) -> Path | None:
+    """With --out-dir, the deterministic result file of this config; None when it exists and --force is off."""
+    from .report import run_name
+
+    folder = Path(args.out_dir) / run_name(kind, config)
+    if (folder / "result.json").exists() and not args.force:
+        print(f"{folder}/result.json exists; skipping (use --force to redo)")
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / "result.json"
 
 
 def _cmd_demo(args) -> int:
@@ -236,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bertscore", action="store_true", help="continuation: ROUGE-L only")
     p.add_argument("--bertscore-encoder", default=None, help="continuation: local encoder dir (default MiniLM)")
     p.add_argument("--json", help="write the results as JSON to this file")
+    p.add_argument("--out-dir", default=None, help="write result.json under a directory named from the config")
+    p.add_argument("--force", action="store_true", help="with --out-dir: redo a result that exists")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("generate", help="generate from a compressed prompt and print cache statistics")
@@ -264,7 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-budget-mb", type=float, default=None, help="fixed KV memory: largest batch that fits")
     p.add_argument("--max-batch", type=int, default=64, help="cap for the batch search under --kv-budget-mb")
     p.add_argument("--json", help="write the results as JSON to this file")
+    p.add_argument("--out-dir", default=None, help="write result.json under a directory named from the config")
+    p.add_argument("--force", action="store_true", help="with --out-dir: redo a result that exists")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("report", help="markdown table and PNG plots from result directories")
+    p.add_argument("dirs", nargs="+", help="directories holding result JSON files")
+    p.add_argument("--out", default=None, help="output directory (default: DIR/report of the first)")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("demo", help="the main job on the embedded defaults")
     p.add_argument("--quick", action="store_true", help="a tiny budget (used by the test suite)")

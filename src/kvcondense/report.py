@@ -1,0 +1,158 @@
+"""Turn result directories into a markdown table and PNG plots.
+
+    kvcondense report runs/demo [more run dirs] [--out runs/report]
+
+Reads every ``*.json`` below the given directories that ``kvcondense eval`` or ``kvcondense bench`` wrote and
+draws: perplexity against KV kept, per method; ROUGE-L and BERTScore per method; decode time against context
+length; stored KV against conversation turns (when a result carries ``memory_by_turn``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def run_name(kind: str, config: dict) -> str:
+    """A deterministic directory name for a result: its kind, method and a hash of its whole config."""
+    blob = json.dumps(config, sort_keys=True, default=str)
+    method = config.get("method") or Path(str(config.get("checkpoint") or "run")).name
+    return f"{kind}-{method}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def load_results(dirs: list[str | Path]) -> list[dict]:
+    """Every result record below ``dirs`` (eval lists are flattened)."""
+    records = []
+    for d in dirs:
+        d = Path(d)
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d} is not a directory of results")
+        for f in sorted(d.rglob("*.json")):
+            try:
+                data = json.loads(f.read_text())
+            except json.JSONDecodeError:
+                continue
+            items = data["results"] if isinstance(data, dict) and "results" in data else data
+            for item in items if isinstance(items, list) else [items]:
+                if isinstance(item, dict) and (
+                    "perplexity" in item or "rouge_l" in item or "contexts" in item or "memory_by_turn" in item
+                ):
+                    records.append({**item, "_source": str(f)})
+    if not records:
+        raise ValueError(
+            f"no kvcondense results found in {', '.join(map(str, dirs))}; run eval or bench with --out-dir first"
+        )
+    return records
+
+
+def label(r: dict) -> str:
+    return r.get("label") or r.get("method", "?")
+
+
+def markdown(records: list[dict]) -> str:
+    lines = []
+    ppl = [r for r in records if "perplexity" in r]
+    if ppl:
+        lines += ["| method | ratio | KV kept (measured) | perplexity | tokens |", "|---|---|---|---|---|"]
+        for r in sorted(ppl, key=lambda r: (label(r), r["compression_ratio"])):
+            lines.append(
+                f"| {label(r)} | {r['params'].get('ratio', '-')} | {r['compression_ratio']:.3f} | "
+                f"{r['perplexity']:.2f} | {r['tokens_scored']} |"
+            )
+        lines.append("")
+    cont = [r for r in records if "rouge_l" in r]
+    if cont:
+        lines += ["| method | ratio | KV kept | ROUGE-L | BERTScore F1 | documents |", "|---|---|---|---|---|---|"]
+        for r in cont:
+            bert = f"{r['bertscore_f1']:.4f}" if "bertscore_f1" in r else "-"
+            lines.append(
+                f"| {label(r)} | {r['params'].get('ratio', '-')} | {r['kv_kept_generation']:.3f} | "
+                f"{r['rouge_l']:.4f} | {bert} | {r['documents']} |"
+            )
+        lines.append("")
+    for r in (r for r in records if "contexts" in r):
+        lines += [
+            f"Bench: {r['method']} {r['params']} on {r['device']} ({r['dtype']})",
+            "",
+            "| context | batch | decode ms/step (compressed) | (full) | decode_speedup | kv_ratio |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in r["contexts"]:
+            for b in c["batches"]:
+                lines.append(
+                    f"| {c['context']} | {b['batch']} | {b['compressed']['decode_ms_per_step']:.1f} | "
+                    f"{b['full']['decode_ms_per_step']:.1f} | {b['decode_speedup']:.2f} | "
+                    f"{c['kv_ratio']:.3f} |"
+                )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plots(records: list[dict], out: Path) -> list[Path]:
+    made = []
+    ppl = [r for r in records if "perplexity" in r]
+    if ppl:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name in sorted({label(r) for r in ppl}):
+            pts = sorted((r["compression_ratio"], r["perplexity"]) for r in ppl if label(r) == name)
+            ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+        ax.set(xlabel="KV kept (measured fraction)", ylabel="perplexity (text tokens)", title="Perplexity vs KV kept")
+        ax.legend(fontsize=7)
+        made.append(_save(fig, out / "perplexity_vs_kv.png"))
+    cont = [r for r in records if "rouge_l" in r]
+    if cont:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        names = [label(r) for r in cont]
+        x = range(len(cont))
+        ax.bar([i - 0.2 for i in x], [r["rouge_l"] for r in cont], width=0.4, label="ROUGE-L")
+        ax.bar([i + 0.2 for i in x], [r.get("bertscore_f1", 0) for r in cont], width=0.4, label="BERTScore F1")
+        ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=7)
+        ax.set(title="Continuation quality")
+        ax.legend(fontsize=7)
+        made.append(_save(fig, out / "continuation_quality.png"))
+    bench = [r for r in records if "contexts" in r]
+    if bench:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in bench:
+            for variant in ("compressed", "full"):
+                pts = [(c["context"], c["batches"][-1][variant]["decode_ms_per_step"]) for c in r["contexts"]]
+                batch = r["contexts"][0]["batches"][-1]["batch"]
+                ax.plot(*zip(*pts, strict=True), marker="o", label=f"{r['method']} {variant} (batch {batch})")
+        ax.set(xlabel="context (tokens)", ylabel="decode ms per step", title="Decode speed vs context")
+        ax.legend(fontsize=7)
+        made.append(_save(fig, out / "decode_speed.png"))
+    memory = [r for r in records if "memory_by_turn" in r]
+    if memory:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in memory:
+            turns = r["memory_by_turn"]
+            ax.plot(range(1, len(turns) + 1), [m / 2**20 for m in turns], marker=".", label=label(r))
+        ax.set(xlabel="conversation turn", ylabel="stored KV (MiB)", title="KV memory vs turns")
+        ax.legend(fontsize=7)
+        made.append(_save(fig, out / "kv_vs_turns.png"))
+    return made
+
+
+def write_report(dirs: list[str | Path], out: str | Path) -> tuple[Path, list[Path]]:
+    """Write ``report.md`` and the plots into ``out``. Returns their paths."""
+    records = load_results(dirs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = out / "report.md"
+    tmp = table.with_suffix(".tmp")
+    tmp.write_text(markdown(records) + "\n")
+    tmp.replace(table)
+    return table, plots(records, out)

@@ -1,0 +1,72 @@
+"""kvcondense report on result directories written by eval and bench: a table and PNG plots; deterministic
+result directories that a rerun skips unless --force."""
+
+from kvcondense.cli import main
+
+
+def test_report_from_real_result_dirs(capsys, tiny_dir, sample_path, tmp_path):
+    runs = tmp_path / "runs"
+    common = ["--model", str(tiny_dir), "--data", str(sample_path), "--out-dir", str(runs)]
+    for method in ("full", "sentinel", "local"):
+        assert (
+            main(
+                [
+                    "eval",
+                    "--method",
+                    method,
+                    "--ratio",
+                    "0.3",
+                    "0.6",
+                    "--split",
+                    "train",
+                    "--max-tokens",
+                    "256",
+                    "--block-tokens",
+                    "128",
+                    *common,
+                ]
+            )
+            == 0
+        )
+    assert (
+        main(["bench", "--context", "100", "150", "--batch", "2", "--steps", "2", "--chunk-tokens", "64", *common]) == 0
+    )
+    capsys.readouterr()
+    assert main(["report", str(runs), "--out", str(tmp_path / "rep")]) == 0
+    table = (tmp_path / "rep" / "report.md").read_text()
+    assert "| sentinel (untrained tokens) | 0.3 |" in table and "| local | 0.6 |" in table and "decode_speedup" in table
+    for png in ("perplexity_vs_kv.png", "decode_speed.png"):
+        assert (tmp_path / "rep" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerun_skips_existing_result_unless_forced(capsys, tiny_dir, sample_path, tmp_path):
+    argv = [
+        "eval",
+        "--method",
+        "full",
+        "--model",
+        str(tiny_dir),
+        "--data",
+        str(sample_path),
+        "--split",
+        "train",
+        "--max-tokens",
+        "64",
+        "--block-tokens",
+        "64",
+        "--out-dir",
+        str(tmp_path),
+    ]
+    assert main(argv) == 0
+    (result,) = tmp_path.rglob("result.json")
+    assert result.parent.name.startswith("eval-perplexity-full-")
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "skipping" in capsys.readouterr().out
+    assert main([*argv, "--force"]) == 0
+    assert "skipping" not in capsys.readouterr().out
+
+
+def test_report_on_a_directory_without_results(capsys, tmp_path):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no kvcondense results found" in capsys.readouterr().err
