@@ -127,3 +127,27 @@ def decode_with_policy(model, prompt, policy, tokens: list[int]):
         pieces.append(step.layout)
         slots.append(int(cache.stored_slots()[0]))
     return concat(pieces), torch.stack(got), rows, cache, slots
+
+
+def save_tiny_encoder(path: Path) -> Path:
+    """A tiny random BERT with a word-level vocabulary (a BERTScore encoder without a download)."""
+    import re
+
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    text = (DATA / "sample.txt").read_text().lower() + " quarterly revenue grew while the central bank held rates"
+    words = sorted(set(re.findall(r"[a-z]+", text)))
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", *words]))
+    BertTokenizerFast(vocab_file=str(path / "vocab.txt"), model_max_length=128).save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(words) + 7, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    BertModel(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> Path:
+    return save_tiny_encoder(tmp_path_factory.mktemp("bert") / "encoder")

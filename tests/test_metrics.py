@@ -1,10 +1,6 @@
 """ROUGE-L and BERTScore on hand-made pairs: identical text scores about 1, unrelated text scores low."""
 
-import re
-
 import pytest
-import torch
-from conftest import DATA
 
 from kvcondense.metrics import BertScore, rouge_l
 
@@ -17,23 +13,6 @@ def test_rouge_l_identical_and_unrelated():
     assert same == pytest.approx(1.0)
     assert other < 0.2
     assert other < partial < same
-
-
-@pytest.fixture(scope="module")
-def tiny_encoder(tmp_path_factory):
-    """A tiny random BERT with a word-level vocabulary: no download."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    words = sorted(set(re.findall(r"[a-z]+", (DATA / "sample.txt").read_text().lower() + " " + OTHER.lower())))
-    path = tmp_path_factory.mktemp("bert")
-    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", *words]))
-    BertTokenizerFast(vocab_file=str(path / "vocab.txt"), model_max_length=128).save_pretrained(path)
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=len(words) + 7, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
-    )
-    BertModel(cfg).save_pretrained(path)
-    return path
 
 
 def test_bertscore_wiring_with_a_local_encoder(tiny_encoder):

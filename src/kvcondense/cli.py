@@ -205,7 +205,16 @@ def _results_path(args, kind: str, config: dict) -> Path | None:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(quick=args.quick, max_tokens=args.max_tokens)
+    return run_demo(
+        quick=args.quick,
+        max_tokens=args.max_tokens,
+        model=args.model,
+        data=args.data,
+        checkpoints=args.checkpoints,
+        out=args.out,
+        bertscore_encoder=args.bertscore_encoder,
+        force=args.force,
+    )
 
 
 class Parser(argparse.ArgumentParser):
@@ -309,7 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job on the embedded defaults")
     p.add_argument("--quick", action="store_true", help="a tiny budget (used by the test suite)")
-    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=None, help="perplexity tokens per row (default 4096)")
+    _add_common(p)
+    p.add_argument("--checkpoints", default=None, help="folder of checkpoints (default: the committed ones)")
+    p.add_argument("--out", default="runs/demo", help="where results, report and plots go")
+    p.add_argument("--bertscore-encoder", default=None, help="local encoder dir (default MiniLM)")
+    p.add_argument("--force", action="store_true", help="recompute results that exist")
     p.set_defaults(func=_cmd_demo)
     return parser
 

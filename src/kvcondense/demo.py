@@ -1,98 +1,189 @@
 """``kvcondense demo``: the main job on the embedded defaults.
 
 Evaluates the committed checkpoints (``checkpoints/``) against the baselines on held-out Wikipedia text at
-r = 0.5, prints one table, shows a compressed-context generation next to the full-context one, and writes
-everything under ``runs/demo/``.
+r = 0.5: perplexity over text tokens, continuation quality (ROUGE-L, BERTScore), decode speedup and the KV kept,
+in one table. Shows one compressed-context generation next to the full-context one, and writes every result,
+a markdown report and plots under ``runs/demo/``. Results already there are reused (``--force`` redoes them).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from .bench import BenchConfig, run_bench
 from .checkpoint import load_checkpoint
 from .data import load_split
 from .evaluate import EvalConfig, run_eval
 from .generate import generate
-from .methods import build_method
+from .methods import build_method, tokenize
 from .models import DEFAULT_MODEL, add_special_tokens, load_model
+from .report import run_name, write_report
 
 CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
-OUT = Path("runs/demo")
 
 
-def demo_rows(ratio: float) -> list[tuple[str, dict]]:
-    """(label, EvalConfig kwargs) for every row of the table; trained rows only where a checkpoint exists."""
+@dataclass
+class DemoBudget:
+    """How much text each measurement uses (``--quick`` shrinks everything for the test suite)."""
+
+    ppl_tokens: int = 4096
+    docs: int = 4
+    prefix_tokens: int = 384
+    new_tokens: int = 32
+    context: int = 1024
+    batch: int = 4
+    steps: int = 4
+    show_prompt: int = 400
+    show_new: int = 40
+
+
+QUICK = DemoBudget(
+    ppl_tokens=256, docs=2, prefix_tokens=64, new_tokens=8, context=128, batch=2, steps=2, show_prompt=64, show_new=8
+)
+
+
+def demo_rows(checkpoints: Path, ratio: float) -> list[tuple[str, dict]]:
+    """(label, how to load it) for every row; trained rows only where a checkpoint exists."""
     rows = [("full attention", {"method": "full"})]
     for name in ("sentinel", "local", "scattered"):
-        ck = CHECKPOINTS / f"{name}-r{ratio}"
+        ck = checkpoints / f"{name}-r{ratio}"
         if (ck / "kvcondense.json").exists():
             rows.append((f"{name} (trained)", {"checkpoint": str(ck)}))
         else:
             print(f"note: no checkpoint at {ck}; skipping trained {name}")
     rows.append(("StreamingLLM (4 sinks)", {"method": "streaming"}))
-    if (CHECKPOINTS / "gist4" / "kvcondense.json").exists():
-        rows.append(("gist N=4 (trained; KV set by sentences)", {"checkpoint": str(CHECKPOINTS / "gist4")}))
     rows.append(("sentinel (untrained tokens)", {"method": "sentinel"}))
+    if (checkpoints / "gist4" / "kvcondense.json").exists():
+        rows.append(("gist N=4 (trained; KV set by sentences)", {"checkpoint": str(checkpoints / "gist4")}))
     return rows
 
 
-def markdown_table(results: list[tuple[str, dict]]) -> str:
-    lines = [
-        "| method | KV kept (measured) | perplexity | tokens scored | KV bytes (first block) |",
-        "|---|---|---|---|---|",
-    ]
-    for label, r in results:
+def cached(out: Path, kind: str, config: dict, force: bool, compute):
+    """Compute a result once per config under ``out`` (a rerun reuses it unless ``force``)."""
+    path = out / run_name(kind, config) / "result.json"
+    if path.exists() and not force:
+        return json.loads(path.read_text())
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)
+    return result
+
+
+def measure_row(label: str, source: dict, model, data, ratio, budget, encoder, out, force) -> dict:
+    base = dict(model=model, data=data, ratios=(ratio,), **source)
+    ppl_cfg = EvalConfig(max_tokens=budget.ppl_tokens, verify=True, **base)
+    ppl = cached(out, "eval-perplexity", asdict(ppl_cfg), force, lambda: run_eval(ppl_cfg))[0]
+    cont_cfg = EvalConfig(
+        task="continuation",
+        docs=budget.docs,
+        prefix_tokens=budget.prefix_tokens,
+        new_tokens=budget.new_tokens,
+        bertscore_encoder=encoder,
+        **base,
+    )
+    cont = cached(out, "eval-continuation", asdict(cont_cfg), force, lambda: run_eval(cont_cfg))[0]
+    for r in (ppl, cont):
+        r["label"] = label
+    row = {
+        "label": label,
+        "kv_kept": ppl["compression_ratio"],
+        "perplexity": ppl["perplexity"],
+        "rouge_l": cont["rouge_l"],
+        "bertscore_f1": cont.get("bertscore_f1"),
+        "decode_speedup": 1.0,
+        "verify": ppl.get("verify", {}).get("max_abs_diff"),
+    }
+    if source.get("method") != "full":
+        bench_cfg = BenchConfig(
+            method=source.get("method", "sentinel"),
+            ratio=ratio,
+            checkpoint=source.get("checkpoint"),
+            model=model,
+            data=data,
+            contexts=[budget.context],
+            batches=[budget.batch],
+            decode_steps=budget.steps,
+        )
+        bench = cached(out, "bench", asdict(bench_cfg), force, lambda: run_bench(bench_cfg))
+        row["decode_speedup"] = bench["decode_speedup"]
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| method | KV kept | perplexity | ROUGE-L | BERTScore | decode speedup |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        bert = f"{r['bertscore_f1']:.4f}" if r["bertscore_f1"] is not None else "-"
         lines.append(
-            f"| {label} | {r['compression_ratio']:.3f} | {r['perplexity']:.2f} | {r['tokens_scored']} | "
-            f"{r['kv_bytes']:,} |"
+            f"| {r['label']} | {r['kv_kept']:.3f} | {r['perplexity']:.2f} | {r['rouge_l']:.4f} | {bert} | "
+            f"{r['decode_speedup']:.2f}x |"
         )
     return "\n".join(lines)
 
 
-def show_generation(ratio: float, prompt_tokens: int, new_tokens: int) -> str:
-    """One continuation of a held-out document prefix with the full cache and with the trained sentinel cache."""
-    model, tokenizer = load_model(DEFAULT_MODEL)
-    doc = load_split("wiki", "test")[0].text
-    ids = tokenizer(doc, add_special_tokens=False).input_ids[:prompt_tokens]
-    prompt = tokenizer.decode(ids)
-    parts = [f"prompt ({len(ids)} tokens): ...{prompt[-300:]!r}\n"]
-    full = generate(model, tokenizer, build_method("full"), {}, prompt, new_tokens, progress=False)
-    parts.append(f"[full attention]   KV {full.kv_bytes:,} bytes\n  {full.text!r}\n")
-    ck = CHECKPOINTS / f"sentinel-r{ratio}"
+def side_by_side(model_name: str, data: str, checkpoints: Path, ratio: float, budget: DemoBudget) -> str:
+    """One continuation of a held-out document prefix with the full cache and with the sentinel cache."""
+    model, tokenizer = load_model(model_name)
+    prompt = tokenize(load_split(data, "test")[0].text, tokenizer)[: budget.show_prompt]
+    shown = tokenizer.decode(prompt.ids[-60:].tolist())
+    full = generate(model, tokenizer, build_method("full"), {}, prompt, budget.show_new, progress=False)
+    ck = checkpoints / f"sentinel-r{ratio}"
     if (ck / "kvcondense.json").exists():
-        model, tokenizer, method, token_ids, _ = load_checkpoint(ck)
+        model, tokenizer, method, token_ids, _ = load_checkpoint(ck, model_name)
+        method = build_method("sentinel", **{**method.params(), "ratio": ratio})
+        name = "trained sentinel"
     else:
         method = build_method("sentinel", ratio=ratio)
         token_ids = add_special_tokens(model, tokenizer, method.special_tokens)
-    comp = generate(model, tokenizer, method, token_ids, prompt, new_tokens, progress=False)
-    parts.append(
-        f"[sentinel r={ratio}] KV {comp.kv_bytes:,} bytes ({comp.kv_bytes / full.kv_bytes:.2f}x)\n  {comp.text!r}\n"
+        name = "untrained sentinel"
+    comp = generate(model, tokenizer, method, token_ids, prompt, budget.show_new, progress=False)
+    return (
+        f"prompt: {len(prompt)} tokens of a held-out article, ending ...{shown!r}\n\n"
+        f"[full attention] KV {full.kv_bytes:,} bytes\n  {full.text!r}\n\n"
+        f"[{name}, r={ratio}] KV {comp.kv_bytes:,} bytes ({comp.kv_bytes / full.kv_bytes:.2f}x of full)\n"
+        f"  {comp.text!r}\n"
     )
-    return "\n".join(parts)
 
 
-def run_demo(quick: bool = False, max_tokens: int | None = None, ratio: float = 0.5) -> int:
-    max_tokens = max_tokens or (512 if quick else 4096)
-    OUT.mkdir(parents=True, exist_ok=True)
-    results = []
-    for label, kwargs in demo_rows(ratio):
-        cfg = EvalConfig(ratios=(ratio,), max_tokens=max_tokens, verify=True, **kwargs)
-        print(f"evaluating {label} ...", flush=True)
-        results.append((label, run_eval(cfg)[0]))
-    table = markdown_table(results)
-    gen = show_generation(ratio, 128 if quick else 400, 16 if quick else 48)
-    print("\nHeld-out perplexity over text tokens (wiki test split, blocks of 256 tokens, r = 0.5):\n")
-    print(table)
+def run_demo(
+    quick: bool = False,
+    max_tokens: int | None = None,
+    model: str | None = None,
+    data: str = "wiki",
+    checkpoints: str | Path | None = None,
+    out: str | Path = "runs/demo",
+    bertscore_encoder: str | None = None,
+    force: bool = False,
+    ratio: float = 0.5,
+) -> int:
+    budget = QUICK if quick else DemoBudget()
+    if max_tokens:
+        budget = replace(budget, ppl_tokens=max_tokens)
+    model_name = model or DEFAULT_MODEL
+    checkpoints, out = Path(checkpoints or CHECKPOINTS), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for label, source in demo_rows(checkpoints, ratio):
+        print(f"measuring {label} ...", flush=True)
+        rows.append(measure_row(label, source, model, data, ratio, budget, bertscore_encoder, out, force))
+    text = table(rows)
+    gen = side_by_side(model_name, data, checkpoints, ratio, budget)
+    report, pngs = write_report([out], out / "report")
+    summary = (
+        f"Held-out {data} test split, r = {ratio}: perplexity over text tokens ({budget.ppl_tokens} tokens, "
+        f"blocks of 256), continuation after a {budget.prefix_tokens}-token prefix ({budget.docs} documents, "
+        f"{budget.new_tokens} new tokens), decode speedup at {budget.context} tokens x batch {budget.batch}."
+    )
+    (out / "table.md").write_text(summary + "\n\n" + text + "\n")
+    (out / "generation.txt").write_text(gen)
+    print("\n" + summary + "\n\n" + text)
     print(
         "\nverify (parallel vs evicting cache, max |logit diff|): "
-        + ", ".join(f"{label}: {r['verify']['max_abs_diff']:.1e}" for label, r in results)
+        + ", ".join(f"{r['label']}: {r['verify']:.1e}" for r in rows if r["verify"] is not None)
     )
     print("\n" + gen)
-    tmp = OUT / "results.json.tmp"
-    tmp.write_text(json.dumps([{"label": label, **r} for label, r in results], indent=2))
-    tmp.replace(OUT / "results.json")
-    (OUT / "table.md").write_text(table + "\n")
-    (OUT / "generation.txt").write_text(gen)
-    print(f"results, table and generation written under {OUT}/")
+    print(f"table, generation, report and plots written under {out}/ ({', '.join(p.name for p in pngs)})")
     return 0
