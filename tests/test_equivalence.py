@@ -100,3 +100,28 @@ def test_batched_right_padded_parallel_forward_matches_single_rows():
             alone = parallel_forward(model, [lay]).logits[0]
             diff = (both[row, : len(lay)] - alone).abs().max().item()
             assert diff < 1e-4, f"row {row}: max abs diff {diff:.2e}"
+
+
+def test_eval_perplexity_matches_a_direct_cross_entropy():
+    """The evaluation's perplexity is exp(mean next-text-token cross-entropy) of the parallel forward."""
+    import math
+
+    import torch.nn.functional as F
+
+    from kvcondense.evaluate import perplexity
+
+    model = tiny_model("llama")
+    m = build_method("sentinel", ratio=0.5, min_line_words=1, max_span_words=8)
+    blocks = [text(60, seed=s) for s in range(3)]
+    res = perplexity(model, m, blocks, TOKENS, batch_size=2, seed=0, prefix_buckets=(20, 1000))
+    total, n = 0.0, 0
+    for i, b in enumerate(blocks):
+        lay = m.layout(b, TOKENS, seed=i)
+        with torch.no_grad():
+            logits = parallel_forward(model, [lay]).logits[0]
+        scored = lay.targets != IGNORE
+        total += F.cross_entropy(logits[scored], lay.targets[scored], reduction="sum").item()
+        n += int(scored.sum())
+    assert res["tokens_scored"] == n
+    assert res["perplexity"] == pytest.approx(math.exp(total / n), rel=1e-5)
+    assert sum(b["tokens"] for b in res["perplexity_by_prefix"]) == n

@@ -138,6 +138,7 @@ def perplexity(
                 which = torch.searchsorted(bounds, prefix, right=False).clamp(max=len(bounds) - 1)
                 bucket_nll.index_add_(0, which, losses[regular].double())
                 bucket_n.index_add_(0, which, torch.ones_like(which))
+            nll += losses[regular].sum().item()
             n_scored += int(regular.sum())
             nll_all += losses.sum().item()
             n_all += losses.numel()
