@@ -38,10 +38,15 @@ def pad_layouts(layouts: list[Layout], pad_id: int = 0) -> tuple[torch.Tensor, t
 
 
 def parallel_forward(model, layouts: list[Layout], **kwargs):
-    """One masked forward over right-padded layouts. Returns the model output (logits (B, L, V))."""
-    device = model.device
+    """One masked forward over right-padded layouts. Returns the model output (logits (B, L, V)).
+
+    ``model`` may be wrapped for distributed training (DDP): the call goes through the wrapper, so gradients are
+    synchronised, and attributes are read from the module inside.
+    """
+    inner = getattr(model, "module", model)
+    device = inner.device
     ids, pos = pad_layouts(layouts)
-    mask = to_attention_mask(batch_visibility(layouts), attn_implementation(model), model.dtype)
+    mask = to_attention_mask(batch_visibility(layouts), attn_implementation(inner), inner.dtype)
     return model(
         input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device), use_cache=False, **kwargs
     )

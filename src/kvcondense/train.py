@@ -117,14 +117,14 @@ def batches(blocks: list, batch_size: int, seed: int, rank: int = 0, world: int 
         epoch += 1
 
 
-def lm_loss(logits: torch.Tensor, layouts: list[Layout]) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over the layouts' targets (right-padded). Returns (loss, number of targets)."""
+def lm_loss(logits: torch.Tensor, layouts: list[Layout], reduction: str = "mean") -> tuple[torch.Tensor, int]:
+    """Cross-entropy over the layouts' targets (right-padded), mean or sum. Returns (loss, number of targets)."""
     targets = torch.full(logits.shape[:2], IGNORE, dtype=torch.long, device=logits.device)
     for b, lay in enumerate(layouts):
         targets[b, : len(lay)] = lay.targets.to(logits.device)
     n = int((targets != IGNORE).sum())
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-    return loss / max(n, 1), n
+    return (loss if reduction == "sum" else loss / max(n, 1)), n
 
 
 # ---------------------------------------------------------------------------------------------------------------- model
@@ -165,7 +165,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if not method.trainable:
         raise ValueError(f"method {method.name!r} is training-free; evaluate it directly with kvcondense eval")
     docs = load_split(cfg.data, "train")  # bad data fails before the model is loaded
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
+    # cpu=True when there is no GPU: that is what makes a multi-process launch (torchrun) use gloo on CPU
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available())
     model, tokenizer, token_ids, identity = prepare_model(cfg, method)
 
     blocks = text_blocks(docs, tokenizer, cfg.block_tokens)
@@ -210,13 +211,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             epoch, batch = next(stream)
             layouts = [method.layout(b, token_ids, seed=cfg.seed + 7919 * epoch + i) for i, b in batch]
             with accelerator.accumulate(model):
-                loss, _ = lm_loss(parallel_forward(model, layouts).logits, layouts)
+                loss_sum, n = lm_loss(parallel_forward(model, layouts).logits, layouts, reduction="sum")
+                # token-weighted mean over the global batch: DDP averages gradients over processes, so each
+                # process scales its sum by world / global tokens (exactly the 1-process loss, any world size)
+                n_global = accelerator.reduce(torch.tensor(float(n), device=loss_sum.device), reduction="sum")
+                loss = loss_sum * accelerator.num_processes / n_global.clamp(min=1)
                 accelerator.backward(loss)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
         step += 1
-        loss_value = accelerator.gather(loss.detach()).mean().item()
+        loss_value = (accelerator.reduce(loss_sum.detach(), reduction="sum") / n_global.clamp(min=1)).item()
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss became {loss_value} at step {step}; lower --lr")
         bar.update()
