@@ -97,7 +97,7 @@ def sample_path() -> Path:
     return DATA / "sample.txt"
 
 
-def decode_with_policy(model, prompt, policy, tokens: list[int]):
+def decode_with_policy(model, prompt, policy, tokens: list[int], slack: int = 0):
     """Prefill ``prompt`` through an evicting cache, then feed ``tokens`` one decode step at a time through the
     method's policy. Returns (final layout with the same expiry, incremental logits of each step's predicting
     row, those rows' indices in the final layout, the cache, stored slots after each step)."""
@@ -121,7 +121,7 @@ def decode_with_policy(model, prompt, policy, tokens: list[int]):
         first = cache.seen
         with torch.no_grad():
             out = feed(model, cache, step.layout, first)
-        cache.evict(first + len(step.layout))
+        cache.evict(first + len(step.layout), slack=slack)
         rows.append(first + step.next_row)
         got.append(out[0, step.next_row])
         pieces.append(step.layout)

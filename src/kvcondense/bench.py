@@ -39,6 +39,7 @@ class BenchConfig:
         chunk: prefill chunk size.
         kv_budget_mb: find the largest batch fitting this much stored KV, per variant, and measure it.
         max_batch: cap on the batch searched for under the budget.
+        slack: dead slots a row may hold before a decode-time compaction (see ``EvictingCache.evict``).
     """
 
     method: str = "sentinel"
@@ -52,6 +53,7 @@ class BenchConfig:
     chunk: int = 512
     kv_budget_mb: float | None = None
     max_batch: int = 64
+    slack: int = 64
 
     def __post_init__(self) -> None:
         if min(self.contexts) < 8 or min(self.batches) < 1 or self.decode_steps < 1:
@@ -76,7 +78,9 @@ def context_text(tokenizer, data: str, n: int) -> TokenizedText:
 
 
 @torch.no_grad()
-def decode_step_ms(model, cache: EvictingCache, method: Method, layout: Layout, token_ids, steps: int) -> float:
+def decode_step_ms(
+    model, cache: EvictingCache, method: Method, layout: Layout, token_ids, steps: int, slack: int = 0
+) -> float:
     """Median wall time of one decode step over the cache's rows (the cache is left as it was grown)."""
     policy = method.decode_policy(layout, token_ids)
     rows, times = cache.rows, []
@@ -90,7 +94,7 @@ def decode_step_ms(model, cache: EvictingCache, method: Method, layout: Layout, 
             torch.cuda.synchronize()
         t = time.perf_counter()
         feed(model, cache, step.layout, first, input_ids=step.layout.input_ids.expand(rows, -1))
-        cache.evict(first + len(step.layout))
+        cache.evict(first + len(step.layout), slack=slack)
         if model.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
@@ -130,12 +134,12 @@ def snapshot(cache: EvictingCache) -> EvictingCache:
     return copy
 
 
-def measure_decode(model, variants: dict, token_ids, batch: int, steps: int) -> dict:
+def measure_decode(model, variants: dict, token_ids, batch: int, steps: int, slack: int = 0) -> dict:
     out = {}
     for name, (cache, layout, method) in variants.items():
         c = snapshot(cache)
         c.repeat_rows(batch)
-        ms = decode_step_ms(model, c, method, layout, token_ids, steps)
+        ms = decode_step_ms(model, c, method, layout, token_ids, steps, slack)
         out[name] = {"decode_ms_per_step": ms, "decode_tokens_per_s": 1e3 * batch / ms}
     return out
 
@@ -190,7 +194,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             "batches": [],
         }
         for batch in cfg.batches:
-            d = measure_decode(model, variants, token_ids, batch, cfg.decode_steps)
+            d = measure_decode(model, variants, token_ids, batch, cfg.decode_steps, cfg.slack)
             speedup = d["full"]["decode_ms_per_step"] / d["compressed"]["decode_ms_per_step"]
             row["batches"].append({"batch": batch, **d, "decode_speedup": speedup})
         if cfg.kv_budget_mb is not None:
@@ -202,7 +206,9 @@ def run_bench(cfg: BenchConfig) -> dict:
                 if b > 0:
                     measured[name] = {
                         "batch": b,
-                        **measure_decode(model, {name: variants[name]}, token_ids, b, cfg.decode_steps)[name],
+                        **measure_decode(model, {name: variants[name]}, token_ids, b, cfg.decode_steps, cfg.slack)[
+                            name
+                        ],
                     }
                 else:
                     measured[name] = {"batch": 0, "decode_tokens_per_s": 0.0}

@@ -124,11 +124,17 @@ class EvictingCache(Cache):
         hit = torch.isin(self.slot_idx[row], logical)
         self.slot_expire[row, hit] = expire
 
-    def evict(self, next_query: int | None = None) -> int:
-        """Physically free every slot that no query from ``next_query`` on may see. Returns slots freed."""
+    def evict(self, next_query: int | None = None, slack: int = 0) -> int:
+        """Physically free every slot that no query from ``next_query`` on may see. Returns slots freed.
+
+        Freeing copies every layer's K/V, so during decoding (where a window baseline expires a key at nearly
+        every step) ``slack`` lets up to that many dead slots per row wait for the next compaction: they are
+        already invisible (their expiry has passed), they only occupy memory a little longer.
+        """
         nq = self.seen if next_query is None else next_query
         keep = (self.slot_idx >= 0) & (self.slot_expire >= nq)
-        if bool(keep.all()):
+        dead = ((self.slot_idx >= 0) & ~keep).sum(1)
+        if bool(keep.all()) or int(dead.max()) <= slack:
             return 0
         before = int((self.slot_idx >= 0).sum())
         width = int(keep.sum(1).max())

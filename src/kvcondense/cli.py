@@ -161,6 +161,7 @@ def _cmd_bench(args) -> int:
         chunk=args.chunk_tokens,
         kv_budget_mb=args.kv_budget_mb,
         max_batch=args.max_batch,
+        slack=args.slack,
     )
     target = _results_path(args, "bench", asdict(cfg)) if args.out_dir else None
     if args.out_dir and target is None:
@@ -306,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-tokens", type=int, default=512, help="prefill chunk size")
     p.add_argument("--kv-budget-mb", type=float, default=None, help="fixed KV memory: largest batch that fits")
     p.add_argument("--max-batch", type=int, default=64, help="cap for the batch search under --kv-budget-mb")
+    p.add_argument("--slack", type=int, default=64, help="dead slots a row may hold before a decode compaction")
     p.add_argument("--json", help="write the results as JSON to this file")
     p.add_argument("--out-dir", default=None, help="write result.json under a directory named from the config")
     p.add_argument("--force", action="store_true", help="with --out-dir: redo a result that exists")

@@ -49,9 +49,11 @@ def generate(
     chunk_tokens: int = 64,
     seed: int = 0,
     progress: bool = True,
+    slack: int = 0,
 ) -> Generation:
     """Greedy generation from a compressed prompt (text, or already tokenized). Raises ValueError if the prompt is
-    empty or prompt plus output exceed the model's context."""
+    empty or prompt plus output exceed the model's context. ``slack``: dead slots allowed to wait for a batched
+    compaction while decoding (see :meth:`EvictingCache.evict`); 0 frees every expired key at once."""
     text = tokenize(prompt, tokenizer) if isinstance(prompt, str) else prompt
     if len(text) == 0:
         raise ValueError("the prompt is empty; give some text")
@@ -89,7 +91,7 @@ def generate(
         out = feed(model, cache, step.layout, first)
         logits = out[0, step.next_row]
         peak = max(peak, cache.kv_bytes())
-        cache.evict(first + len(step.layout))
+        cache.evict(first + len(step.layout), slack=slack)
         slots.append(int(cache.stored_slots()[0]))
     stored = int(cache.stored_slots()[0])
     per_slot = cache.kv_bytes() / max(stored, 1)
