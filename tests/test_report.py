@@ -70,3 +70,16 @@ def test_rerun_skips_existing_result_unless_forced(capsys, tiny_dir, sample_path
 def test_report_on_a_directory_without_results(capsys, tmp_path):
     assert main(["report", str(tmp_path)]) == 2
     assert "no kvcondense results found" in capsys.readouterr().err
+
+
+def test_memory_by_turn_records_get_their_plot(tmp_path):
+    """Online-memory results (one stored-KV figure per conversation turn) are drawn against turns."""
+    import json
+
+    from kvcondense.report import write_report
+
+    (tmp_path / "run").mkdir()
+    record = {"method": "ccm-merge", "label": "ccm-merge", "memory_by_turn": [4096 * 8] * 10}
+    (tmp_path / "run" / "result.json").write_text(json.dumps(record))
+    _, pngs = write_report([tmp_path / "run"], tmp_path / "rep")
+    assert [p.name for p in pngs] == ["kv_vs_turns.png"]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, method_from_meta
+from .checkpoint import load_checkpoint
 from .continuation import continuation_quality, continuation_samples
 from .data import load_split
 from .forward import incremental_forward, parallel_forward
@@ -257,4 +257,4 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
-__all__ = ["EvalConfig", "run_eval", "perplexity", "format_table", "method_from_meta"]
+__all__ = ["EvalConfig", "run_eval", "perplexity", "format_table"]
