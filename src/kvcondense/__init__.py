@@ -9,13 +9,14 @@ from .cache import EvictingCache
 from .checkpoint import load_checkpoint
 from .evaluate import EvalConfig, run_eval
 from .forward import incremental_forward, parallel_forward
-from .generate import generate
 from .layout import NEVER, Kind, Layout
 from .methods import METHODS, Method, build_method, tokenize
 from .models import add_special_tokens, load_model
-from .train import TrainConfig, train
+from .train import TrainConfig
 
 __version__ = "0.1.0"
+# The functions `train` and `generate` live in the modules of the same name and are not re-exported here, so that
+# `kvcondense.train` and `kvcondense.generate` stay the modules.
 
 __all__ = [
     "EvictingCache",
@@ -28,12 +29,10 @@ __all__ = [
     "TrainConfig",
     "add_special_tokens",
     "build_method",
-    "generate",
     "incremental_forward",
     "load_checkpoint",
     "load_model",
     "parallel_forward",
     "run_eval",
     "tokenize",
-    "train",
 ]
