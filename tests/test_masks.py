@@ -26,6 +26,21 @@ ONE_SPAN = rows("""
 """)
 
 
+# a L b c R L d e R f  (SPEC's two-span example, every row written out from its rules)
+TWO_SPANS = rows("""
+1 0 0 0 0 0 0 0 0 0
+0 1 0 0 0 0 0 0 0 0
+1 0 1 0 0 0 0 0 0 0
+1 0 1 1 0 0 0 0 0 0
+0 1 1 1 1 0 0 0 0 0
+0 0 0 0 0 1 0 0 0 0
+1 0 0 0 1 0 1 0 0 0
+1 0 0 0 1 0 1 1 0 0
+0 0 0 0 0 1 1 1 1 0
+1 0 0 0 1 0 0 0 1 1
+""")
+
+
 def one_span():
     return sentinel_layout(torch.tensor([1, 2, 3, 4, 5, 6]), [(2, 3)], L, R)
 
@@ -36,11 +51,14 @@ def test_one_span_literal_matrix():
     assert torch.equal(layout_visibility(lay), ONE_SPAN)
 
 
-def test_two_spans_rows_from_spec():
+def test_two_spans_literal_matrix_sdpa_and_eager():
     # a L b c R L d e R f
     lay = sentinel_layout(torch.tensor([1, 2, 3, 4, 5, 6]), [(1, 2), (3, 4)], L, R)
     assert lay.input_ids.tolist() == [1, L, 2, 3, R, L, 4, 5, R, 6]
     vis = layout_visibility(lay)
+    assert torch.equal(vis, TWO_SPANS)
+    eager = to_attention_mask(vis.unsqueeze(0), "eager", torch.float32)[0, 0]
+    assert torch.equal(eager == 0, TWO_SPANS)
     assert vis[6].nonzero().flatten().tolist() == [0, 4, 6]  # d sees a, the first R and itself
     assert vis[9].nonzero().flatten().tolist() == [0, 4, 8, 9]  # f sees a, both Rs and itself
     assert vis[8].nonzero().flatten().tolist() == [5, 6, 7, 8]  # second R: its L, its span, itself
