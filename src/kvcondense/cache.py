@@ -56,6 +56,27 @@ class EvictingCache(Cache):
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         return self.physical_length + query_length, 0
 
+    @classmethod
+    def stack(cls, caches: list[EvictingCache]) -> EvictingCache:
+        """One batched cache from one-row caches of different lengths (shorter rows padded with invalid slots)."""
+        width = max(c.physical_length for c in caches)
+        out = cls(len(caches[0].layers), batch_size=len(caches))
+
+        def pad(t: torch.Tensor, value) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, width - t.shape[-1]), value=value)
+
+        out.slot_idx = torch.cat([pad(c.slot_idx, -1) for c in caches])
+        out.slot_expire = torch.cat([pad(c.slot_expire, NEVER) for c in caches])
+        out.slot_closer = torch.cat([pad(c.slot_closer, False) for c in caches])
+        out.seen = max(c.seen for c in caches)
+        for i, layer in enumerate(out.layers):
+            parts = [c.layers[i] for c in caches]
+            keys = [torch.nn.functional.pad(p.keys, (0, 0, 0, width - p.keys.shape[2])) for p in parts]
+            values = [torch.nn.functional.pad(p.values, (0, 0, 0, width - p.values.shape[2])) for p in parts]
+            layer.lazy_initialization(keys[0], values[0])
+            layer.keys, layer.values = torch.cat(keys), torch.cat(values)
+        return out
+
     @property
     def rows(self) -> int:
         """Number of rows (batch size)."""
@@ -110,7 +131,11 @@ class EvictingCache(Cache):
             torch.cat([self.slot_expire, k_expire], 1),
             torch.cat([self.slot_closer, k_closer], 1),
         )
-        return vis & (k_idx >= 0).unsqueeze(1)
+        vis = vis & (k_idx >= 0).unsqueeze(1)
+        pad = q_idx < 0  # padding of a ragged batch: sees only itself (never a row of nothing: sdpa would NaN)
+        if bool(pad.any()):
+            vis[:, :, self.physical_length :] |= torch.diag_embed(pad)
+        return vis
 
     def append(self, q_idx: torch.Tensor, k_expire: torch.Tensor, k_closer: torch.Tensor) -> None:
         """Record the metadata of the tokens a forward pass has just added to every layer."""
@@ -124,7 +149,7 @@ class EvictingCache(Cache):
         hit = torch.isin(self.slot_idx[row], logical)
         self.slot_expire[row, hit] = expire
 
-    def evict(self, next_query: int | None = None, slack: int = 0) -> int:
+    def evict(self, next_query: int | torch.Tensor | None = None, slack: int = 0) -> int:
         """Physically free every slot that no query from ``next_query`` on may see. Returns slots freed.
 
         Freeing copies every layer's K/V, so during decoding (where a window baseline expires a key at nearly
@@ -132,6 +157,8 @@ class EvictingCache(Cache):
         already invisible (their expiry has passed), they only occupy memory a little longer.
         """
         nq = self.seen if next_query is None else next_query
+        if isinstance(nq, torch.Tensor):  # one next query per row (ragged batches)
+            nq = nq.view(-1, 1)
         keep = (self.slot_idx >= 0) & (self.slot_expire >= nq)
         dead = ((self.slot_idx >= 0) & ~keep).sum(1)
         if bool(keep.all()) or int(dead.max()) <= slack:
