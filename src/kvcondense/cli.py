@@ -294,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--chunk-tokens", type=int, default=64, help="prefill chunk size")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--allow-long-context",
+        action="store_true",
+        help="let the prompt run past the model's trained context (positions extrapolate; use with care)",
+    )
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("bench", help="throughput and memory, compressed against full attention, as ratios")

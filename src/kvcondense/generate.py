@@ -50,18 +50,21 @@ def generate(
     seed: int = 0,
     progress: bool = True,
     slack: int = 0,
+    allow_long_context: bool = False,
 ) -> Generation:
     """Greedy generation from a compressed prompt (text, or already tokenized). Raises ValueError if the prompt is
     empty or prompt plus output exceed the model's context. ``slack``: dead slots allowed to wait for a batched
-    compaction while decoding (see :meth:`EvictingCache.evict`); 0 frees every expired key at once."""
+    compaction while decoding (see :meth:`EvictingCache.evict`); 0 frees every expired key at once.
+    ``allow_long_context`` lets positions run past the model's trained context (RoPE extrapolates; quality is
+    not what the model was trained for), which compression makes affordable in memory."""
     text = tokenize(prompt, tokenizer) if isinstance(prompt, str) else prompt
     if len(text) == 0:
         raise ValueError("the prompt is empty; give some text")
     limit = context_limit(model)
-    if limit is not None and len(text) + max_new_tokens > limit:
+    if limit is not None and len(text) + max_new_tokens > limit and not allow_long_context:
         raise ValueError(
             f"prompt ({len(text)} tokens) plus --max-new-tokens ({max_new_tokens}) exceeds the model's context of "
-            f"{limit} tokens; shorten the prompt or generate fewer tokens"
+            f"{limit} tokens; shorten the prompt, generate fewer tokens, or pass --allow-long-context"
         )
     layout = method.layout(text, token_ids, seed=seed)
     cache = EvictingCache(num_layers(model))
@@ -128,7 +131,17 @@ def generate_cli(args, prompt: str, method_params: dict) -> int:
         method = build_method(args.method, ratio=args.ratio, **method_params)
         token_ids = add_special_tokens(model, tokenizer, method.special_tokens)
     check_family(model)
-    gen = generate(model, tokenizer, method, token_ids, prompt, args.max_new_tokens, args.chunk_tokens, args.seed)
+    gen = generate(
+        model,
+        tokenizer,
+        method,
+        token_ids,
+        prompt,
+        args.max_new_tokens,
+        args.chunk_tokens,
+        args.seed,
+        allow_long_context=args.allow_long_context,
+    )
     print(gen.text)
     print(
         f"\n[{method.name}] logical tokens: {gen.logical_tokens}  stored slots: {gen.stored_slots}  "
