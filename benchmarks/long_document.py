@@ -1,6 +1,6 @@
 """Peak stored KV against document length: a chunked prefill with sentinel compression (spans freed as they
-close) against full attention, on one long document (joined Wikipedia articles), up to 32k tokens (4x the default model's 8k context: positions
-extrapolate; memory does not depend on what the model makes of them).
+close) against full attention, on one long document (joined Wikipedia articles), up to 32k tokens: 4x the
+default model's 8k context, so positions extrapolate; memory does not depend on what the model makes of them.
 
     .venv/bin/python benchmarks/long_document.py [--lengths 2048 4096 8192 16384 32768] [--ratio 0.5]
 
