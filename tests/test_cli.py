@@ -277,8 +277,29 @@ def test_generate_prints_stats(capsys, trained):
 
 def test_long_context_needs_the_explicit_flag(capsys, trained):
     prompt = "Alice was beginning to get very tired of sitting by her sister " * 60
-    one_line_error(capsys, "generate", "--checkpoint", trained, "--prompt", prompt, "--max-new-tokens", "4",
-                   match="--allow-long-context")
-    rc = main(["generate", "--checkpoint", str(trained), "--prompt", prompt, "--max-new-tokens", "4",
-               "--allow-long-context", "--chunk-tokens", "128"])
+    one_line_error(
+        capsys,
+        "generate",
+        "--checkpoint",
+        trained,
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "4",
+        match="--allow-long-context",
+    )
+    rc = main(
+        [
+            "generate",
+            "--checkpoint",
+            str(trained),
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "4",
+            "--allow-long-context",
+            "--chunk-tokens",
+            "128",
+        ]
+    )
     assert rc == 0 and "stored slots" in capsys.readouterr().out
