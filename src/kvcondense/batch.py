@@ -12,24 +12,10 @@ from __future__ import annotations
 import torch
 
 from .cache import EvictingCache
-from .forward import attn_implementation, feed, num_layers
-from .generate import context_limit
+from .forward import attn_implementation
+from .generate import context_limit, prefill
 from .masks import to_attention_mask
 from .methods import Method, TokenizedText, tokenize
-
-
-def _prefill(model, method: Method, token_ids, text: TokenizedText, chunk: int, seed: int):
-    layout = method.layout(text, token_ids, seed=seed)
-    predictors = torch.isin(layout.kinds, torch.tensor([int(k) for k in method.predict_from]))
-    last = int(torch.nonzero(predictors).max())
-    cache, logits = EvictingCache(num_layers(model)), None
-    for lo in range(0, len(layout), chunk):
-        hi = min(lo + chunk, len(layout))
-        out = feed(model, cache, layout.slice(lo, hi), lo)
-        if lo <= last < hi:
-            logits = out[0, last - lo]
-        cache.evict(hi)
-    return layout, cache, logits
 
 
 @torch.no_grad()
@@ -54,7 +40,7 @@ def generate_batch(
             f"the longest prompt ({longest} tokens) plus {max_new_tokens} new tokens exceeds the model's "
             f"context of {limit}; shorten it or generate fewer tokens"
         )
-    rows = [_prefill(model, method, token_ids, t, chunk_tokens, seed + i) for i, t in enumerate(texts)]
+    rows = [prefill(model, method, token_ids, t, chunk_tokens, seed + i)[:3] for i, t in enumerate(texts)]
     cache = EvictingCache.stack([c for _, c, _ in rows])
     logits = [lg for _, _, lg in rows]
     policies = [method.decode_policy(lay, token_ids, seed=seed + i) for i, (lay, _, _) in enumerate(rows)]

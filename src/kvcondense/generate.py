@@ -33,6 +33,24 @@ class Generation:
     slots_per_step: list[int] = field(default_factory=list)
 
 
+def prefill(model, method: Method, token_ids: dict[str, int], text: TokenizedText, chunk_tokens: int, seed: int):
+    """Lay out a prompt and feed it in chunks, freeing what expires. Returns (layout, cache, logits of the row that
+    predicts the first new token, peak stored KV bytes)."""
+    layout = method.layout(text, token_ids, seed=seed)
+    cache = EvictingCache(num_layers(model))
+    predictors = torch.isin(layout.kinds, torch.tensor([int(k) for k in method.predict_from]))
+    last = int(torch.nonzero(predictors).max())
+    logits, peak = None, 0
+    for lo in range(0, len(layout), chunk_tokens):
+        hi = min(lo + chunk_tokens, len(layout))
+        out = feed(model, cache, layout.slice(lo, hi), lo)
+        if lo <= last < hi:
+            logits = out[0, last - lo]
+        peak = max(peak, cache.kv_bytes())
+        cache.evict(hi)
+    return layout, cache, logits, peak
+
+
 def context_limit(model) -> int | None:
     cfg = model.config
     return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
@@ -66,18 +84,7 @@ def generate(
             f"prompt ({len(text)} tokens) plus --max-new-tokens ({max_new_tokens}) exceeds the model's context of "
             f"{limit} tokens; shorten the prompt, generate fewer tokens, or pass --allow-long-context"
         )
-    layout = method.layout(text, token_ids, seed=seed)
-    cache = EvictingCache(num_layers(model))
-    predictors = torch.isin(layout.kinds, torch.tensor([int(k) for k in method.predict_from]))
-    last_text = int(torch.nonzero(predictors).max())
-    logits, peak = None, 0
-    for lo in range(0, len(layout), chunk_tokens):
-        hi = min(lo + chunk_tokens, len(layout))
-        out = feed(model, cache, layout.slice(lo, hi), lo)
-        if lo <= last_text < hi:
-            logits = out[0, last_text - lo]
-        peak = max(peak, cache.kv_bytes())
-        cache.evict(hi)
+    layout, cache, logits, peak = prefill(model, method, token_ids, text, chunk_tokens, seed)
 
     policy = method.decode_policy(layout, token_ids, seed=seed)
     eos = tokenizer.eos_token_id
