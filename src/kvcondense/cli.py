@@ -11,7 +11,6 @@ A mistake of the user's (bad flag, missing file, wrong model) ends with one line
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import asdict
@@ -175,10 +174,10 @@ def _cmd_bench(args) -> int:
     return 0
 
 
-def _write_json(path: str, payload) -> None:
-    tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
+def _write_json(path: str | Path, payload) -> None:
+    from .report import write_json
+
+    write_json(path, payload)
     print(f"results written to {path}")
 
 
@@ -193,14 +192,13 @@ def _cmd_report(args) -> int:
 
 def _results_path(args, kind: str, config: dict) -> Path | None:
     """With --out-dir, the deterministic result file of this config; None when it exists and --force is off."""
-    from .report import run_name
+    from .report import result_file
 
-    folder = Path(args.out_dir) / run_name(kind, config)
-    if (folder / "result.json").exists() and not args.force:
-        print(f"{folder}/result.json exists; skipping (use --force to redo)")
+    path = result_file(args.out_dir, kind, config)
+    if path.exists() and not args.force:
+        print(f"{path} exists; skipping (use --force to redo)")
         return None
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / "result.json"
+    return path
 
 
 def _cmd_demo(args) -> int:

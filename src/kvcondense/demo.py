@@ -19,7 +19,7 @@ from .evaluate import EvalConfig, run_eval
 from .generate import generate
 from .methods import build_method, tokenize
 from .models import DEFAULT_MODEL, add_special_tokens, load_model
-from .report import run_name, write_report
+from .report import result_file, write_json, write_report
 
 CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
 
@@ -62,14 +62,11 @@ def demo_rows(checkpoints: Path, ratio: float) -> list[tuple[str, dict]]:
 
 def cached(out: Path, kind: str, config: dict, force: bool, compute):
     """Compute a result once per config under ``out`` (a rerun reuses it unless ``force``)."""
-    path = out / run_name(kind, config) / "result.json"
+    path = result_file(out, kind, config)
     if path.exists() and not force:
         return json.loads(path.read_text())
     result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
+    write_json(path, result)
     return result
 
 

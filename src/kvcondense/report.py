@@ -26,6 +26,20 @@ def run_name(kind: str, config: dict) -> str:
     return f"{kind}-{method}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
+def result_file(out_dir: str | Path, kind: str, config: dict) -> Path:
+    """Where the result of this config lives under ``out_dir`` (``<run name>/result.json``)."""
+    return Path(out_dir) / run_name(kind, config) / "result.json"
+
+
+def write_json(path: str | Path, payload) -> None:
+    """Write JSON atomically: a temp file beside ``path``, then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def load_results(dirs: list[str | Path]) -> list[dict]:
     """Every result record below ``dirs`` (eval lists are flattened)."""
     records = []
