@@ -14,6 +14,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from .layout import NEVER
 from .masks import visibility
+from .merge import MixRules, mix_slots
 
 
 class EvictingLayer(DynamicLayer):
@@ -148,6 +149,25 @@ class EvictingCache(Cache):
         """Give already stored keys an expiry (used when a span closes during generation)."""
         hit = torch.isin(self.slot_idx[row], logical)
         self.slot_expire[row, hit] = expire
+
+    def mix(self, rules: MixRules) -> None:
+        """Apply merge rules (logical indices, the same for every row) to the stored keys and values of every layer:
+        CCM-merge's recursive memory update, on post-RoPE keys exactly as stored."""
+        if not len(rules):
+            return
+
+        def slots(logical: torch.Tensor) -> torch.Tensor:  # (B, P) physical slot of each logical index
+            hit = self.slot_idx.unsqueeze(-1) == logical.view(1, 1, -1)
+            if not bool(hit.any(1).all()):
+                raise ValueError("a merge rule refers to a slot that is not stored; feed the whole chunk first")
+            return hit.to(torch.int8).argmax(1)
+
+        dst, src = slots(rules.dst), slots(rules.src)
+        weight = rules.weight.expand(self.rows, -1)
+        for layer in self.layers:
+            dev = layer.keys.device
+            args = (dst.to(dev), src.to(dev), weight.to(dev))
+            layer.keys, layer.values = mix_slots(layer.keys, *args), mix_slots(layer.values, *args)
 
     def evict(self, next_query: int | torch.Tensor | None = None, slack: int = 0) -> int:
         """Physically free every slot that no query from ``next_query`` on may see. Returns slots freed.

@@ -114,7 +114,7 @@ def load_checkpoint(path: str | Path, model_name: str | None = None, **model_kwa
     token_ids = add_special_tokens(model, tokenizer, method.special_tokens)
     if token_ids != meta["special_tokens"]:
         raise CheckpointError(f"special token ids {token_ids} differ from the checkpoint's {meta['special_tokens']}")
-    model = attach_lora(model, LoraSettings(**meta["lora"]), list(token_ids.values()))
+    model = attach_lora(model, LoraSettings(**meta["lora"]), list(token_ids.values()), method.lora_on)
     full = meta["training"].get("stage") == "full"
     load_adapter_state(model, load_file(str(Path(path) / ADAPTER)), full=full)
     model.eval()

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from .cache import EvictingCache
-from .layout import Layout
+from .layout import Kind, Layout
+from .lora import lora_gate
 from .masks import batch_visibility, to_attention_mask
+from .merge import batch_rules, merging_attention
 
 
 def attn_implementation(model) -> str:
@@ -26,15 +28,17 @@ def num_layers(model) -> int:
     return cfg.num_hidden_layers
 
 
-def pad_layouts(layouts: list[Layout], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad input ids and positions of several layouts. Returns (B, L) ids and (B, L) positions."""
+def pad_layouts(layouts: list[Layout], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad ids, positions and kinds of several layouts (pads are text). Returns three (B, L) tensors."""
     length = max(len(x) for x in layouts)
     ids = torch.full((len(layouts), length), pad_id, dtype=torch.long)
     pos = torch.zeros((len(layouts), length), dtype=torch.long)
+    kinds = torch.full((len(layouts), length), int(Kind.TEXT), dtype=torch.long)
     for b, lay in enumerate(layouts):
         ids[b, : len(lay)] = lay.input_ids
         pos[b, : len(lay)] = lay.position_ids
-    return ids, pos
+        kinds[b, : len(lay)] = lay.kinds
+    return ids, pos, kinds
 
 
 def parallel_forward(model, layouts: list[Layout], **kwargs):
@@ -45,11 +49,18 @@ def parallel_forward(model, layouts: list[Layout], **kwargs):
     """
     inner = getattr(model, "module", model)
     device = inner.device
-    ids, pos = pad_layouts(layouts)
+    ids, pos, kinds = pad_layouts(layouts)
     mask = to_attention_mask(batch_visibility(layouts), attn_implementation(inner), inner.dtype)
-    return model(
-        input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device), use_cache=False, **kwargs
-    )
+    rules = batch_rules([lay.meta.get("mix") for lay in layouts])
+    with lora_gate(inner, kinds), merging_attention(inner, rules, num_layers(inner)) as mix_kwargs:
+        return model(
+            input_ids=ids.to(device),
+            position_ids=pos.to(device),
+            attention_mask=mask.to(device),
+            use_cache=False,
+            **mix_kwargs,
+            **kwargs,
+        )
 
 
 @dataclass
@@ -92,20 +103,36 @@ def feed(
     device = model.device
     ids = chunk.input_ids.unsqueeze(0) if input_ids is None else input_ids
     mask = chunk_mask(model, cache, chunk, first) if mask is None else mask
-    out = model(
-        input_ids=ids.to(device),
-        position_ids=chunk.position_ids.expand(ids.shape[0], -1).to(device),
-        attention_mask=mask.to(device),
-        past_key_values=cache,
-        use_cache=True,
-    )
+    with lora_gate(model, chunk.kinds.expand(ids.shape[0], -1)):
+        out = model(
+            input_ids=ids.to(device),
+            position_ids=chunk.position_ids.expand(ids.shape[0], -1).to(device),
+            attention_mask=mask.to(device),
+            past_key_values=cache,
+            use_cache=True,
+        )
     n, rows = len(chunk), ids.shape[0]
     cache.append(
         torch.arange(first, first + n).expand(rows, -1),
         chunk.expire.expand(rows, -1),
         chunk.closer_only.expand(rows, -1),
     )
+    if (online := chunk.meta.get("mix_online")) is not None:
+        cache.mix(online.within(first, first + n))  # CCM-merge: the memory update, before anything can see it
     return out.logits
+
+
+def chunk_bounds(layout: Layout, chunk_size: int) -> list[tuple[int, int]]:
+    """Chunks of at most ``chunk_size`` positions that also end at every cut the layout asks for (CCM-merge:
+    a memory update must be complete before a later token attends to it)."""
+    cuts = sorted(set(layout.meta.get("cuts", ())) | {len(layout)})
+    bounds, lo = [], 0
+    for cut in cuts:
+        while lo < cut:
+            hi = min(lo + chunk_size, cut)
+            bounds.append((lo, hi))
+            lo = hi
+    return bounds
 
 
 @torch.no_grad()
@@ -118,8 +145,7 @@ def incremental_forward(
     """
     cache = cache if cache is not None else EvictingCache(num_layers(model))
     logits, peak, peak_bytes = [], 0, 0
-    for lo in range(0, len(layout), chunk_size):
-        hi = min(lo + chunk_size, len(layout))
+    for lo, hi in chunk_bounds(layout, chunk_size):
         logits.append(feed(model, cache, layout.slice(lo, hi), lo)[0])
         peak, peak_bytes = max(peak, cache.physical_length), max(peak_bytes, cache.kv_bytes())
         cache.evict(hi)

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import EvictingCache
-from .forward import feed, num_layers
+from .forward import chunk_bounds, feed, num_layers
 from .methods import Method, TokenizedText, tokenize
 
 
@@ -41,8 +41,7 @@ def prefill(model, method: Method, token_ids: dict[str, int], text: TokenizedTex
     predictors = torch.isin(layout.kinds, torch.tensor([int(k) for k in method.predict_from]))
     last = int(torch.nonzero(predictors).max())
     logits, peak = None, 0
-    for lo in range(0, len(layout), chunk_tokens):
-        hi = min(lo + chunk_tokens, len(layout))
+    for lo, hi in chunk_bounds(layout, chunk_tokens):
         out = feed(model, cache, layout.slice(lo, hi), lo)
         if lo <= last < hi:
             logits = out[0, last - lo]

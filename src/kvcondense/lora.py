@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 
 # Attention projections per family; anything else falls back to the Llama-style names if the model has them.
 ATTENTION_MODULES: dict[str, list[str]] = {
@@ -47,8 +49,13 @@ def attention_modules(model) -> list[str]:
     )
 
 
-def attach_lora(model, settings: LoraSettings, token_ids: list[int]) -> PeftModel:
-    """Freeze the base model and add LoRA plus trainable rows for ``token_ids`` (tied LM heads follow)."""
+def attach_lora(
+    model, settings: LoraSettings, token_ids: list[int], lora_on: tuple[int, ...] | None = None
+) -> PeftModel:
+    """Freeze the base model and add LoRA plus trainable rows for ``token_ids`` (tied LM heads follow).
+
+    ``lora_on``: token kinds on which LoRA is active (conditional LoRA, see :func:`make_conditional`); None: all.
+    """
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
@@ -56,7 +63,10 @@ def attach_lora(model, settings: LoraSettings, token_ids: list[int]) -> PeftMode
         target_modules=settings.target_modules or attention_modules(model),
         trainable_token_indices=list(token_ids) or None,
     )
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    if lora_on is not None:
+        make_conditional(peft_model, lora_on)
+    return peft_model
 
 
 STAGES = ("rows", "lora", "full")
@@ -92,6 +102,49 @@ def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor], full: b
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"adapter holds {len(unexpected)} tensors this model has no place for (e.g. {unexpected[0]})")
+
+
+# ---------------------------------------------------------------------------------------------------------------- gate
+class _Gate:
+    """Per-token LoRA gate shared by the hooks of one model: ``kinds`` on which LoRA is active, the current gate."""
+
+    def __init__(self, kinds: tuple[int, ...]):
+        self.kinds = torch.tensor(sorted(int(k) for k in kinds))
+        self.gate: torch.Tensor | None = None  # (B, L, 1) while a kvcondense forward runs
+
+    def __call__(self, module, inputs, output: torch.Tensor) -> torch.Tensor:
+        if self.gate is None:
+            raise RuntimeError("a conditional-LoRA model ran without a token gate; call it through kvcondense.forward")
+        return output * self.gate.to(device=output.device, dtype=output.dtype)
+
+
+def make_conditional(model, kinds: tuple[int, ...]) -> None:
+    """Conditional LoRA (CCM): the LoRA update is applied only on tokens of the given kinds.
+
+    A forward hook on every ``lora_B`` multiplies its output by a per-token gate (1 on those kinds, 0 elsewhere),
+    so gated-off tokens run exactly the base model: ``W x + 0``. The gate is set per forward by :func:`lora_gate`.
+    """
+    gate = _Gate(kinds)
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for lora_b in module.lora_B.values():
+                lora_b.register_forward_hook(gate)
+    model._kvcondense_gate = gate
+
+
+@contextmanager
+def lora_gate(model, kinds: torch.Tensor):
+    """Gate a conditional-LoRA model by the token kinds (B, L) of the forward run inside the block. A no-op for
+    models without conditional LoRA."""
+    gate = getattr(getattr(model, "module", model), "_kvcondense_gate", None)
+    if gate is None:
+        yield
+        return
+    gate.gate = torch.isin(kinds, gate.kinds).unsqueeze(-1)
+    try:
+        yield
+    finally:
+        gate.gate = None
 
 
 def settings_dict(settings: LoraSettings) -> dict:

@@ -134,7 +134,7 @@ def prepare_model(cfg: TrainConfig, method: Method):
     identity = model_identity(model, cfg.model)
     token_ids = add_special_tokens(model, tokenizer, method.special_tokens)
     torch.manual_seed(cfg.seed)
-    model = attach_lora(model, cfg.lora, list(token_ids.values()))
+    model = attach_lora(model, cfg.lora, list(token_ids.values()), method.lora_on)
     set_stage(model, cfg.stage)
     if cfg.init_from:
         start = read_meta(cfg.init_from)

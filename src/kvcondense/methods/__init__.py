@@ -6,6 +6,7 @@ import dataclasses
 
 from .base import Method, TokenizedText, tokenize
 from .baselines import FullAttention, LocalAttention, ScatteredAttention, StreamingLLM
+from .ccm import CCMConcat, CCMMerge, EpisodeTokens, tokenize_episode
 from .gist import Gist
 from .sentinel import Sentinel
 
@@ -13,6 +14,8 @@ METHODS: dict[str, type[Method]] = {
     "full": FullAttention,
     "sentinel": Sentinel,
     "gist": Gist,
+    "ccm-concat": CCMConcat,
+    "ccm-merge": CCMMerge,
     "local": LocalAttention,
     "scattered": ScatteredAttention,
     "streaming": StreamingLLM,
@@ -31,6 +34,10 @@ def build_method(name: str, **params) -> Method:
 
 __all__ = [
     "METHODS",
+    "CCMConcat",
+    "CCMMerge",
+    "EpisodeTokens",
+    "tokenize_episode",
     "Method",
     "TokenizedText",
     "build_method",
