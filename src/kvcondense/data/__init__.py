@@ -9,6 +9,7 @@ from pathlib import Path
 from ..fetch import cache_dir
 from .books import load_books
 from .documents import SPLITS, DataError, Document, read_path, split_documents
+from .episodes import EPISODE_SOURCES, Episode, load_episodes, read_episodes_jsonl
 from .wiki import load_wiki
 
 CORPORA: dict[str, Callable[[], list[Document]]] = {
@@ -39,4 +40,16 @@ def load_split(name_or_path: str, split: str) -> list[Document]:
     return split_documents(load_corpus(name_or_path), split)
 
 
-__all__ = ["CORPORA", "SPLITS", "DataError", "Document", "load_corpus", "load_split", "read_path"]
+__all__ = [
+    "CORPORA",
+    "EPISODE_SOURCES",
+    "SPLITS",
+    "DataError",
+    "Document",
+    "Episode",
+    "load_corpus",
+    "load_episodes",
+    "load_split",
+    "read_episodes_jsonl",
+    "read_path",
+]
