@@ -31,7 +31,7 @@ def test_bench_json_fields_and_kv_ratio(capsys, tiny_dir, sample_path, tmp_path)
         3,
         "--steps",
         3,
-        "--chunk-tokens",
+        "--prefill-chunk",
         64,
         "--kv-budget-mb",
         0.05,

@@ -266,7 +266,7 @@ def test_generate_prints_stats(capsys, trained):
             "Alice was beginning to get very tired " * 8,
             "--max-new-tokens",
             "12",
-            "--chunk-tokens",
+            "--prefill-chunk",
             "16",
         ]
     )
@@ -298,7 +298,7 @@ def test_long_context_needs_the_explicit_flag(capsys, trained):
             "--max-new-tokens",
             "4",
             "--allow-long-context",
-            "--chunk-tokens",
+            "--prefill-chunk",
             "128",
         ]
     )

@@ -29,7 +29,8 @@ def test_report_from_real_result_dirs(capsys, tiny_dir, sample_path, tmp_path):
             == 0
         )
     assert (
-        main(["bench", "--context", "100", "150", "--batch", "2", "--steps", "2", "--chunk-tokens", "64", *common]) == 0
+        main(["bench", "--context", "100", "150", "--batch", "2", "--steps", "2", "--prefill-chunk", "64", *common])
+        == 0
     )
     capsys.readouterr()
     assert main(["report", str(runs), "--out", str(tmp_path / "rep")]) == 0

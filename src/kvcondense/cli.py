@@ -50,6 +50,14 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
         help="gist: force a gist block after this many regular tokens without a sentence end (default 128)",
     )
     p.add_argument("--bos-sink", action="store_true", help="gist: keep the first token visible as an attention sink")
+    p.add_argument("--comp-tokens", type=int, default=None, help="ccm: <COMP> tokens per chunk, 1..8 (default 4)")
+    p.add_argument("--chunk-tokens", type=int, default=None, help="ccm: plain text is cut into chunks of N tokens")
+    p.add_argument(
+        "--no-recurrent",
+        action="store_true",
+        help="ccm: compress each chunk without seeing the memory (Gisting-online)",
+    )
+    p.add_argument("--ema", type=float, default=None, help="ccm-merge: a constant update rate instead of 1/t")
 
 
 def _method_params(args) -> dict:
@@ -57,6 +65,10 @@ def _method_params(args) -> dict:
         "n_gist": getattr(args, "gist_tokens", None),
         "max_sentence_tokens": getattr(args, "max_sentence_tokens", None),
         "bos_sink": getattr(args, "bos_sink", False) or None,
+        "comp_tokens": getattr(args, "comp_tokens", None),
+        "chunk_tokens": getattr(args, "chunk_tokens", None),
+        "recurrent": False if getattr(args, "no_recurrent", False) else None,
+        "ema_rate": getattr(args, "ema", None),
     }
     return {k: v for k, v in params.items() if v is not None}
 
@@ -85,6 +97,8 @@ def _cmd_train(args) -> int:
             grad_accum=args.grad_accum,
             block_tokens=args.block_tokens,
             lr=args.lr,
+            schedule=args.schedule,
+            warmup_steps=args.warmup_steps,
             seed=args.seed,
             save_every=args.save_every,
             stage=args.stage,
@@ -157,7 +171,7 @@ def _cmd_bench(args) -> int:
         contexts=args.context,
         batches=args.batch,
         decode_steps=args.steps,
-        chunk=args.chunk_tokens,
+        chunk=args.prefill_chunk,
         kv_budget_mb=args.kv_budget_mb,
         max_batch=args.max_batch,
         slack=args.slack,
@@ -245,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--block-tokens", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--schedule", default="linear", help="learning-rate schedule: linear (default), cosine, constant")
+    p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--out", required=True, help="checkpoint directory (replaced atomically)")
@@ -290,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--prompt")
     group.add_argument("--prompt-file")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--chunk-tokens", type=int, default=64, help="prefill chunk size")
+    p.add_argument("--prefill-chunk", type=int, default=64, help="prefill chunk size (tokens per forward)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--allow-long-context",
@@ -307,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, nargs="+", default=[1024], help="context lengths in tokens")
     p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes for decoding")
     p.add_argument("--steps", type=int, default=8, help="timed decode steps (median reported)")
-    p.add_argument("--chunk-tokens", type=int, default=512, help="prefill chunk size")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prefill chunk size (tokens per forward)")
     p.add_argument("--kv-budget-mb", type=float, default=None, help="fixed KV memory: largest batch that fits")
     p.add_argument("--max-batch", type=int, default=64, help="cap for the batch search under --kv-budget-mb")
     p.add_argument("--slack", type=int, default=64, help="dead slots a row may hold before a decode compaction")

@@ -144,7 +144,7 @@ def generate_cli(args, prompt: str, method_params: dict) -> int:
         token_ids,
         prompt,
         args.max_new_tokens,
-        args.chunk_tokens,
+        args.prefill_chunk,
         args.seed,
         allow_long_context=args.allow_long_context,
     )

@@ -26,10 +26,11 @@ from transformers import get_scheduler
 
 from .checkpoint import ADAPTER, check_output_dir, read_log, read_meta, read_resume, write_checkpoint
 from .data import load_split
+from .data.episodes import EPISODE_SOURCES, load_episodes
 from .forward import parallel_forward
 from .layout import IGNORE, Layout
 from .lora import LoraSettings, adapter_state, attach_lora, load_adapter_state, set_stage
-from .methods import Method, TokenizedText, build_method, tokenize
+from .methods import EpisodeTokens, Method, TokenizedText, build_method, tokenize, tokenize_episode
 from .models import DEFAULT_MODEL, add_special_tokens, load_model, model_identity
 
 
@@ -103,6 +104,39 @@ def text_blocks(docs, tokenizer, block_tokens: int) -> list[TokenizedText]:
     return blocks
 
 
+def is_episode_data(name_or_path: str) -> bool:
+    """Whether ``--data`` names online episodes (a built-in episode source, or .jsonl with turns/examples)."""
+    if name_or_path in EPISODE_SOURCES:
+        return True
+    path = Path(name_or_path)
+    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    if not files or files[0].suffix != ".jsonl" or not files[0].is_file():
+        return False
+    for line in files[0].read_text(errors="replace").splitlines():
+        if line.strip():
+            try:
+                first = json.loads(line)
+            except json.JSONDecodeError:
+                return False
+            return isinstance(first, dict) and ("turns" in first or "examples" in first)
+    return False
+
+
+def episode_items(episodes, tokenizer, budget: int) -> list[EpisodeTokens]:
+    """Tokenize episodes; drop the oldest chunks until the text of chunks + query + answer fits ``budget`` tokens
+    (episodes whose query and answer alone do not fit are skipped)."""
+    items = []
+    for ep in episodes:
+        tok = tokenize_episode(ep, tokenizer)
+        room = budget - len(tok.query) - len(tok.answer)
+        keep = len(tok.chunks)
+        while keep and sum(len(c) for c in tok.chunks[len(tok.chunks) - keep :]) > room:
+            keep -= 1
+        if room > 0 and keep:
+            items.append(tok.truncated(keep))
+    return items
+
+
 def batches(blocks: list, batch_size: int, seed: int, rank: int = 0, world: int = 1):
     """Endless stream of (epoch, list of (block index, block)), reshuffled every epoch; each process takes its
     own slice of every global batch."""
@@ -164,14 +198,21 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     method = build_method(cfg.method, **cfg.method_params)
     if not method.trainable:
         raise ValueError(f"method {method.name!r} is training-free; evaluate it directly with kvcondense eval")
-    docs = load_split(cfg.data, "train")  # bad data fails before the model is loaded
+    episodic = is_episode_data(cfg.data)
+    if episodic and not method.episodic:
+        raise ValueError(f"--data {cfg.data} holds online episodes, which only the ccm methods train on")
+    # bad data fails before the model is loaded
+    docs = load_episodes(cfg.data, "train", cfg.seed) if episodic else load_split(cfg.data, "train")
     # cpu=True when there is no GPU: that is what makes a multi-process launch (torchrun) use gloo on CPU
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available())
     model, tokenizer, token_ids, identity = prepare_model(cfg, method)
 
-    blocks = text_blocks(docs, tokenizer, cfg.block_tokens)
+    if episodic:
+        blocks = episode_items(docs, tokenizer, cfg.block_tokens)
+    else:
+        blocks = text_blocks(docs, tokenizer, cfg.block_tokens)
     if not blocks:
-        raise ValueError(f"no training block of {cfg.block_tokens} tokens in {cfg.data}; give more text")
+        raise ValueError(f"no training example of {cfg.block_tokens} tokens in {cfg.data}; give more text")
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
     scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)

@@ -75,6 +75,7 @@ class CCMConcat(Method):
 
     name: ClassVar[str] = "ccm-concat"
     lora_on: ClassVar[tuple[Kind, ...] | None] = (Kind.COMP, Kind.SUM)
+    episodic: ClassVar[bool] = True
     merge: ClassVar[bool] = False
     comp_tokens: int = 4
     recurrent: bool = True

@@ -1,0 +1,211 @@
+"""Compressed Context Memory: literal masks, merge weights, the conditional-LoRA gate, and the equivalence of the
+parallel training forward with the recursive online inference, for concat and merge."""
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from kvcondense.forward import incremental_forward, parallel_forward
+from kvcondense.layout import IGNORE, NEVER, Kind
+from kvcondense.lora import LoraSettings, attach_lora
+from kvcondense.masks import layout_visibility
+from kvcondense.merge import merge_rates, merge_weights
+from kvcondense.methods import EpisodeTokens, TokenizedText, build_method
+
+COMP = {f"<COMP_{i}>": 90 + i for i in range(8)}
+
+
+def small(method: str, **params):
+    """Two chunks of two tokens, one COMP token per chunk, a one-token tail: the SPEC example."""
+    m = build_method(method, comp_tokens=1, chunk_tokens=2, **params)
+    return m.layout(TokenizedText.from_ids(torch.arange(5)), {"<COMP_0>": 9})
+
+
+def test_concat_mask_literal():
+    lay = small("ccm-concat")
+    # t0 t1 C1 t2 t3 C2 tail
+    assert lay.input_ids.tolist() == [0, 1, 9, 2, 3, 9, 4]
+    assert lay.position_ids.tolist() == [0, 1, 2, 2, 3, 4, 4]  # COMP borrows the next text position ("skip")
+    expected = [
+        [1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],
+        [0, 0, 1, 1, 0, 0, 0],  # chunk 2 sees the memory (C1) and itself, not chunk 1's text
+        [0, 0, 1, 1, 1, 0, 0],
+        [0, 0, 1, 1, 1, 1, 0],
+        [0, 0, 1, 0, 0, 1, 1],  # the tail sees all COMP tokens only
+    ]
+    assert layout_visibility(lay).int().tolist() == expected
+    assert lay.kept_slots() == 3  # C1, C2, tail
+
+
+def test_gisting_online_mask_literal():
+    lay = small("ccm-concat", recurrent=False)
+    expected = [
+        [1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],
+        [0, 0, 0, 1, 0, 0, 0],  # chunk 2 is compressed without the memory
+        [0, 0, 0, 1, 1, 0, 0],
+        [0, 0, 0, 1, 1, 1, 0],
+        [0, 0, 1, 0, 0, 1, 1],
+    ]
+    assert layout_visibility(lay).int().tolist() == expected
+
+
+def test_merge_mask_and_rules_literal():
+    lay = small("ccm-merge")
+    # t0 t1 C1 S1 t2 t3 C2 S2 tail
+    assert lay.input_ids.tolist() == [0, 1, 9, 9, 2, 3, 9, 9, 4]
+    assert lay.kinds.tolist() == [0, 0, Kind.COMP, Kind.SUM, 0, 0, Kind.COMP, Kind.SUM, 0]
+    assert lay.position_ids.tolist() == [0, 1, 2, 2, 2, 3, 4, 4, 4]
+    expected = [
+        [1, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0, 0],
+        [0, 0, 1, 1, 0, 0, 0, 0, 0],
+        [0, 0, 0, 1, 1, 0, 0, 0, 0],  # chunk 2 sees Mem(1) = S1, never C1 directly
+        [0, 0, 0, 1, 1, 1, 0, 0, 0],
+        [0, 0, 0, 1, 1, 1, 1, 0, 0],
+        [0, 0, 0, 1, 0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 0, 0, 0, 1, 1],  # the tail sees Mem(2) = S2 only
+    ]
+    assert layout_visibility(lay).int().tolist() == expected
+    mix, online = lay.meta["mix"], lay.meta["mix_online"]
+    # closed form: S1 = C1, S2 = (C1 + C2) / 2; recursive: S2 = S1 / 2 + C2 / 2
+    assert (mix.dst.tolist(), mix.src.tolist(), mix.weight.tolist()) == ([3, 7, 7], [2, 2, 6], [1.0, 0.5, 0.5])
+    assert (online.dst.tolist(), online.src.tolist(), online.weight.tolist()) == ([3, 7, 7], [2, 6, 3], [1, 0.5, 0.5])
+    assert lay.meta["cuts"] == [4, 8]
+    assert lay.kept_slots() == 2  # S2 and the tail
+
+
+def test_merge_weights_running_mean_and_ema():
+    assert merge_rates(3) == [1.0, 1 / 2, 1 / 3]
+    w = merge_weights(3)
+    for t in range(3):
+        assert torch.allclose(w[t, : t + 1], torch.full((t + 1,), 1 / (t + 1), dtype=torch.float64))
+        assert w[t, t + 1 :].abs().sum() == 0
+    ema = merge_weights(3, ema=0.5)
+    assert ema[2].tolist() == [0.25, 0.25, 0.5]
+    assert torch.allclose(ema.sum(1), torch.ones(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("n", [0, 9])
+def test_comp_tokens_out_of_range(n):
+    with pytest.raises(ValueError, match="comp tokens must be in 1..8"):
+        build_method("ccm-merge", comp_tokens=n)
+
+
+def lora_model(family: str, method, n: int = 2):
+    """A tiny model with conditional LoRA whose B matrices are random, so the gate visibly matters."""
+    model = attach_lora(tiny_model(family), LoraSettings(r=4), list(COMP.values())[:n], method.lora_on)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    return model.eval()
+
+
+def episode(seed=0, chunks=4) -> EpisodeTokens:
+    g = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(0, 90, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g) for _ in range(chunks)]
+    return EpisodeTokens(ids, torch.randint(0, 90, (3,), generator=g), torch.randint(0, 90, (6,), generator=g))
+
+
+def assert_equivalent(model, lay, chunk):
+    with torch.no_grad():
+        parallel = parallel_forward(model, [lay]).logits[0]
+    online, stats = incremental_forward(model, lay, chunk)
+    scored = lay.targets != IGNORE
+    diff = (parallel[scored] - online[scored]).abs().max().item()
+    assert diff < 1e-4, f"max abs diff {diff:.2e} (chunk {chunk})"
+    assert stats.stored_slots == lay.kept_slots()
+    return parallel
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("method", ["ccm-concat", "ccm-merge"])
+@pytest.mark.parametrize("recurrent", [True, False])
+def test_parallel_equals_online(family, method, recurrent):
+    m = build_method(method, comp_tokens=2, chunk_tokens=16, recurrent=recurrent)
+    model = lora_model(family, m)
+    text = TokenizedText.from_ids(torch.randint(0, 90, (70,), generator=torch.Generator().manual_seed(0)))
+    for lay in (m.layout(text, COMP), m.layout(episode(), COMP)):
+        for chunk in (1, 5, 64):
+            assert_equivalent(model, lay, chunk)
+
+
+def test_ema_merge_equivalence():
+    m = build_method("ccm-merge", comp_tokens=2, ema_rate=0.3)
+    assert_equivalent(lora_model("llama", m), m.layout(episode(chunks=5), COMP), 7)
+
+
+def test_memory_slots_per_chunk():
+    """Concat stores n slots per chunk, merge a constant n (plus the tail, which is never compressed)."""
+    for chunks in (1, 3, 6):
+        ep = episode(chunks=chunks)
+        tail = len(ep.query) + len(ep.answer)
+        concat = build_method("ccm-concat", comp_tokens=3).layout(ep, COMP)
+        merge = build_method("ccm-merge", comp_tokens=3).layout(ep, COMP)
+        assert concat.kept_slots() == 3 * chunks + tail
+        assert merge.kept_slots() == 3 + tail
+
+
+def test_merge_mixing_is_used_negative_control():
+    """Dropping the K/V replacement changes the answer's logits: the equivalence above can fail."""
+    m = build_method("ccm-merge", comp_tokens=2)
+    model = lora_model("llama", m)
+    lay = m.layout(episode(chunks=3), COMP)
+    with torch.no_grad():
+        merged = parallel_forward(model, [lay]).logits[0]
+        lay.meta.pop("mix")
+        plain = parallel_forward(model, [lay]).logits[0]
+    scored = lay.targets != IGNORE
+    assert (merged[scored] - plain[scored]).abs().max() > 1e-3
+
+
+def test_episode_scores_the_answer_only():
+    ep = episode(chunks=2)
+    lay = build_method("ccm-concat", comp_tokens=2).layout(ep, COMP)
+    assert lay.targets[lay.targets != IGNORE].tolist() == ep.answer.tolist()
+    assert int((lay.expire == NEVER).sum()) == 2 * 2 + len(ep.query) + len(ep.answer)
+
+
+def test_gate_off_equals_base_model_exactly():
+    """Text tokens run the frozen base model: with no COMP token in sight, the LoRA model equals the base."""
+    m = build_method("ccm-concat", comp_tokens=2, chunk_tokens=1000)
+    model = lora_model("llama", m)
+    lay = m.layout(TokenizedText.from_ids(torch.randint(0, 90, (40,))), COMP)  # one chunk: no COMP at all
+    assert not bool((lay.kinds == Kind.COMP).any())
+    with torch.no_grad():
+        gated = parallel_forward(model, [lay]).logits
+        with model.disable_adapter():
+            base = parallel_forward(model, [lay]).logits
+    assert torch.equal(gated, base)
+    # and LoRA does act on COMP tokens (positive control)
+    lay = m.layout(episode(chunks=2), COMP)
+    with torch.no_grad():
+        gated = parallel_forward(model, [lay]).logits
+        with model.disable_adapter():
+            base = parallel_forward(model, [lay]).logits
+    assert not torch.allclose(gated, base)
+
+
+def test_no_lora_gradient_before_the_first_comp_token():
+    m = build_method("ccm-merge", comp_tokens=2)
+    model = lora_model("llama", m)
+    model.train()
+    for p in model.parameters():
+        p.lora_dropout = None
+    lay = m.layout(episode(chunks=3), COMP)
+    first_comp = int(torch.nonzero(lay.kinds == Kind.COMP)[0])
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+
+    def grads(rows: slice) -> float:
+        model.zero_grad()
+        logits = parallel_forward(model, [lay]).logits[0, rows]
+        logits.float().pow(2).mean().backward()
+        return sum(float(p.grad.abs().sum()) for p in lora if p.grad is not None)
+
+    assert grads(slice(0, first_comp)) == 0.0
+    assert grads(slice(len(lay) - 3, len(lay))) > 0  # positive control: the answer depends on LoRA'd memory
