@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from ..layout import IGNORE, NEVER, Kind, Layout, next_text_targets
+from ..layout import IGNORE, NEVER, Kind, Layout, concat, next_text_targets
 from ..merge import MixRules, merge_rates, merge_weights
 from .base import Method, TokenizedText
 
@@ -136,6 +136,116 @@ class CCMMerge(CCMConcat):
         return self.ema_rate
 
 
+@dataclass
+class Piece:
+    """One chunk folded into memory by :class:`MemoryWriter`, with absolute (logical) indices.
+
+    Attributes:
+        layout: the chunk's tokens, its COMP tokens and (merge) its SUM placeholders; ``meta["mix_online"]`` holds
+            the recursive memory update that :func:`kvcondense.forward.feed` applies to the cache.
+        first: logical index of the piece's first token.
+        retire: logical indices of earlier slots (the previous memory, merge) that now expire at ``retire_at``.
+        retire_at: the new expiry of ``retire``.
+    """
+
+    layout: Layout
+    first: int
+    retire: list[int]
+    retire_at: int
+
+
+class MemoryWriter:
+    """The one place of CCM's layout rules (SPEC section 3): lays out chunks one at a time, then a tail.
+
+    - chunk t's tokens and its COMP tokens see the memory (``recurrent``) and their own chunk; chunk tokens expire
+      at the chunk's last COMP token;
+    - concat: COMP tokens never expire; merge: COMP tokens and the previous SUM group expire at the end of this
+      chunk's SUM group, whose keys/values are replaced by the merged memory (recursive rules on the cache; the
+      closed form for the parallel forward when ``closed_form``);
+    - positions skip: text counts text tokens only, the i-th COMP (and SUM) token of a group takes the position
+      of the last text token + i;
+    - the tail sees the whole memory and nothing else of the chunks.
+
+    The online session keeps one writer for its whole life; its state is a few integers (and, for merge, the
+    current memory's indices), so a turn costs the same at t = 1 and t = 100.
+    """
+
+    def __init__(self, comp_ids: list[int], merge: bool, recurrent: bool = True, ema: float | None = None):
+        self.comp_ids, self.merge, self.recurrent, self.ema = list(comp_ids), merge, recurrent, ema
+        self.next = 0  # logical index of the next token
+        self.text_pos = 0  # text tokens so far: the position of the next text token
+        self.steps = 0  # chunks compressed so far (t)
+        self.memory: list[int] = []  # logical indices of the current merged memory (merge)
+        self.closed: list[tuple[list[int], list[float]]] = []  # per step: COMP indices, kept only for closed form
+
+    def state(self) -> dict:
+        return {"next": self.next, "text_pos": self.text_pos, "steps": self.steps, "memory": self.memory}
+
+    def restore(self, state: dict) -> None:
+        self.next, self.text_pos, self.steps = state["next"], state["text_pos"], state["steps"]
+        self.memory = list(state["memory"])
+
+    def _tokens(self, ids: list[int], kind: Kind, first_pos: int, q_start: int, expire: int) -> dict[str, list]:
+        n = len(ids)
+        return {
+            "input_ids": ids,
+            "kinds": [int(kind)] * n,
+            "position_ids": list(range(first_pos, first_pos + n)),
+            "expire": [expire] * n,
+            "start": [q_start] * n,
+        }
+
+    def chunk(self, ids: torch.Tensor, closed_form: bool = False) -> Piece:
+        """Lay out one chunk. With ``closed_form`` the piece's meta also holds the closed-form merge rules."""
+        n, first = len(self.comp_ids), self.next
+        q_start = 0 if self.recurrent else first
+        comp_idx = first + len(ids)
+        last_comp = comp_idx + n - 1
+        last_sum = last_comp + n if self.merge else NEVER
+        parts = [self._tokens(ids.tolist(), Kind.TEXT, self.text_pos, q_start, last_comp)]
+        self.text_pos += len(ids)
+        parts.append(self._tokens(self.comp_ids, Kind.COMP, self.text_pos, q_start, last_sum))
+        comp = list(range(comp_idx, comp_idx + n))
+        meta, retire = {}, []
+        self.steps += 1
+        if self.merge:
+            sums = list(range(last_comp + 1, last_comp + 1 + n))
+            parts.append(self._tokens(self.comp_ids, Kind.SUM, self.text_pos, q_start, NEVER))
+            rate = merge_rates(self.steps, self.ema)[-1]  # recursive: SUM_t = (1 - a_t) SUM_{t-1} + a_t COMP_t
+            online = ([], [], [])
+            _add(online, sums, comp, rate)
+            if self.memory:
+                _add(online, sums, self.memory, 1.0 - rate)
+            meta = {"mix_online": _rules(online), "cuts": [last_sum + 1]}
+            if closed_form:  # SUM_t = sum_j w[t, j] COMP_j
+                self.closed.append(comp)
+                weights, mix = merge_weights(self.steps, self.ema)[self.steps - 1], ([], [], [])
+                for j, group in enumerate(self.closed):
+                    _add(mix, sums, group, float(weights[j]))
+                meta["mix"] = _rules(mix)
+            retire, self.memory = self.memory, sums
+        self.next = first + sum(len(p["input_ids"]) for p in parts)
+        return Piece(_layout(parts, meta), first, retire, last_sum)
+
+    def tail(self, ids: torch.Tensor) -> Layout:
+        """Text after the memory (a query and its answer, or the live end of a text): kept, sees all memory."""
+        lay = _layout([self._tokens(ids.tolist(), Kind.TEXT, self.text_pos, 0, NEVER)], {})
+        self.text_pos += len(ids)
+        self.next += len(ids)
+        return lay
+
+
+def _layout(parts: list[dict[str, list]], meta: dict) -> Layout:
+    cols = {k: torch.tensor([v for p in parts for v in p[k]], dtype=torch.long) for k in parts[0]}
+    n = cols["input_ids"].shape[0]
+    return Layout(
+        **cols,
+        closer_only=torch.zeros(n, dtype=torch.bool),
+        targets=torch.full((n,), IGNORE, dtype=torch.long),
+        meta=meta,
+    )
+
+
 def ccm_layout(
     chunks: list[torch.Tensor],
     tail: torch.Tensor,
@@ -145,68 +255,25 @@ def ccm_layout(
     recurrent: bool = True,
     ema: float | None = None,
 ) -> Layout:
-    """Lay out ``c(1) COMP.. [SUM..] ... c(T) COMP.. [SUM..] tail`` (SPEC section 3).
-
-    - chunk t's tokens and its COMP tokens see the memory (``recurrent``) and their own chunk; chunk tokens expire
-      at the chunk's last COMP token;
-    - concat: COMP tokens never expire; merge: COMP tokens and the previous SUM group expire at the end of this
-      chunk's SUM group, whose keys/values are replaced by the merged memory (``meta["mix"]`` in the parallel
-      forward, ``meta["mix_online"]`` on the cache, ``meta["cuts"]`` so incremental chunks end after each update);
-    - positions skip: text counts text tokens only, the i-th COMP (and SUM) token of a group takes the position
-      of the last text token + i;
-    - the tail sees the whole memory.
-    """
-    ids, kinds, pos, expire, start = [], [], [], [], []
-    mix, online, cuts, groups = ([], [], []), ([], [], []), [], []
-    text_pos, prev_sum = 0, None
-
-    def put(tokens, kind, first_pos, q_start) -> list[int]:
-        at = len(ids)
-        ids.extend(tokens)
-        kinds.extend([int(kind)] * len(tokens))
-        pos.extend(range(first_pos, first_pos + len(tokens)))
-        expire.extend([NEVER] * len(tokens))
-        start.extend([q_start] * len(tokens))
-        return list(range(at, len(ids)))
-
-    for t, chunk in enumerate(chunks, 1):
-        q_start = 0 if recurrent else len(ids)
-        text = put(chunk.tolist(), Kind.TEXT, text_pos, q_start)
-        text_pos += len(chunk)
-        comp = put(comp_ids, Kind.COMP, text_pos, q_start)
-        for k in text:
-            expire[k] = comp[-1]
-        if not merge:
-            continue
-        sums = put(comp_ids, Kind.SUM, text_pos, q_start)
-        for k in comp + (prev_sum or []):
-            expire[k] = sums[-1]
-        groups.append(comp)
-        weights = merge_weights(t, ema)[t - 1]
-        for j, group in enumerate(groups):  # closed form: SUM_t = sum_j w[t, j] COMP_j
-            _add(mix, sums, group, float(weights[j]))
-        rate = merge_rates(t, ema)[-1]  # recursive form: SUM_t = (1 - a_t) SUM_{t-1} + a_t COMP_t
-        _add(online, sums, comp, rate)
-        if prev_sum is not None:
-            _add(online, sums, prev_sum, 1.0 - rate)
-        cuts.append(sums[-1] + 1)
-        prev_sum = sums
-    put(tail.tolist(), Kind.TEXT, text_pos, 0)
-    input_ids = torch.tensor(ids, dtype=torch.long)
-    targets = torch.full((len(ids),), IGNORE, dtype=torch.long)
+    """Lay out a whole episode ``c(1) COMP.. [SUM..] ... c(T) COMP.. [SUM..] tail`` for the parallel forward
+    (see :class:`MemoryWriter`). Merge layouts carry ``meta["mix"]`` (closed form, parallel forward),
+    ``meta["mix_online"]`` (recursive, cache) and ``meta["cuts"]`` (incremental chunks end after each update)."""
+    writer = MemoryWriter(comp_ids, merge, recurrent, ema)
+    pieces = [writer.chunk(c, closed_form=True) for c in chunks]
+    lay = concat([p.layout for p in pieces] + [writer.tail(tail)])
+    for p in pieces:
+        lay.expire[p.retire] = p.retire_at
     if tail_targets is not None and len(tail):
-        targets[len(ids) - len(tail) :] = tail_targets
-    meta = {"mix": _rules(mix), "mix_online": _rules(online), "cuts": cuts} if merge else {}
-    return Layout(
-        input_ids=input_ids,
-        kinds=torch.tensor(kinds, dtype=torch.long),
-        position_ids=torch.tensor(pos, dtype=torch.long),
-        expire=torch.tensor(expire, dtype=torch.long),
-        start=torch.tensor(start, dtype=torch.long),
-        closer_only=torch.zeros(len(ids), dtype=torch.bool),
-        targets=targets,
-        meta=meta,
-    )
+        lay.targets[len(lay) - len(tail) :] = tail_targets
+    if merge:
+        lay.meta = {
+            key: MixRules(
+                *(torch.cat([getattr(p.layout.meta[key], f) for p in pieces]) for f in ("dst", "src", "weight"))
+            )
+            for key in ("mix", "mix_online")
+        }
+        lay.meta["cuts"] = [c for p in pieces for c in p.layout.meta["cuts"]]
+    return lay
 
 
 def _add(rules: tuple[list, list, list], dst: list[int], src: list[int], weight: float) -> None:
