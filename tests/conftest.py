@@ -102,13 +102,11 @@ def decode_with_policy(model, prompt, policy, tokens: list[int], slack: int = 0)
     method's policy. Returns (final layout with the same expiry, incremental logits of each step's predicting
     row, those rows' indices in the final layout, the cache, stored slots after each step)."""
     from kvcondense.cache import EvictingCache
-    from kvcondense.forward import feed
+    from kvcondense.forward import feed, incremental_forward
     from kvcondense.layout import concat
 
     cache = EvictingCache(model.config.num_hidden_layers)
-    with torch.no_grad():
-        feed(model, cache, prompt, 0)
-    cache.evict(len(prompt))
+    incremental_forward(model, prompt, chunk_size=len(prompt), cache=cache)  # in one chunk, but cut where asked
     pieces, rows, got, slots = [prompt], [], [], []
     for token in tokens:
         step = policy.step(token)

@@ -10,7 +10,12 @@ from kvcondense.forward import incremental_forward, parallel_forward
 from kvcondense.layout import IGNORE
 from kvcondense.methods import METHODS, TokenizedText, build_method
 
-TOKENS = {"<CL>": 94, "<CR>": 95, **{f"<GIST_{i}>": 96 + i for i in range(4)}}
+TOKENS = {
+    "<CL>": 94,
+    "<CR>": 95,
+    **{f"<GIST_{i}>": 96 + i for i in range(4)},
+    **{f"<COMP_{i}>": 90 + i for i in range(4)},
+}
 
 
 def text(n=90, seed=0):
@@ -36,7 +41,7 @@ def assert_equivalent(model, layout, chunk):
 @pytest.mark.parametrize("method", list(METHODS))
 def test_parallel_equals_incremental(family, method):
     model = tiny_model(family)
-    m = build_method(method, ratio=0.5, min_line_words=1, max_span_words=8)
+    m = build_method(method, ratio=0.5, min_line_words=1, max_span_words=8, chunk_tokens=16)
     layout = m.layout(text(), TOKENS, seed=1)
     for chunk in (1, 5, 64):
         assert_equivalent(model, layout, chunk)
@@ -77,7 +82,7 @@ def test_decode_time_eviction_matches_parallel(method):
     """Tokens laid out by the decode policy (spans closing over generated text, windows sliding) and fed one
     step at a time through the cache give the parallel forward's logits over the final layout."""
     model = tiny_model("llama")
-    m = build_method(method, ratio=0.5, min_line_words=1, max_span_words=8)
+    m = build_method(method, ratio=0.5, min_line_words=1, max_span_words=8, chunk_tokens=16)
     prompt = m.layout(text(40), TOKENS, seed=1)
     tokens = torch.randint(0, 90, (30,), generator=torch.Generator().manual_seed(5)).tolist()
     full, got, rows, cache, _ = decode_with_policy(model, prompt, m.decode_policy(prompt, TOKENS, seed=1), tokens)

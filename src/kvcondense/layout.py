@@ -131,4 +131,8 @@ def next_text_targets(input_ids: torch.Tensor, kinds: torch.Tensor) -> torch.Ten
 def concat(layouts: list[Layout]) -> Layout:
     """Join layouts whose indices are already absolute (a prompt layout followed by decode pieces)."""
     names = ("input_ids", "kinds", "position_ids", "expire", "start", "closer_only", "targets")
-    return Layout(**{k: torch.cat([getattr(x, k) for x in layouts]) for k in names})
+    meta: dict = {}
+    for x in layouts:  # absolute-index annotations (merge rules, cuts) add up
+        for key, value in x.meta.items():
+            meta[key] = meta[key] + value if key in meta else value
+    return Layout(**{k: torch.cat([getattr(x, k) for x in layouts]) for k in names}, meta=meta)

@@ -60,6 +60,9 @@ class MixRules:
     def __len__(self) -> int:
         return self.dst.shape[0]
 
+    def __add__(self, other: MixRules) -> MixRules:
+        return MixRules(*(torch.cat([getattr(self, f), getattr(other, f)]) for f in ("dst", "src", "weight")))
+
 
 def mix_slots(x: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Replace slots of ``x`` (B, H, S, D) by weighted sums of other slots.

@@ -260,19 +260,11 @@ def ccm_layout(
     ``meta["mix_online"]`` (recursive, cache) and ``meta["cuts"]`` (incremental chunks end after each update)."""
     writer = MemoryWriter(comp_ids, merge, recurrent, ema)
     pieces = [writer.chunk(c, closed_form=True) for c in chunks]
-    lay = concat([p.layout for p in pieces] + [writer.tail(tail)])
+    lay = concat([p.layout for p in pieces] + [writer.tail(tail)])  # concat adds up the rules and the cuts
     for p in pieces:
         lay.expire[p.retire] = p.retire_at
     if tail_targets is not None and len(tail):
         lay.targets[len(lay) - len(tail) :] = tail_targets
-    if merge:
-        lay.meta = {
-            key: MixRules(
-                *(torch.cat([getattr(p.layout.meta[key], f) for p in pieces]) for f in ("dst", "src", "weight"))
-            )
-            for key in ("mix", "mix_online")
-        }
-        lay.meta["cuts"] = [c for p in pieces for c in p.layout.meta["cuts"]]
     return lay
 
 
