@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -111,6 +112,7 @@ def _cmd_train(args) -> int:
 
 def _cmd_eval(args) -> int:
     from .evaluate import EvalConfig, format_table, run_eval
+    from .train import is_episode_data
 
     cfg = EvalConfig(
         checkpoint=args.checkpoint,
@@ -125,13 +127,16 @@ def _cmd_eval(args) -> int:
         batch_size=1 if args.long_doc else args.batch_size,
         verify=args.verify,
         prefix_buckets=(256, 512, 1024, 2048, 4096, 8192, 16384) if args.long_doc else (),
-        task=args.task,
+        task="memory" if is_episode_data(args.data) else args.task,
         prefix_tokens=args.prefix_tokens,
         new_tokens=args.new_tokens,
         docs=args.docs,
         bertscore=not args.no_bertscore,
         bertscore_encoder=args.bertscore_encoder,
         seed=args.seed,
+        time_steps=tuple(args.time_steps),
+        episodes=args.episodes,
+        baselines=args.baselines,
     )
     target = _results_path(args, f"eval-{cfg.task}", asdict(cfg)) if args.out_dir else None
     if args.out_dir and target is None:
@@ -143,6 +148,21 @@ def _cmd_eval(args) -> int:
     if args.json:
         _write_json(args.json, results[0] if len(results) == 1 else {"results": results})
     return 0
+
+
+def _cmd_chat(args) -> int:
+    from .session import MemorySession, chat
+
+    session = MemorySession.from_checkpoint(args.checkpoint, args.model)
+    if args.load:
+        session.load(args.load)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chat with {args.checkpoint}: one message per line, Ctrl-D to end", file=sys.stderr)
+    rejected = chat(session, sys.stdin, sys.stdout, sys.stderr, stats=args.stats, max_new_tokens=args.max_new_tokens)
+    if args.save:
+        print(f"memory saved to {session.save(args.save)}", file=sys.stderr)
+    return 1 if rejected and not interactive else 0
 
 
 def _cmd_generate(args) -> int:
@@ -291,10 +311,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", type=int, default=8, help="continuation: documents")
     p.add_argument("--no-bertscore", action="store_true", help="continuation: ROUGE-L only")
     p.add_argument("--bertscore-encoder", default=None, help="continuation: local encoder dir (default MiniLM)")
+    p.add_argument(
+        "--time-steps", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="memory: compressed chunks t to score"
+    )
+    p.add_argument("--episodes", type=int, default=40, help="memory: episodes scored at every t")
+    p.add_argument("--baselines", action="store_true", help="memory: also no-context, full and a sliding window")
     p.add_argument("--json", help="write the results as JSON to this file")
     p.add_argument("--out-dir", default=None, help="write result.json under a directory named from the config")
     p.add_argument("--force", action="store_true", help="with --out-dir: redo a result that exists")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("chat", help="chat with a compressed memory (ccm checkpoints); reads stdin when piped")
+    p.add_argument("--checkpoint", required=True, help="a ccm-concat or ccm-merge checkpoint")
+    p.add_argument("--model", default=None, help="where to load the checkpoint's base model from")
+    p.add_argument("--stats", action="store_true", help="print 'memory: N slots, M bytes' after every turn")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--load", default=None, help="start from a memory file saved by --save")
+    p.add_argument("--save", default=None, help="write the memory to this file at the end")
+    p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser("generate", help="generate from a compressed prompt and print cache statistics")
     p.add_argument("--checkpoint", help="checkpoint directory (omit to use --method without training)")
@@ -356,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()  # our own progress bars and messages are enough
     hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft calls a deprecated name
     try:
         return args.func(args)
     except USER_ERRORS as e:

@@ -28,7 +28,7 @@ from .models import DEFAULT_MODEL, add_special_tokens, load_model
 from .train import text_blocks
 from .verify import check_family, max_abs_diff
 
-TASKS = ("perplexity", "continuation")
+TASKS = ("perplexity", "continuation", "memory")
 
 
 @dataclass
@@ -55,6 +55,9 @@ class EvalConfig:
         prefix_tokens, new_tokens, docs: continuation: prefix length, generated length, number of documents.
         bertscore: continuation: also compute BERTScore (``bertscore_encoder``: a local encoder directory, default
             the embedded MiniLM).
+        time_steps, episodes, baselines: memory (online episodes, chosen automatically for episode data): the
+            numbers of compressed chunks t, the episodes scored at every t, and whether the no-context, full and
+            sliding-window baselines are scored beside the method (see :mod:`kvcondense.memory_eval`).
     """
 
     checkpoint: str | None = None
@@ -76,6 +79,9 @@ class EvalConfig:
     docs: int = 8
     bertscore: bool = True
     bertscore_encoder: str | None = None
+    time_steps: tuple[int, ...] = (1, 2, 4, 8, 16)
+    episodes: int = 40
+    baselines: bool = False
 
     def __post_init__(self) -> None:
         if (self.checkpoint is None) == (self.method is None):
@@ -183,7 +189,9 @@ def measured_kv(model, method: Method, block: TokenizedText, token_ids: dict, se
 
 
 def run_eval(cfg: EvalConfig) -> list[dict]:
-    """Evaluate at every ratio of ``cfg``. Returns one JSON-ready dict per ratio."""
+    """Evaluate at every ratio of ``cfg``. Returns one JSON-ready dict per ratio (per method and t for memory)."""
+    if cfg.task == "memory":
+        return run_memory(cfg)
     docs = load_split(cfg.data, cfg.split)  # bad data fails before the model is loaded
     model, tokenizer, base_method, token_ids, label = load_for_eval(cfg)
     check_family(model)
@@ -208,6 +216,34 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
     return results
 
 
+def run_memory(cfg: EvalConfig) -> list[dict]:
+    """The online-memory table (CCM) on an episode source."""
+    from .data.episodes import load_episodes
+    from .memory_eval import run_memory_eval
+
+    episodes = load_episodes(cfg.data, cfg.split)  # bad data fails before the model is loaded
+    if min(cfg.time_steps) < 1 or cfg.episodes < 1:
+        raise ValueError("--time-steps must be >= 1 and --episodes >= 1")
+    model, tokenizer, method, token_ids, _ = load_for_eval(cfg)
+    if not method.episodic:
+        raise ValueError(f"method {method.name!r} does not take online episodes; use a ccm method or a baseline")
+    rows = run_memory_eval(
+        model,
+        tokenizer,
+        method,
+        token_ids,
+        episodes,
+        steps=tuple(cfg.time_steps),
+        max_episodes=cfg.episodes,
+        batch_size=cfg.batch_size,
+        with_baselines=cfg.baselines,
+        verify=cfg.verify,
+    )
+    for row in rows:
+        row["config"] = asdict(cfg)
+    return rows
+
+
 def scored_blocks(docs, tokenizer, cfg: EvalConfig) -> list[TokenizedText]:
     """The blocks to score: ``block_tokens`` text tokens each, ``max_tokens`` in all."""
     budget, chosen = cfg.max_tokens, []
@@ -224,6 +260,10 @@ def scored_blocks(docs, tokenizer, cfg: EvalConfig) -> list[TokenizedText]:
 
 def format_table(results: list[dict]) -> str:
     """A plain-text table of results (one row each)."""
+    if results and results[0].get("task") == "memory":
+        from .memory_eval import format_memory_table
+
+        return format_memory_table(results)
     if results and results[0].get("task") == "continuation":
         head = f"{'method':<28} {'ratio':>5} {'KV kept':>8} {'ROUGE-L':>8} {'BERTScore':>9} {'docs':>5}"
         rows = [head, "-" * len(head)]

@@ -198,3 +198,26 @@ def memory_identity(model, method: Method) -> str:
             h.update(key.encode())
             h.update(flat[:: max(1, flat.numel() // 1024)][:1024].numpy().round(5).tobytes())
     return h.hexdigest()[:16]
+
+
+def chat(session: MemorySession, lines, out, err, stats: bool = False, max_new_tokens: int = 48) -> int:
+    """Chat turn by turn: each user line and each reply is compressed into memory as one turn (speakers A/B, the
+    dialogue format of :mod:`kvcondense.data.episodes`). Returns the number of rejected (empty) turns."""
+    from .data.episodes import SPEAKERS, TURN
+
+    user, bot = SPEAKERS
+    rejected = 0
+    for line in lines:
+        message = line.strip()
+        if not message:
+            print("error: the turn is empty; type some text (nothing was added to memory)", file=err)
+            rejected += 1
+            continue
+        session.feed(TURN.format(speaker=user, text=message))
+        reply = session.answer(f"{bot}:", max_new_tokens=max_new_tokens).strip()
+        print(f"{bot}: {reply}", file=out, flush=True)
+        if reply:
+            session.feed(TURN.format(speaker=bot, text=reply))
+        if stats:
+            print(f"memory: {session.memory_slots()} slots, {session.memory_bytes()} bytes", file=out, flush=True)
+    return rejected

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from .base import Method, TokenizedText, tokenize
-from .baselines import FullAttention, LocalAttention, ScatteredAttention, StreamingLLM
+from .baselines import FullAttention, LocalAttention, NoContext, ScatteredAttention, SlidingWindow, StreamingLLM
 from .ccm import CCMConcat, CCMMerge, EpisodeTokens, tokenize_episode
 from .gist import Gist
 from .sentinel import Sentinel
@@ -19,6 +19,8 @@ METHODS: dict[str, type[Method]] = {
     "local": LocalAttention,
     "scattered": ScatteredAttention,
     "streaming": StreamingLLM,
+    "no-context": NoContext,
+    "window": SlidingWindow,
 }
 
 

@@ -113,6 +113,7 @@ class Method(ABC):
     predict_from: ClassVar[tuple[Kind, ...]] = (Kind.TEXT,)  # kinds whose logits predict the next text token
     lora_on: ClassVar[tuple[Kind, ...] | None] = None  # conditional LoRA: active only on these kinds (None: all)
     episodic: ClassVar[bool] = False  # layout() also takes online episodes (methods.ccm.EpisodeTokens)
+    plain_text: ClassVar[bool] = True  # layout() takes plain text (False: episodes only)
 
     @abstractmethod
     def layout(self, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 
 from ..decode import TextPolicy
-from ..layout import NEVER, Layout, text_layout
+from ..layout import IGNORE, NEVER, Layout, text_layout
 from .base import Method, TokenizedText
 
 
@@ -23,14 +23,81 @@ def _check_ratio(ratio: float) -> None:
         raise ValueError(f"ratio must be in (0, 1), got {ratio}; pass e.g. --ratio 0.5")
 
 
+def episode_layout(ep, keep_context: int | None = None, sinks: int = 0) -> Layout:
+    """An online episode as plain text: its chunks, query and answer in one sequence, the answer scored.
+
+    With ``keep_context`` the context is read through a sliding window of that many slots (``sinks`` first tokens
+    plus the most recent ones), which stops moving when the query starts: the query and the answer see the
+    sinks and the last ``keep_context - sinks`` context tokens, the same KV budget as a memory of that many slots.
+    """
+    context = torch.cat(ep.chunks) if ep.chunks else torch.zeros(0, dtype=torch.long)
+    ids = torch.cat([context, ep.query, ep.answer])
+    n_ctx = len(context)
+    expire = torch.full((len(ids),), NEVER)
+    if keep_context is not None and n_ctx > keep_context:
+        window = keep_context - sinks
+        k = torch.arange(n_ctx)
+        early = (k >= sinks) & (k < n_ctx - window)  # leaves the window before the query starts
+        expire[:n_ctx] = torch.where(early, torch.minimum(k + window, torch.tensor(n_ctx - 1)), NEVER)
+    lay = text_layout(ids, expire)
+    lay.targets[:] = IGNORE
+    lay.targets[n_ctx + len(ep.query) - 1 : -1] = ep.answer
+    return lay
+
+
 @dataclass
 class FullAttention(Method):
     """Full causal attention, nothing evicted: the upper bound every method is compared to."""
 
     name: ClassVar[str] = "full"
+    episodic: ClassVar[bool] = True
 
-    def layout(self, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:
+    def layout(self, text, token_ids: dict[str, int], seed: int = 0) -> Layout:
+        if not isinstance(text, TokenizedText):  # an online episode: the whole context is kept
+            return episode_layout(text)
         return text_layout(text.ids)
+
+
+@dataclass
+class NoContext(Method):
+    """No context at all: an online episode's query and answer alone (the lower bound of CCM's table)."""
+
+    name: ClassVar[str] = "no-context"
+    trainable: ClassVar[bool] = False
+    episodic: ClassVar[bool] = True
+    plain_text: ClassVar[bool] = False
+
+    def layout(self, text, token_ids: dict[str, int], seed: int = 0) -> Layout:
+        if isinstance(text, TokenizedText):
+            raise ValueError("no-context evaluates online episodes; pass --data chitchat, analogy, recall or a .jsonl")
+        return episode_layout(type(text)([], text.query, text.answer, text.options))
+
+
+@dataclass
+class SlidingWindow(Method):
+    """A sliding window with attention sinks over an online episode's context, at a fixed KV budget (``slots``):
+    the training-free baseline of CCM at the same memory.
+
+    Attributes:
+        slots: KV slots kept for the context (sinks included).
+        sinks: initial tokens always kept.
+    """
+
+    name: ClassVar[str] = "window"
+    trainable: ClassVar[bool] = False
+    episodic: ClassVar[bool] = True
+    plain_text: ClassVar[bool] = False
+    slots: int = 32
+    sinks: int = 4
+
+    def __post_init__(self) -> None:
+        if self.slots < 1 or not 0 <= self.sinks <= self.slots:
+            raise ValueError(f"window needs slots >= 1 and 0 <= sinks <= slots, got {self.slots}, {self.sinks}")
+
+    def layout(self, text, token_ids: dict[str, int], seed: int = 0) -> Layout:
+        if isinstance(text, TokenizedText):
+            raise ValueError("window evaluates online episodes; for plain text use --method streaming")
+        return episode_layout(text, self.slots, self.sinks)
 
 
 def local_expiry(n: int, ratio: float) -> torch.Tensor:

@@ -96,6 +96,10 @@ class CCMConcat(Method):
     def ema(self) -> float | None:
         return None
 
+    def memory_slots(self, steps: int) -> int:
+        """KV slots of the memory after ``steps`` chunks (concat: n per chunk; merge: n)."""
+        return self.comp_tokens * (1 if self.merge else steps)
+
     def layout(self, text: TokenizedText | EpisodeTokens, token_ids: dict[str, int], seed: int = 0) -> Layout:
         """Plain text: every full chunk but the last is compressed, every text token is scored. An episode: its
         chunks are compressed, only the answer is scored."""
