@@ -209,3 +209,19 @@ def test_no_lora_gradient_before_the_first_comp_token():
 
     assert grads(slice(0, first_comp)) == 0.0
     assert grads(slice(len(lay) - 3, len(lay))) > 0  # positive control: the answer depends on LoRA'd memory
+
+
+@pytest.mark.parametrize("method", ["ccm-concat", "ccm-merge"])
+def test_streaming_sinks_window_and_memory(method):
+    """Streaming: sinks + a recent window + the compressed older chunks; parallel == online, and the merge
+    budget is sinks + window + n, whatever the length."""
+    m = build_method(method, comp_tokens=2, chunk_tokens=8, window=12, sinks=2)
+    model = lora_model("llama", m)
+    for n in (60, 120):
+        lay = m.layout(TokenizedText.from_ids(torch.randint(0, 90, (n,))), COMP)
+        for chunk in (1, 16):
+            assert_equivalent(model, lay, chunk)
+        if method == "ccm-merge":
+            assert lay.kept_slots() == 2 + 12 + 2
+    budget = build_method("streaming", sinks=2, slots=16).layout(TokenizedText.from_ids(torch.arange(120)), {})
+    assert budget.kept_slots() == 16  # the StreamingLLM baseline at the same budget

@@ -59,6 +59,9 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
         help="ccm: compress each chunk without seeing the memory (Gisting-online)",
     )
     p.add_argument("--ema", type=float, default=None, help="ccm-merge: a constant update rate instead of 1/t")
+    p.add_argument("--window", type=int, default=None, help="ccm streaming: recent text tokens kept visible")
+    p.add_argument("--sinks", type=int, default=None, help="ccm/streaming: initial tokens never evicted")
+    p.add_argument("--slots", type=int, default=None, help="streaming/window: a fixed KV budget in slots")
 
 
 def _method_params(args) -> dict:
@@ -70,6 +73,9 @@ def _method_params(args) -> dict:
         "chunk_tokens": getattr(args, "chunk_tokens", None),
         "recurrent": False if getattr(args, "no_recurrent", False) else None,
         "ema_rate": getattr(args, "ema", None),
+        "window": getattr(args, "window", None),
+        "sinks": getattr(args, "sinks", None),
+        "slots": getattr(args, "slots", None),
     }
     return {k: v for k, v in params.items() if v is not None}
 

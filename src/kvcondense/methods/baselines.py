@@ -169,20 +169,27 @@ class StreamingLLM(Method):
     Attributes:
         ratio: fraction of the KV to drop at the end of the sequence, in (0, 1).
         sinks: number of initial tokens that are always kept.
+        slots: a fixed KV budget (sinks + window) instead of the ratio (to match a compressed memory's budget).
     """
 
     name: ClassVar[str] = "streaming"
     trainable: ClassVar[bool] = False
     ratio: float = 0.5
     sinks: int = 4
+    slots: int | None = None
 
     def __post_init__(self) -> None:
         _check_ratio(self.ratio)
         if self.sinks < 0:
             raise ValueError(f"sinks must be >= 0, got {self.sinks}")
+        if self.slots is not None and self.slots <= self.sinks:
+            raise ValueError(f"streaming slots must exceed the sinks ({self.sinks}), got {self.slots}")
 
     def window(self, n: int) -> int:
-        """Recent keys kept in the cache for a sequence of ``n`` tokens (each query also sees itself)."""
+        """Recent keys kept in the cache for a sequence of ``n`` tokens (each query also sees itself); a fixed
+        ``slots`` budget overrides the ratio."""
+        if self.slots is not None:
+            return self.slots - self.sinks
         return max(1, round((1 - self.ratio) * n) - self.sinks)
 
     def layout(self, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:

@@ -71,6 +71,9 @@ class CCMConcat(Method):
         recurrent: chunks (and their ``<COMP>`` tokens) see the memory; False is Gisting-online (each chunk
             compressed on its own).
         chunk_tokens: plain text is cut into chunks of this many tokens (episodes come with their own chunks).
+        window: streaming (plain text): text tokens stay visible for this many later text tokens after their chunk
+            is compressed, so a query sees the sinks, the memory and the most recent ``window`` tokens.
+        sinks: streaming: the first text tokens that are never evicted (attention sinks).
     """
 
     name: ClassVar[str] = "ccm-concat"
@@ -80,6 +83,8 @@ class CCMConcat(Method):
     comp_tokens: int = 4
     recurrent: bool = True
     chunk_tokens: int = 64
+    window: int = 0
+    sinks: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.comp_tokens <= MAX_COMP_TOKENS:
@@ -88,6 +93,8 @@ class CCMConcat(Method):
             )
         if self.chunk_tokens < 1:
             raise ValueError(f"chunk tokens must be >= 1, got {self.chunk_tokens}")
+        if self.window < 0 or self.sinks < 0:
+            raise ValueError(f"window and sinks must be >= 0, got {self.window}, {self.sinks}")
 
     @property
     def special_tokens(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -114,6 +121,8 @@ class CCMConcat(Method):
         chunks = [text.ids[lo : lo + n] for lo in range(0, cut, n)]
         lay = ccm_layout(chunks, text.ids[cut:], None, comp_ids, self.merge, self.recurrent, self.ema())
         lay.targets = next_text_targets(lay.input_ids, lay.kinds)
+        if self.window or self.sinks:
+            stream_expiry(lay, self.window, self.sinks)
         return lay
 
 
@@ -270,6 +279,18 @@ def ccm_layout(
     if tail_targets is not None and len(tail):
         lay.targets[len(lay) - len(tail) :] = tail_targets
     return lay
+
+
+def stream_expiry(lay: Layout, window: int, sinks: int) -> None:
+    """Streaming: keep the first ``sinks`` text tokens forever and every text token visible until ``window`` more
+    text tokens have come (on top of its chunk's compression). Text at rank r expires at the index of the text
+    token of rank r + window."""
+    text = torch.nonzero(lay.kinds == Kind.TEXT).flatten()
+    later = torch.full_like(text, NEVER)
+    if window < len(text):
+        later[: len(text) - window] = text[window:]
+    later[:sinks] = NEVER
+    lay.expire[text] = torch.maximum(lay.expire[text], later)
 
 
 def _add(rules: tuple[list, list, list], dst: list[int], src: list[int], weight: float) -> None:
