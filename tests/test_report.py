@@ -1,6 +1,8 @@
 """kvcondense report on result directories written by eval and bench: a table and PNG plots; deterministic
 result directories that a rerun skips unless --force."""
 
+import json
+
 from kvcondense.cli import main
 
 
@@ -84,3 +86,32 @@ def test_memory_by_turn_records_get_their_plot(tmp_path):
     (tmp_path / "run" / "result.json").write_text(json.dumps(record))
     _, pngs = write_report([tmp_path / "run"], tmp_path / "rep")
     assert [p.name for p in pngs] == ["kv_vs_turns.png"]
+
+
+def test_memory_rows_get_a_table_per_t_and_a_plot(tmp_path):
+    from kvcondense.report import write_report
+
+    rows = [
+        {
+            "method": m,
+            "label": m,
+            "task": "memory",
+            "metric": "perplexity",
+            "t": t,
+            "perplexity": p,
+            "kv_mb": mb,
+            "kv_slots": 1,
+            "episodes": 3,
+            "params": {},
+        }
+        for m, p, mb in (("ccm-merge", 9.0, 0.1), ("full", 8.0, 1.0))
+        for t in (1, 4)
+    ]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "result.json").write_text(json.dumps({"results": rows}))
+    table, made = write_report([tmp_path / "run"], tmp_path / "out")
+    text = table.read_text()
+    assert (
+        "| method (perplexity, KV MB) | t=1 | t=4 |" in text and "| ccm-merge | 9.000 (0.10) | 9.000 (0.10) |" in text
+    )
+    assert any(p.name == "memory_perplexity_vs_t.png" and p.stat().st_size > 0 for p in made)

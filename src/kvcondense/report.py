@@ -55,7 +55,11 @@ def load_results(dirs: list[str | Path]) -> list[dict]:
             items = data["results"] if isinstance(data, dict) and "results" in data else data
             for item in items if isinstance(items, list) else [items]:
                 if isinstance(item, dict) and (
-                    "perplexity" in item or "rouge_l" in item or "contexts" in item or "memory_by_turn" in item
+                    "perplexity" in item
+                    or "rouge_l" in item
+                    or "contexts" in item
+                    or "memory_by_turn" in item
+                    or "accuracy" in item
                 ):
                     records.append({**item, "_source": str(f)})
     if not records:
@@ -69,9 +73,30 @@ def label(r: dict) -> str:
     return r.get("label") or r.get("method", "?")
 
 
-def markdown(records: list[dict]) -> str:
+def is_memory(r: dict) -> bool:
+    return r.get("task") == "memory"
+
+
+def memory_markdown(rows: list[dict]) -> list[str]:
+    """CCM-style tables: one per metric, a row per method, a column per t (KV MB in brackets)."""
     lines = []
-    ppl = [r for r in records if "perplexity" in r]
+    for metric in ("perplexity", "accuracy"):
+        chosen = [r for r in rows if r.get("metric") == metric]
+        if not chosen:
+            continue
+        steps = sorted({r["t"] for r in chosen})
+        lines += [f"| method ({metric}, KV MB) | " + " | ".join(f"t={t}" for t in steps) + " |"]
+        lines += ["|---|" + "---|" * len(steps)]
+        for name in dict.fromkeys(label(r) for r in chosen):
+            cells = {r["t"]: f"{r[metric]:.3f} ({r['kv_mb']:.2f})" for r in chosen if label(r) == name}
+            lines.append(f"| {name} | " + " | ".join(cells.get(t, "-") for t in steps) + " |")
+        lines.append("")
+    return lines
+
+
+def markdown(records: list[dict]) -> str:
+    lines = memory_markdown([r for r in records if is_memory(r)])
+    ppl = [r for r in records if "perplexity" in r and not is_memory(r)]
     if ppl:
         lines += ["| method | ratio | KV kept (measured) | perplexity | tokens |", "|---|---|---|---|---|"]
         for r in sorted(ppl, key=lambda r: (label(r), r["compression_ratio"])):
@@ -117,7 +142,17 @@ def _save(fig, path: Path) -> Path:
 
 def plots(records: list[dict], out: Path) -> list[Path]:
     made = []
-    ppl = [r for r in records if "perplexity" in r]
+    for metric in ("perplexity", "accuracy"):
+        rows = [r for r in records if is_memory(r) and r.get("metric") == metric]
+        if rows:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for name in dict.fromkeys(label(r) for r in rows):
+                pts = sorted((r["t"], r[metric]) for r in rows if label(r) == name)
+                ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+            ax.set(xscale="log", xlabel="compressed chunks t", ylabel=metric, title=f"Online memory: {metric} vs t")
+            ax.legend(fontsize=7)
+            made.append(_save(fig, out / f"memory_{metric}_vs_t.png"))
+    ppl = [r for r in records if "perplexity" in r and not is_memory(r)]
     if ppl:
         fig, ax = plt.subplots(figsize=(6, 4))
         for name in sorted({label(r) for r in ppl}):
