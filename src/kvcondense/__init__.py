@@ -12,6 +12,7 @@ from .forward import incremental_forward, parallel_forward
 from .layout import NEVER, Kind, Layout
 from .methods import METHODS, Method, build_method, tokenize
 from .models import add_special_tokens, load_model
+from .session import MemorySession
 from .train import TrainConfig
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "Kind",
     "Layout",
     "METHODS",
+    "MemorySession",
     "Method",
     "NEVER",
     "TrainConfig",
