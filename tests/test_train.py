@@ -106,3 +106,12 @@ def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
         write_checkpoint(out, {"x": 2}, {"w": torch.ones(2)}, [])
     assert json.loads((out / "kvcondense.json").read_text())["x"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temp dirs left behind
+
+
+def test_gradient_checkpointing_trains_the_same(tiny_dir, sample_path, tmp_path):
+    """Non-reentrant checkpointing recomputes activations (dropout RNG included): the same losses."""
+    plain = train(config(tiny_dir, sample_path, tmp_path / "a", steps=3))
+    ckpointed = train(config(tiny_dir, sample_path, tmp_path / "b", steps=3, grad_checkpointing=True))
+    a, b = [[row["loss"] for row in read_log(p)] for p in (plain, ckpointed)]
+    assert a == pytest.approx(b, abs=1e-4)
+    assert read_meta(ckpointed)["training"]["grad_checkpointing"] is True

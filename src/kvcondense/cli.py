@@ -105,6 +105,8 @@ def _cmd_train(args) -> int:
             block_tokens=args.block_tokens,
             lr=args.lr,
             schedule=args.schedule,
+            attention=args.attention,
+            grad_checkpointing=args.grad_checkpointing,
             warmup_steps=args.warmup_steps,
             seed=args.seed,
             save_every=args.save_every,
@@ -287,6 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--schedule", default="linear", help="learning-rate schedule: linear (default), cosine, constant")
     p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument(
+        "--attention",
+        default="auto",
+        choices=["auto", "sdpa", "flex"],
+        help="auto: sdpa on CPU, flex_attention (block-sparse) on CUDA for blocks of 2048+ tokens",
+    )
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations (longer blocks)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--out", required=True, help="checkpoint directory (replaced atomically)")

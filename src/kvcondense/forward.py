@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +17,7 @@ import torch
 from .cache import EvictingCache
 from .layout import Kind, Layout
 from .lora import lora_gate
-from .masks import batch_visibility, to_attention_mask
+from .masks import batch_visibility, block_mask, to_attention_mask
 from .merge import batch_rules, merging_attention
 
 
@@ -41,22 +43,65 @@ def pad_layouts(layouts: list[Layout], pad_id: int = 0) -> tuple[torch.Tensor, t
     return ids, pos, kinds
 
 
-def parallel_forward(model, layouts: list[Layout], **kwargs):
+FLEX_MIN_TOKENS = 2048
+"""From this length on, ``attention="auto"`` uses flex_attention with a block-sparse mask on CUDA."""
+ATTENTION = ("auto", "sdpa", "flex")
+
+
+def choose_attention(model, length: int, requested: str = "auto") -> str:
+    """The attention implementation of one parallel forward.
+
+    ``auto``: the model's own (sdpa or eager), except on CUDA from :data:`FLEX_MIN_TOKENS` tokens on, where an
+    sdpa model switches to flex_attention with a ``BlockMask`` that skips hidden blocks. ``flex`` forces it; on
+    CPU it has no backward in torch 2.13, so a training forward falls back to sdpa with a warning.
+    """
+    if requested not in ATTENTION:
+        raise ValueError(f"unknown attention {requested!r}; choose one of {ATTENTION}")
+    current = attn_implementation(model)
+    on_cuda = model.device.type == "cuda"
+    if requested == "flex" and not on_cuda and torch.is_grad_enabled():
+        warnings.warn("flex_attention has no CPU backward (torch 2.13); training with sdpa instead", stacklevel=3)
+        return current
+    if requested == "flex" or (requested == "auto" and on_cuda and current == "sdpa" and length >= FLEX_MIN_TOKENS):
+        return "flex_attention"
+    return current
+
+
+@contextmanager
+def attention_implementation(model, name: str):
+    """Temporarily run ``model`` with another registered attention implementation (restored in ``finally``)."""
+    before = attn_implementation(model)
+    model.config._attn_implementation = name
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = before
+
+
+def parallel_forward(model, layouts: list[Layout], attention: str = "auto", **kwargs):
     """One masked forward over right-padded layouts. Returns the model output (logits (B, L, V)).
 
     ``model`` may be wrapped for distributed training (DDP): the call goes through the wrapper, so gradients are
-    synchronised, and attributes are read from the module inside.
+    synchronised, and attributes are read from the module inside. ``attention``: see :func:`choose_attention`.
     """
     inner = getattr(model, "module", model)
     device = inner.device
     ids, pos, kinds = pad_layouts(layouts)
-    mask = to_attention_mask(batch_visibility(layouts), attn_implementation(inner), inner.dtype)
+    impl = choose_attention(inner, ids.shape[1], attention)
+    if impl == "flex_attention":
+        mask = block_mask(layouts, ids.shape[1], device=device)
+    else:
+        mask = to_attention_mask(batch_visibility(layouts), impl, inner.dtype).to(device)
     rules = batch_rules([lay.meta.get("mix") for lay in layouts])
-    with lora_gate(inner, kinds), merging_attention(inner, rules, num_layers(inner)) as mix_kwargs:
+    with (
+        attention_implementation(inner, impl),
+        lora_gate(inner, kinds),
+        merging_attention(inner, rules, num_layers(inner)) as mix_kwargs,
+    ):
         return model(
             input_ids=ids.to(device),
             position_ids=pos.to(device),
-            attention_mask=mask.to(device),
+            attention_mask=mask,
             use_cache=False,
             **mix_kwargs,
             **kwargs,

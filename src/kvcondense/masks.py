@@ -11,7 +11,7 @@ import torch
 
 from .layout import Layout
 
-SUPPORTED_ATTN = ("sdpa", "eager")
+SUPPORTED_ATTN = ("sdpa", "eager", "flex_attention")
 
 
 def visibility(
@@ -55,6 +55,40 @@ def batch_visibility(layouts: list[Layout], length: int | None = None) -> torch.
         n = len(lay)
         out[b, :n, :n] = layout_visibility(lay)
     return out
+
+
+def padded_spec(layouts: list[Layout], length: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded (B, L) expiry spec of several layouts. Pads get expiry -1 and are flagged ``pad``."""
+    length = length or max(len(x) for x in layouts)
+    b = len(layouts)
+    spec = {
+        "expire": torch.full((b, length), -1, dtype=torch.long),
+        "start": torch.zeros((b, length), dtype=torch.long),
+        "closer": torch.zeros((b, length), dtype=torch.bool),
+        "pad": torch.ones((b, length), dtype=torch.bool),
+    }
+    for i, lay in enumerate(layouts):
+        n = len(lay)
+        spec["expire"][i, :n], spec["start"][i, :n] = lay.expire, lay.start
+        spec["closer"][i, :n], spec["pad"][i, :n] = lay.closer_only, False
+    return spec
+
+
+def block_mask(layouts: list[Layout], length: int | None = None, block_size: int = 128, device=None):
+    """A flex_attention ``BlockMask`` from the same expiry spec (GPU path for long sequences): blocks in which no
+    query sees any key are skipped. Pads see only themselves, as in :func:`batch_visibility`."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    length = length or max(len(x) for x in layouts)
+    spec = {k: v.to(device) for k, v in padded_spec(layouts, length).items()}
+    expire, start, closer, pad = spec["expire"], spec["start"], spec["closer"], spec["pad"]
+
+    def mask_mod(b, h, q, k):
+        exp = expire[b, k]
+        vis = (k <= q) & (q <= exp) & (k >= start[b, q]) & (~closer[b, k] | (q == k) | (q == exp))
+        return (vis & ~pad[b, q]) | (pad[b, q] & (q == k))
+
+    return create_block_mask(mask_mod, len(layouts), None, length, length, device=device, BLOCK_SIZE=block_size)
 
 
 def to_attention_mask(visible: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:

@@ -57,6 +57,9 @@ class TrainConfig:
         save_every: steps between checkpoints (0: only at the end).
         stage: what trains: ``rows`` (new token rows only), ``lora`` (LoRA + rows) or ``full`` (every weight).
         init_from: a checkpoint of the same method whose trained tensors start this run (stage 1 -> stage 2).
+        attention: ``auto`` (sdpa; flex_attention with a block-sparse mask on CUDA for long blocks), ``sdpa`` or
+            ``flex`` (see ``kvcondense.forward.choose_attention``).
+        grad_checkpointing: recompute activations in the backward (non-reentrant) to fit longer blocks.
     """
 
     method: str = "sentinel"
@@ -77,6 +80,8 @@ class TrainConfig:
     save_every: int = 50
     stage: str = "lora"
     init_from: str | None = None
+    attention: str = "auto"
+    grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -170,6 +175,8 @@ def prepare_model(cfg: TrainConfig, method: Method):
     torch.manual_seed(cfg.seed)
     model = attach_lora(model, cfg.lora, list(token_ids.values()), method.lora_on)
     set_stage(model, cfg.stage)
+    if cfg.grad_checkpointing:  # non-reentrant: works with frozen inputs and keeps the dropout RNG state
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.init_from:
         start = read_meta(cfg.init_from)
         if start["method"]["name"] != method.name or start["special_tokens"] != token_ids:
@@ -204,7 +211,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     # bad data fails before the model is loaded
     docs = load_episodes(cfg.data, "train", cfg.seed) if episodic else load_split(cfg.data, "train")
     # cpu=True when there is no GPU: that is what makes a multi-process launch (torchrun) use gloo on CPU
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available())
+    cuda = torch.cuda.is_available()
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum, cpu=not cuda, mixed_precision="bf16" if cuda else "no"
+    )
     model, tokenizer, token_ids, identity = prepare_model(cfg, method)
 
     if episodic:
@@ -252,7 +262,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             epoch, batch = next(stream)
             layouts = [method.layout(b, token_ids, seed=cfg.seed + 7919 * epoch + i) for i, b in batch]
             with accelerator.accumulate(model):
-                loss_sum, n = lm_loss(parallel_forward(model, layouts).logits, layouts, reduction="sum")
+                logits = parallel_forward(model, layouts, attention=cfg.attention).logits
+                loss_sum, n = lm_loss(logits, layouts, reduction="sum")
                 # token-weighted mean over the global batch: DDP averages gradients over processes, so each
                 # process scales its sum by world / global tokens (exactly the 1-process loss, any world size)
                 n_global = accelerator.reduce(torch.tensor(float(n), device=loss_sum.device), reduction="sum")
