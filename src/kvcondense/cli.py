@@ -144,7 +144,7 @@ def _cmd_eval(args) -> int:
         seed=args.seed,
         time_steps=tuple(args.time_steps),
         episodes=args.episodes,
-        baselines=args.baselines,
+        baselines=() if args.baselines is None else tuple(args.baselines or ("no-context", "full", "window")),
     )
     target = _results_path(args, f"eval-{cfg.task}", asdict(cfg)) if args.out_dir else None
     if args.out_dir and target is None:
@@ -330,7 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--time-steps", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="memory: compressed chunks t to score"
     )
     p.add_argument("--episodes", type=int, default=40, help="memory: episodes scored at every t")
-    p.add_argument("--baselines", action="store_true", help="memory: also no-context, full and a sliding window")
+    p.add_argument(
+        "--baselines",
+        nargs="*",
+        choices=["no-context", "full", "window"],
+        default=None,
+        help="memory: also score these baselines (no names: all three; the window at the method's KV budget)",
+    )
     p.add_argument("--json", help="write the results as JSON to this file")
     p.add_argument("--out-dir", default=None, help="write result.json under a directory named from the config")
     p.add_argument("--force", action="store_true", help="with --out-dir: redo a result that exists")

@@ -57,7 +57,7 @@ class EvalConfig:
             the embedded MiniLM).
         time_steps, episodes, baselines: memory (online episodes, chosen automatically for episode data): the
             numbers of compressed chunks t, the episodes scored at every t, and whether the no-context, full and
-            sliding-window baselines are scored beside the method (see :mod:`kvcondense.memory_eval`).
+            sliding-window baselines (those named) are scored beside the method (see :mod:`kvcondense.memory_eval`).
     """
 
     checkpoint: str | None = None
@@ -81,7 +81,7 @@ class EvalConfig:
     bertscore_encoder: str | None = None
     time_steps: tuple[int, ...] = (1, 2, 4, 8, 16)
     episodes: int = 40
-    baselines: bool = False
+    baselines: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if (self.checkpoint is None) == (self.method is None):
@@ -236,7 +236,7 @@ def run_memory(cfg: EvalConfig) -> list[dict]:
         steps=tuple(cfg.time_steps),
         max_episodes=cfg.episodes,
         batch_size=cfg.batch_size,
-        with_baselines=cfg.baselines,
+        baselines=tuple(cfg.baselines),
         verify=cfg.verify,
     )
     for row in rows:

@@ -87,18 +87,17 @@ def _one_token() -> Layout:
     return text_layout(torch.tensor([0]))
 
 
-def comparison(method: Method, with_baselines: bool, t: int) -> list[tuple[str, Method]]:
-    """The methods of one table row group: the method, and the baselines at the same t (the window at the
+def comparison(method: Method, baselines: tuple[str, ...], t: int) -> list[tuple[str, Method]]:
+    """The methods of one table row group: the method, and the named baselines at the same t (the window at the
     method's memory budget: n slots for merge, n * t for concat)."""
     rows = [(method.name if not method.trainable else f"{method.name} (trained)", method)]
-    if with_baselines and hasattr(method, "memory_slots"):  # a compressed memory to compare against
-        budget = method.memory_slots(t)
-        sinks = min(4, budget // 2)
-        rows += [
-            ("no-context", build_method("no-context")),
-            ("full", build_method("full")),
-            (f"window ({sinks} sinks, {budget} slots)", build_method("window", slots=budget, sinks=sinks)),
-        ]
+    for name in baselines:
+        if name != "window":
+            rows.append((name, build_method(name)))
+        elif hasattr(method, "memory_slots"):  # a compressed memory whose budget the window gets
+            budget = method.memory_slots(t)
+            sinks = min(4, budget // 2)
+            rows.append((f"window ({sinks} sinks, {budget} slots)", build_method("window", slots=budget, sinks=sinks)))
     return rows
 
 
@@ -111,7 +110,7 @@ def run_memory_eval(
     steps: tuple[int, ...] = STEPS,
     max_episodes: int = 40,
     batch_size: int = 4,
-    with_baselines: bool = False,
+    baselines: tuple[str, ...] = (),
     verify: bool = False,
 ) -> list[dict]:
     """Rows (method, t) of the online-memory table. ``episodes`` are :class:`kvcondense.data.Episode`."""
@@ -126,7 +125,7 @@ def run_memory_eval(
     rows = []
     for t in tqdm(steps, desc="memory eval (t)"):
         cut = [e.truncated(t) for e in tokens]
-        for label, m in comparison(method, with_baselines, t):
+        for label, m in comparison(method, baselines, t):
             s = score_episodes(model, m, token_ids, cut, batch_size)
             row = {
                 "method": m.name,
