@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The online-memory tables of the README (CCM, issue #4): chitchat perplexity of the last turn, and accuracy on
+# the built-in analogy and recall tasks, against the number of compressed turns t, with the baselines at the same
+# KV budget. Results land in runs/ccm/<deterministic name>/result.json; `kvcondense report runs/ccm` tabulates.
+set -eu
+cd "$(dirname "$0")/.."
+K=".venv/bin/kvcondense"
+EP=${CCM_EPISODES:-30}
+common=(--episodes "$EP" --time-steps 1 2 4 8 16 --out-dir runs/ccm)
+$K eval --checkpoint checkpoints/merge-chitchat --data chitchat --baselines --verify "${common[@]}"
+$K eval --checkpoint checkpoints/concat-chitchat --data chitchat --baselines window --verify "${common[@]}"
+if [ -d checkpoints/concat-online-chitchat ]; then
+  $K eval --checkpoint checkpoints/concat-online-chitchat --data chitchat "${common[@]}"
+fi
+for task in recall analogy; do
+  $K eval --checkpoint checkpoints/merge-chitchat --data "$task" --baselines no-context full "${common[@]}"
+  $K eval --checkpoint checkpoints/concat-chitchat --data "$task" --baselines window "${common[@]}"
+done
+$K report runs/ccm --out runs/ccm/report
