@@ -145,6 +145,37 @@ def side_by_side(model_name: str, data: str, checkpoints: Path, ratio: float, bu
     )
 
 
+def ccm_chat(checkpoints: Path, out: Path, model_name: str | None, turns: int = 8) -> str:
+    """A held-out chitchat conversation fed turn by turn into CCM memory (when the CCM checkpoints exist): the
+    memory after every turn, and the real last turn's perplexity from memory against no memory and full context."""
+    import math
+
+    from .data.episodes import load_episodes
+    from .report import write_json
+    from .session import MemorySession
+
+    names = [n for n in ("merge-chitchat", "concat-chitchat") if (checkpoints / n / "kvcondense.json").exists()]
+    if not names:
+        return ""
+    episode = next(e for e in load_episodes("chitchat", "test") if len(e.chunks) >= turns).truncated(turns)
+    lines, records = [f"A held-out chat of {turns} turns, fed turn by turn into compressed memory:"], []
+    for name in names:
+        session = MemorySession.from_checkpoint(checkpoints / name, model_name)
+        by_turn, slots = [], []
+        for chunk in episode.chunks:
+            session.feed(chunk)
+            by_turn.append(session.memory_bytes())
+            slots.append(session.memory_slots())
+        nll, n = session.score(episode.query, episode.answer)
+        reply = session.answer(episode.query, max_new_tokens=24)
+        lines.append(f"  {name}: slots after each turn {slots}; last-turn perplexity {math.exp(nll / n):.1f}")
+        lines.append(f"    reply from memory: {reply.strip()!r}")
+        records.append({"method": session.method.name, "label": name, "memory_by_turn": by_turn})
+    lines.append(f"    the real last turn: {episode.answer.strip()!r}")
+    write_json(out / "ccm-chat" / "result.json", {"results": records})
+    return "\n".join(lines)
+
+
 def run_demo(
     quick: bool = False,
     max_tokens: int | None = None,
@@ -168,6 +199,7 @@ def run_demo(
         rows.append(measure_row(label, source, model, data, ratio, budget, bertscore_encoder, out, force))
     text = table(rows)
     gen = side_by_side(model_name, data, checkpoints, ratio, budget)
+    chat = ccm_chat(checkpoints, out, model) if not quick else ""
     report, pngs = write_report([out], out / "report")
     summary = (
         f"Held-out {data} test split, r = {ratio}: perplexity over text tokens ({budget.ppl_tokens} tokens, "
@@ -182,5 +214,8 @@ def run_demo(
         + ", ".join(f"{r['label']}: {r['verify']:.1e}" for r in rows if r["verify"] is not None)
     )
     print("\n" + gen)
+    if chat:
+        (out / "chat.txt").write_text(chat + "\n")
+        print(chat + "\n")
     print(f"table, generation, report and plots written under {out}/ ({', '.join(p.name for p in pngs)})")
     return 0
