@@ -83,9 +83,14 @@ def set_stage(model: PeftModel, stage: str) -> None:
         p.requires_grad_(stage == "full" or is_row or (stage == "lora" and is_lora))
 
 
-def adapter_state(model: PeftModel, dtype: torch.dtype = torch.bfloat16, full: bool = False) -> dict[str, torch.Tensor]:
-    """The trained tensors (LoRA matrices and new token rows; every weight when ``full``), cast for storage."""
+def adapter_state(
+    model: PeftModel, dtype: torch.dtype = torch.bfloat16, full: bool = False, rows_only: bool = False
+) -> dict[str, torch.Tensor]:
+    """The trained tensors (LoRA matrices and new token rows; every weight when ``full``; the rows alone when
+    ``rows_only``, for the ``rows`` stage, whose LoRA is still its identity init, B = 0), cast for storage."""
     state = model.state_dict() if full else get_peft_model_state_dict(model, save_embedding_layers=False)
+    if rows_only:
+        state = {k: v for k, v in state.items() if "lora_" not in k}
     return {k: v.detach().to(dtype).contiguous() for k, v in state.items()}
 
 

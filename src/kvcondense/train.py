@@ -250,7 +250,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             "torch_rng": torch.get_rng_state(),
         }
         meta = checkpoint_meta(cfg, method, token_ids, identity, step)
-        write_checkpoint(out, meta, adapter_state(unwrapped, full=cfg.stage == "full"), log, resume_state)
+        write_checkpoint(
+            out,
+            meta,
+            adapter_state(unwrapped, full=cfg.stage == "full", rows_only=cfg.stage == "rows"),
+            log,
+            resume_state,
+        )
 
     stream = batches(blocks, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes)
     for _ in range(step * cfg.grad_accum):  # fast-forward the data order on resume
