@@ -7,13 +7,13 @@ cd "$(dirname "$0")/.."
 K=".venv/bin/kvcondense"
 EP=${CCM_EPISODES:-30}
 common=(--episodes "$EP" --time-steps 1 2 4 8 16 --out-dir runs/ccm)
-$K eval --checkpoint checkpoints/merge-chitchat --data chitchat --baselines --verify "${common[@]}"
-$K eval --checkpoint checkpoints/concat-chitchat --data chitchat --baselines window --verify "${common[@]}"
+$K eval --checkpoint checkpoints/concat-chitchat --data chitchat --baselines --verify "${common[@]}"
+$K eval --checkpoint checkpoints/merge-chitchat --data chitchat --baselines window --verify "${common[@]}"
 if [ -d checkpoints/concat-online-chitchat ]; then
   $K eval --checkpoint checkpoints/concat-online-chitchat --data chitchat "${common[@]}"
 fi
 for task in recall analogy; do
-  $K eval --checkpoint checkpoints/merge-chitchat --data "$task" --baselines no-context full "${common[@]}"
-  $K eval --checkpoint checkpoints/concat-chitchat --data "$task" --baselines window "${common[@]}"
+  $K eval --checkpoint checkpoints/concat-chitchat --data "$task" --baselines "${common[@]}"
+  $K eval --checkpoint checkpoints/merge-chitchat --data "$task" --baselines window "${common[@]}"
 done
 $K report runs/ccm --out runs/ccm/report
