@@ -17,6 +17,8 @@ import torch
 from accelerate.utils import DistributedType
 from peft import get_peft_model_state_dict
 
+from .lora import adapter_state
+
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
@@ -64,13 +66,39 @@ def clean_name(name: str) -> str:
     return name.replace(FSDP_PREFIX, "")
 
 
-def gathered_state(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The full state dict of a prepared model, keys as the unwrapped model spells them.
+def checkpoint_tensors(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    full: bool = False,
+    rows_only: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict] | None:
+    """What a checkpoint stores: (adapter tensors as :func:`kvcondense.lora.adapter_state` gives them, full-precision
+    trainable tensors and optimizer state for ``--resume``).
 
-    Under FSDP this is a collective: every process must call it; the main process gets the full tensors (on CPU)
-    and the others an empty dict. Without FSDP it is the unwrapped model's state dict, on every process.
+    Every process must call it: under FSDP the tensors are gathered from the shards collectively. Returns None on
+    every process but the main one, which writes the checkpoint. Without FSDP it is the main process reading its
+    own (whole) model, as before.
     """
-    if not is_fsdp(accelerator) or accelerator.is_fsdp2:
+    if not is_fsdp(accelerator):
+        if not accelerator.is_main_process:
+            return None
+        unwrapped = accelerator.unwrap_model(model)
+        trainable = {n: p.detach().clone() for n, p in unwrapped.named_parameters() if p.requires_grad}
+        return adapter_state(unwrapped, full=full, rows_only=rows_only), trainable, optimizer.state_dict()
+    state, optim_state = gathered_state(accelerator, model), fsdp_optimizer_state(accelerator, model, optimizer)
+    if not accelerator.is_main_process:
+        return None
+    unwrapped = accelerator.unwrap_model(model)
+    names = [clean_name(n) for n, p in unwrapped.named_parameters() if p.requires_grad]
+    trainable = {n: state[n].detach().clone() for n in names}
+    return fsdp_adapter_state(unwrapped, state, full, rows_only), trainable, optim_state
+
+
+def gathered_state(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full state dict of an FSDP-prepared model, keys as the unwrapped model spells them. A collective: the
+    main process gets the full tensors, the others an empty dict."""
+    if accelerator.is_fsdp2:
         return accelerator.get_state_dict(model)
     from torch.distributed.fsdp import FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -82,35 +110,26 @@ def gathered_state(accelerator: Accelerator, model: torch.nn.Module) -> dict[str
         return model.state_dict()
 
 
-def adapter_tensors(
-    accelerator: Accelerator, model: torch.nn.Module, state: dict[str, torch.Tensor], full: bool
+def fsdp_adapter_state(
+    unwrapped: torch.nn.Module, state: dict[str, torch.Tensor], full: bool, rows_only: bool
 ) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint stores (as :func:`kvcondense.lora.adapter_state`), taken from a gathered
-    ``state`` (see :func:`gathered_state`) so that FSDP shards are never read directly. Main process only."""
+    """:func:`kvcondense.lora.adapter_state` (same selection, same cast) from a gathered ``state``, so that FSDP
+    shards are never read directly."""
     if not full:
-        unwrapped = accelerator.unwrap_model(model)
         # peft picks the adapter's entries by walking the modules, whose names carry FSDP1's wrapper prefix inside
         # every wrapped decoder layer; the gathered keys do not, so hand peft the keys under the names it walks
         walked = {clean_name(n): n for n, _ in [*unwrapped.named_parameters(), *unwrapped.named_buffers()]}
         state = {walked.get(k, k): v for k, v in state.items()}
         picked = get_peft_model_state_dict(unwrapped, state_dict=state, save_embedding_layers=False)
         state = {clean_name(k): v for k, v in picked.items()}
+    if rows_only:
+        state = {k: v for k, v in state.items() if "lora_" not in k}
     return {k: v.detach().to(torch.bfloat16).contiguous() for k, v in state.items()}
 
 
-def trainable_tensors(
-    accelerator: Accelerator, model: torch.nn.Module, state: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """The full-precision trainable tensors (for ``--resume``), taken from a gathered ``state``. Main process only."""
-    names = [clean_name(n) for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
-    return {n: state[n].detach().clone() for n in names}
-
-
-def optimizer_state(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer state for ``--resume``. Under FSDP a collective (every process calls it; the state is gathered
-    to full tensors keyed by parameter name), otherwise the plain ``state_dict``."""
-    if not is_fsdp(accelerator):
-        return optimizer.state_dict()
+def fsdp_optimizer_state(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer state of an FSDP-prepared model gathered to full tensors keyed by parameter name (a
+    collective)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     # offloading from CPU frees storage still in use here too (silently wrong Adam moments after a resume)
@@ -125,9 +144,9 @@ def load_resume(
     trainable: dict[str, torch.Tensor],
     optim_state: dict,
 ) -> None:
-    """Restore trainable tensors and optimizer state saved by :func:`trainable_tensors` / :func:`optimizer_state`.
-    Every process calls it (under FSDP each process loads the full tensors and keeps its shard)."""
-    saved_by_name = any(isinstance(k, str) for k in optim_state.get("state", {}))  # how optimizer_state saved it
+    """Restore the trainable tensors and optimizer state of :func:`checkpoint_tensors`. Every process calls it (under
+    FSDP each process loads the full tensors and keeps its shard)."""
+    saved_by_name = any(isinstance(k, str) for k in optim_state.get("state", {}))  # FSDP saves them by name
     if saved_by_name != is_fsdp(accelerator):
         saved, now = ("with", "without") if saved_by_name else ("without", "with")
         raise ValueError(f"this checkpoint was saved {saved} FSDP and is resumed {now}; resume with the same launch")
