@@ -77,8 +77,17 @@ def is_memory(r: dict) -> bool:
     return r.get("task") == "memory"
 
 
+def memory_label(r: dict, rows: list[dict]) -> str:
+    """A row name that is the same at every t: the window's slot budget follows the method it is matched to."""
+    if r.get("method") != "window":
+        return label(r)
+    owner = next((label(o) for o in rows if o.get("_source") == r.get("_source") and o.get("method") != "window"), "")
+    return f"window + sinks, same KV as {owner}" if owner else label(r)
+
+
 def memory_markdown(rows: list[dict]) -> list[str]:
     """CCM-style tables: one per metric, a row per method, a column per t (KV MB in brackets)."""
+    rows = [{**r, "label": memory_label(r, rows)} for r in rows]
     lines = []
     for metric in ("perplexity", "accuracy"):
         chosen = [r for r in rows if r.get("metric") == metric]
@@ -144,6 +153,7 @@ def plots(records: list[dict], out: Path) -> list[Path]:
     made = []
     for metric in ("perplexity", "accuracy"):
         rows = [r for r in records if is_memory(r) and r.get("metric") == metric]
+        rows = [{**r, "label": memory_label(r, rows)} for r in rows]
         if rows:
             fig, ax = plt.subplots(figsize=(6, 4))
             for name in dict.fromkeys(label(r) for r in rows):
