@@ -12,8 +12,8 @@ import pytest
 from kvcondense.cli import main
 
 
-def log(path: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (path / "train_log.jsonl").read_text().splitlines()]
+def log(path: Path, key: str = "loss") -> list[float]:
+    return [json.loads(line)[key] for line in (path / "train_log.jsonl").read_text().splitlines()]
 
 
 def test_two_process_ddp_matches_one_process(tiny_dir, sample_path, tmp_path):
@@ -62,3 +62,5 @@ def test_two_process_ddp_matches_one_process(tiny_dir, sample_path, tmp_path):
     assert one[0] == pytest.approx(two[0], abs=1e-4)  # same global batch, same weights: same loss
     for a, b in zip(one, two, strict=True):  # later steps differ only by LoRA dropout draws
         assert a == pytest.approx(b, rel=0.01)
+    # one scheduler step per optimizer step, whatever the number of processes (accelerate would step it per process)
+    assert log(tmp_path / "one", "lr") == pytest.approx(log(tmp_path / "two", "lr"), abs=1e-9)

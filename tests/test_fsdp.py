@@ -23,7 +23,6 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from accelerate.utils.launch import prepare_multi_gpu_env
 from safetensors.torch import load_file
 
-import kvcondense.train
 from kvcondense.checkpoint import read_log
 from kvcondense.distributed import check_distributed
 from kvcondense.lora import LoraSettings
@@ -146,9 +145,8 @@ def fsdp_train(script: Path, cfg: TrainConfig, resume: bool = False, die: bool =
     return subprocess.run(cmd + (["--resume"] if resume else []), capture_output=True, text=True, env=env, timeout=300)
 
 
-# needs the train.py FSDP patch (check_distributed, collective checkpoint gather, resume, one scheduler step per
-# optimizer step): without it the main process gathers alone and the run hangs. Remove this mark once applied.
-@pytest.mark.skipif(not hasattr(kvcondense.train, "checkpoint_tensors"), reason="train.py does not have the FSDP patch")
+# uses the FSDP parts of train.py (check_distributed, the collective checkpoint gather, resume) and one scheduler
+# step per optimizer step
 def test_two_process_fsdp_trains_saves_and_resumes_like_one_process(tiny_dir, sample_path, tmp_path):
     common = dict(
         method="sentinel",

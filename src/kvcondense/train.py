@@ -27,9 +27,10 @@ from transformers import get_scheduler
 from .checkpoint import ADAPTER, check_output_dir, read_log, read_meta, read_resume, write_checkpoint
 from .data import load_split
 from .data.episodes import EPISODE_SOURCES, load_episodes
+from .distributed import check_distributed, checkpoint_tensors, load_resume
 from .forward import parallel_forward
 from .layout import IGNORE, Layout
-from .lora import LoraSettings, adapter_state, attach_lora, load_adapter_state, set_stage
+from .lora import LoraSettings, attach_lora, load_adapter_state, set_stage
 from .methods import EpisodeTokens, Method, TokenizedText, build_method, tokenize, tokenize_episode
 from .models import DEFAULT_MODEL, add_special_tokens, load_model, model_identity
 
@@ -212,9 +213,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     docs = load_episodes(cfg.data, "train", cfg.seed) if episodic else load_split(cfg.data, "train")
     # cpu=True when there is no GPU: that is what makes a multi-process launch (torchrun) use gloo on CPU
     cuda = torch.cuda.is_available()
+    # step_scheduler_with_optimizer=False: accelerate would step the schedule once per process at every optimizer
+    # step (it assumes a dataloader that shrinks with the world size); ours counts optimizer steps, stepped below
     accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.grad_accum, cpu=not cuda, mixed_precision="bf16" if cuda else "no"
+        gradient_accumulation_steps=cfg.grad_accum,
+        cpu=not cuda,
+        mixed_precision="bf16" if cuda else "no",
+        step_scheduler_with_optimizer=False,
     )
+    check_distributed(accelerator)
     model, tokenizer, token_ids, identity = prepare_model(cfg, method)
 
     if episodic:
@@ -232,31 +239,28 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if resume and (state := read_resume(out)) is not None:
         if read_meta(out)["training"]["method"] != cfg.method:
             raise ValueError(f"{out} was trained with another method; resume with the same flags")
-        accelerator.unwrap_model(model).load_state_dict(state["trainable"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
+        load_resume(accelerator, model, optimizer, state["trainable"], state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, log = state["step"], read_log(out)
         torch.set_rng_state(state["torch_rng"])
 
     def save() -> None:
-        if not accelerator.is_main_process:
+        # every process takes part (under FSDP the tensors are gathered from the shards); the main process writes
+        tensors = checkpoint_tensors(
+            accelerator, model, optimizer, full=cfg.stage == "full", rows_only=cfg.stage == "rows"
+        )
+        if tensors is None:
             return
-        unwrapped = accelerator.unwrap_model(model)
+        adapter, trainable, optimizer_state = tensors
         resume_state = {
-            "trainable": {n: p.detach().clone() for n, p in unwrapped.named_parameters() if p.requires_grad},
-            "optimizer": optimizer.state_dict(),
+            "trainable": trainable,
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "step": step,
             "torch_rng": torch.get_rng_state(),
         }
         meta = checkpoint_meta(cfg, method, token_ids, identity, step)
-        write_checkpoint(
-            out,
-            meta,
-            adapter_state(unwrapped, full=cfg.stage == "full", rows_only=cfg.stage == "rows"),
-            log,
-            resume_state,
-        )
+        write_checkpoint(out, meta, adapter, log, resume_state)
 
     stream = batches(blocks, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes)
     for _ in range(step * cfg.grad_accum):  # fast-forward the data order on resume
@@ -276,8 +280,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 loss = loss_sum * accelerator.num_processes / n_global.clamp(min=1)
                 accelerator.backward(loss)
                 optimizer.step()
-                scheduler.step()
                 optimizer.zero_grad()
+        scheduler.step()  # once per optimizer step, whatever the accumulation and the number of processes
         step += 1
         loss_value = (accelerator.reduce(loss_sum.detach(), reduction="sum") / n_global.clamp(min=1)).item()
         if not math.isfinite(loss_value):
