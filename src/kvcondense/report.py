@@ -79,6 +79,8 @@ def is_memory(r: dict) -> bool:
 
 def memory_label(r: dict, rows: list[dict]) -> str:
     """A row name that is the same at every t: the window's slot budget follows the method it is matched to."""
+    if r.get("params", {}).get("recurrent") is False:  # ccm-concat --no-recurrent is the Gisting-online baseline
+        return f"Gisting-online: {label(r)}, no recurrence"
     if r.get("method") != "window":
         return label(r)
     owner = next((label(o) for o in rows if o.get("_source") == r.get("_source") and o.get("method") != "window"), "")
