@@ -4,8 +4,9 @@ parallel training forward with the recursive online inference, for concat and me
 import pytest
 import torch
 from conftest import tiny_model
+from test_equivalence import assert_equivalent
 
-from kvcondense.forward import incremental_forward, parallel_forward
+from kvcondense.forward import parallel_forward
 from kvcondense.layout import IGNORE, NEVER, Kind
 from kvcondense.lora import LoraSettings, attach_lora
 from kvcondense.masks import layout_visibility
@@ -110,17 +111,6 @@ def episode(seed=0, chunks=4) -> EpisodeTokens:
     g = torch.Generator().manual_seed(seed)
     ids = [torch.randint(0, 90, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g) for _ in range(chunks)]
     return EpisodeTokens(ids, torch.randint(0, 90, (3,), generator=g), torch.randint(0, 90, (6,), generator=g))
-
-
-def assert_equivalent(model, lay, chunk):
-    with torch.no_grad():
-        parallel = parallel_forward(model, [lay]).logits[0]
-    online, stats = incremental_forward(model, lay, chunk)
-    scored = lay.targets != IGNORE
-    diff = (parallel[scored] - online[scored]).abs().max().item()
-    assert diff < 1e-4, f"max abs diff {diff:.2e} (chunk {chunk})"
-    assert stats.stored_slots == lay.kept_slots()
-    return parallel
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
