@@ -200,3 +200,34 @@ def test_bad_ccm_input(capsys, tiny_dir, dialogues, tmp_path):
     )
     one_line_error(capsys, "eval", "--method", "full", "--data", wrong, "--model", tiny_dir, match="not")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_streaming_eval_applies_window_and_sinks_to_a_checkpoint(
+    capsys, ccm_checkpoints, tiny_dir, sample_path, tmp_path
+):
+    out = tmp_path / "stream.json"
+    argv = [
+        "eval",
+        "--checkpoint",
+        ccm_checkpoints["ccm-merge"],
+        "--model",
+        tiny_dir,
+        "--data",
+        sample_path,
+        "--block-tokens",
+        "96",
+        "--max-tokens",
+        "192",
+        "--window",
+        "24",
+        "--sinks",
+        "2",
+        "--verify",
+        "--json",
+        out,
+    ]
+    rc, err = run(capsys, *argv)
+    assert rc == 0, err
+    row = json.loads(out.read_text())
+    assert row["params"]["window"] == 24 and row["params"]["sinks"] == 2
+    assert row["verify"]["max_abs_diff"] < 1e-4

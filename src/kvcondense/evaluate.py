@@ -100,10 +100,13 @@ def load_for_eval(cfg: EvalConfig):
         model, tokenizer, method, token_ids, meta = load_checkpoint(cfg.checkpoint, cfg.model)
         saved = method.params()
         for key, value in cfg.method_params.items():
-            if key in saved and key != "ratio" and saved[key] != value:
+            free = ("ratio", *method.inference_params)  # may differ from training
+            if key in saved and key not in free and saved[key] != value:
                 raise ValueError(
                     f"checkpoint {cfg.checkpoint} was trained with {key}={saved[key]}, not {value}; drop the flag"
                 )
+        # inference-time parameters the checkpoint does not fix (CCM streaming: --window, --sinks) apply on top
+        method = build_method(method.name, **{**saved, **cfg.method_params})
         return model, tokenizer, method, token_ids, f"{method.name} (trained)"
     model, tokenizer = load_model(cfg.model or DEFAULT_MODEL)
     method = build_method(cfg.method, **cfg.method_params)

@@ -114,6 +114,7 @@ class Method(ABC):
     lora_on: ClassVar[tuple[Kind, ...] | None] = None  # conditional LoRA: active only on these kinds (None: all)
     episodic: ClassVar[bool] = False  # layout() also takes online episodes (methods.ccm.EpisodeTokens)
     plain_text: ClassVar[bool] = True  # layout() takes plain text (False: episodes only)
+    inference_params: ClassVar[tuple[str, ...]] = ()  # parameters eval may set apart from the checkpoint's
 
     @abstractmethod
     def layout(self, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:

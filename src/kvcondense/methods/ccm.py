@@ -79,6 +79,7 @@ class CCMConcat(Method):
     name: ClassVar[str] = "ccm-concat"
     lora_on: ClassVar[tuple[Kind, ...] | None] = (Kind.COMP, Kind.SUM)
     episodic: ClassVar[bool] = True
+    inference_params: ClassVar[tuple[str, ...]] = ("window", "sinks")  # streaming is chosen at inference
     merge: ClassVar[bool] = False
     comp_tokens: int = 4
     recurrent: bool = True
