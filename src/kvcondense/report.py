@@ -87,16 +87,22 @@ def memory_label(r: dict, rows: list[dict]) -> str:
     return f"window + sinks, same KV as {owner}" if owner else label(r)
 
 
-def memory_markdown(rows: list[dict]) -> list[str]:
-    """CCM-style tables: one per metric, a row per method, a column per t (KV MB in brackets)."""
+def memory_groups(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Memory rows by (metric, data): one table and one plot per task."""
     rows = [{**r, "label": memory_label(r, rows)} for r in rows]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r.get("metric", "perplexity"), str(r.get("config", {}).get("data", ""))), []).append(r)
+    return groups
+
+
+def memory_markdown(rows: list[dict]) -> list[str]:
+    """CCM-style tables: one per metric and data, a row per method, a column per t (KV MB in brackets)."""
     lines = []
-    for metric in ("perplexity", "accuracy"):
-        chosen = [r for r in rows if r.get("metric") == metric]
-        if not chosen:
-            continue
+    for (metric, data), chosen in memory_groups(rows).items():
         steps = sorted({r["t"] for r in chosen})
-        lines += [f"| method ({metric}, KV MB) | " + " | ".join(f"t={t}" for t in steps) + " |"]
+        title = f"{data}: {metric}" if data else metric
+        lines += [f"| method ({title}, KV MB) | " + " | ".join(f"t={t}" for t in steps) + " |"]
         lines += ["|---|" + "---|" * len(steps)]
         for name in dict.fromkeys(label(r) for r in chosen):
             cells = {r["t"]: f"{r[metric]:.3f} ({r['kv_mb']:.2f})" for r in chosen if label(r) == name}
@@ -153,17 +159,16 @@ def _save(fig, path: Path) -> Path:
 
 def plots(records: list[dict], out: Path) -> list[Path]:
     made = []
-    for metric in ("perplexity", "accuracy"):
-        rows = [r for r in records if is_memory(r) and r.get("metric") == metric]
-        rows = [{**r, "label": memory_label(r, rows)} for r in rows]
-        if rows:
-            fig, ax = plt.subplots(figsize=(6, 4))
-            for name in dict.fromkeys(label(r) for r in rows):
-                pts = sorted((r["t"], r[metric]) for r in rows if label(r) == name)
-                ax.plot(*zip(*pts, strict=True), marker="o", label=name)
-            ax.set(xscale="log", xlabel="compressed chunks t", ylabel=metric, title=f"Online memory: {metric} vs t")
-            ax.legend(fontsize=7)
-            made.append(_save(fig, out / f"memory_{metric}_vs_t.png"))
+    for (metric, data), rows in memory_groups([r for r in records if is_memory(r)]).items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name in dict.fromkeys(label(r) for r in rows):
+            pts = sorted((r["t"], r[metric]) for r in rows if label(r) == name)
+            ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+        title = f"Online memory ({data}): {metric} vs t" if data else f"Online memory: {metric} vs t"
+        ax.set(xscale="log", xlabel="compressed chunks t", ylabel=metric, title=title)
+        ax.legend(fontsize=7)
+        stem = f"memory_{Path(data).stem}_{metric}_vs_t" if data else f"memory_{metric}_vs_t"
+        made.append(_save(fig, out / f"{stem}.png"))
     ppl = [r for r in records if "perplexity" in r and not is_memory(r)]
     if ppl:
         fig, ax = plt.subplots(figsize=(6, 4))
