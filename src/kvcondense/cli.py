@@ -119,8 +119,8 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    from .data.episodes import is_episode_data
     from .evaluate import EvalConfig, format_table, run_eval
-    from .train import is_episode_data
 
     cfg = EvalConfig(
         checkpoint=args.checkpoint,

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .cache import EvictingCache
 from .forward import incremental_forward, num_layers, parallel_forward
-from .layout import IGNORE, Layout
+from .layout import IGNORE, Layout, text_layout
 from .methods import EpisodeTokens, Method, build_method, tokenize_episode
 from .verify import max_abs_diff
 
@@ -59,12 +59,13 @@ def score_episodes(model, method: Method, token_ids: dict, episodes: list[Episod
     s = Scored()
     for lo in range(0, len(episodes), batch_size):
         batch = episodes[lo : lo + batch_size]
-        for ep in batch:
-            tail = len(ep.query) + len(ep.answer)
-            s.slots += memory_slots(method.layout(ep, token_ids), tail)
+        layouts = [method.layout(ep, token_ids) for ep in batch]
+        s.slots += sum(
+            memory_slots(lay, len(ep.query) + len(ep.answer)) for lay, ep in zip(layouts, batch, strict=True)
+        )
         s.episodes += len(batch)
         if not batch[0].options:
-            for nll, n in _nll(model, [method.layout(ep, token_ids) for ep in batch]):
+            for nll, n in _nll(model, layouts):
                 s.nll, s.tokens = s.nll + nll, s.tokens + n
             continue
         for ep in batch:
@@ -77,14 +78,8 @@ def score_episodes(model, method: Method, token_ids: dict, episodes: list[Episod
 def bytes_per_slot(model) -> int:
     """KV bytes per stored slot, measured: one token through an evicting cache."""
     cache = EvictingCache(num_layers(model))
-    incremental_forward(model, _one_token(), chunk_size=1, cache=cache)
+    incremental_forward(model, text_layout(torch.tensor([0])), chunk_size=1, cache=cache)
     return cache.kv_bytes() // max(1, cache.physical_length)
-
-
-def _one_token() -> Layout:
-    from .layout import text_layout
-
-    return text_layout(torch.tensor([0]))
 
 
 def comparison(method: Method, baselines: tuple[str, ...], t: int) -> list[tuple[str, Method]]:

@@ -26,7 +26,7 @@ from transformers import get_scheduler
 
 from .checkpoint import ADAPTER, check_output_dir, read_log, read_meta, read_resume, write_checkpoint
 from .data import load_split
-from .data.episodes import EPISODE_SOURCES, load_episodes
+from .data.episodes import is_episode_data, load_episodes
 from .distributed import check_distributed, checkpoint_tensors, load_resume
 from .forward import parallel_forward
 from .layout import IGNORE, Layout
@@ -108,24 +108,6 @@ def text_blocks(docs, tokenizer, block_tokens: int) -> list[TokenizedText]:
             if len(block) >= max(2, block_tokens // 2):
                 blocks.append(block)
     return blocks
-
-
-def is_episode_data(name_or_path: str) -> bool:
-    """Whether ``--data`` names online episodes (a built-in episode source, or .jsonl with turns/examples)."""
-    if name_or_path in EPISODE_SOURCES:
-        return True
-    path = Path(name_or_path)
-    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
-    if not files or files[0].suffix != ".jsonl" or not files[0].is_file():
-        return False
-    for line in files[0].read_text(errors="replace").splitlines():
-        if line.strip():
-            try:
-                first = json.loads(line)
-            except json.JSONDecodeError:
-                return False
-            return isinstance(first, dict) and ("turns" in first or "examples" in first)
-    return False
 
 
 def episode_items(episodes, tokenizer, budget: int) -> list[EpisodeTokens]:

@@ -32,15 +32,21 @@ def _read_text(path: Path) -> str:
         return raw.decode("utf-8", errors="replace")
 
 
-def _read_jsonl(path: Path) -> list[Document]:
-    docs = []
+def jsonl_records(path: Path):
+    """(1-based line number, parsed object) of every non-blank line of a JSON-lines file; bad JSON is a
+    :class:`DataError` naming the file and the line."""
     for n, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            yield n, json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be a JSON object") from None
+            raise DataError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+
+
+def _read_jsonl(path: Path) -> list[Document]:
+    docs = []
+    for n, obj in jsonl_records(path):
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise DataError(f'{path}:{n}: expected an object with a "text" string field')
         docs.append(Document(obj.get("title") or f"{path.name}:{n}", obj["text"]))

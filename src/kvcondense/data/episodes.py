@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..fetch import cache_dir
-from .documents import SPLITS, DataError, Document, _read_text, split_of
+from .documents import SPLITS, DataError, Document, jsonl_records, split_of
 
 SPEAKERS = ("A", "B")
 TURN = "{speaker}: {text}\n"
@@ -149,13 +149,7 @@ def _read_items(path: str | Path) -> list[tuple[str, Episode]]:
         raise DataError(f"episode file {p} is not .jsonl; give one JSON object a line")
     items = []
     for f in sorted(p.rglob("*.jsonl")) if p.is_dir() else [p]:
-        for n, line in enumerate(_read_text(f).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{f}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+        for n, obj in jsonl_records(f):
             # The line's content is its identity: the split does not move when lines are added or reordered.
             items.append((json.dumps(obj, sort_keys=True), _record(obj, f"{f}:{n}")))
     if not items:
@@ -205,6 +199,21 @@ def _builtin_items(name: str, seed: int) -> list[tuple[str, Episode]]:
     tmp.write_text(json.dumps([{"id": i, **asdict(e)} for i, e in items]))
     tmp.replace(cached)
     return items
+
+
+def is_episode_data(name_or_path: str) -> bool:
+    """Whether ``--data`` names online episodes (a built-in episode source, or .jsonl with turns/examples)."""
+    if name_or_path in EPISODE_SOURCES:
+        return True
+    path = Path(name_or_path)
+    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    if not files or files[0].suffix != ".jsonl" or not files[0].is_file():
+        return False
+    try:
+        _, first = next(jsonl_records(files[0]), (0, None))
+    except DataError:  # not JSON lines at all: the document reader reports it
+        return False
+    return isinstance(first, dict) and ("turns" in first or "examples" in first)
 
 
 def load_episodes(name_or_path: str, split: str, seed: int = 0) -> list[Episode]:
