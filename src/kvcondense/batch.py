@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .cache import EvictingCache
-from .forward import attn_implementation
+from .forward import attention_implementation, attn_implementation, incremental_attention
 from .generate import context_limit, prefill
 from .masks import to_attention_mask
 from .methods import Method, TokenizedText, tokenize
@@ -86,13 +86,14 @@ def _feed_ragged(model, cache: EvictingCache, pieces, seen: list[int]) -> torch.
         q_idx[b, :m] = torch.arange(seen[b], seen[b] + m)
     mask = to_attention_mask(cache.visibility(q_idx, start, expire, closer), attn_implementation(model), model.dtype)
     device = model.device
-    out = model(
-        input_ids=ids.to(device),
-        position_ids=pos.to(device),
-        attention_mask=mask.to(device),
-        past_key_values=cache,
-        use_cache=True,
-    )
+    with attention_implementation(model, incremental_attention(model)):
+        out = model(
+            input_ids=ids.to(device),
+            position_ids=pos.to(device),
+            attention_mask=mask.to(device),
+            past_key_values=cache,
+            use_cache=True,
+        )
     cache.append(q_idx, torch.where(q_idx < 0, torch.full_like(expire, -1), expire), closer)
     return out.logits
 

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .cache import EvictingCache
 from .layout import Kind, Layout
@@ -76,6 +78,50 @@ def attention_implementation(model, name: str):
         yield
     finally:
         model.config._attn_implementation = before
+
+
+PACKED_SDPA = "kvcondense_sdpa"
+"""The registered attention implementation of incremental steps on an sdpa model (see :func:`_packed_gqa_sdpa`)."""
+PACK_MAX_QUERY = 16
+
+
+def _packed_gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """sdpa for a few new tokens against a long cache, without copying the cache.
+
+    transformers' sdpa repeats every key/value head for its query heads (``repeat_kv``, a copy of the whole cache
+    per layer) whenever a bool mask is given and more than one token is new; it avoids it only for one token.
+    Here the query heads that share a key/value head are stacked along the query axis instead (``g * q`` rows,
+    each with its token's mask row), so the cache is read once per key/value head: the same attention, exactly.
+    Anything else goes to the library's sdpa unchanged.
+    """
+    groups = getattr(module, "num_key_value_groups", 1)
+    b, heads, q, d = query.shape
+    plain = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    if (
+        groups == 1
+        or not 1 < q <= PACK_MAX_QUERY
+        or attention_mask is None
+        or attention_mask.dtype != torch.bool
+        or attention_mask.shape[1] != 1
+        or kwargs.get("position_bias") is not None
+    ):
+        return plain(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    kv_heads = key.shape[1]
+    packed = query.reshape(b, kv_heads, groups * q, d)  # query head h = kv * groups + j: rows (j, t) per kv head
+    mask = attention_mask.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(b, 1, groups * q, -1)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        packed, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=scaling
+    )
+    return out.reshape(b, heads, q, -1).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(PACKED_SDPA, _packed_gqa_sdpa)
+
+
+def incremental_attention(model) -> str:
+    """The attention implementation of a step through the cache: packed GQA on an sdpa model, else the model's."""
+    current = attn_implementation(model)
+    return PACKED_SDPA if current == "sdpa" else current
 
 
 def parallel_forward(model, layouts: list[Layout], attention: str = "auto", **kwargs):
@@ -148,7 +194,9 @@ def feed(
     device = model.device
     ids = chunk.input_ids.unsqueeze(0) if input_ids is None else input_ids
     mask = chunk_mask(model, cache, chunk, first) if mask is None else mask
-    with lora_gate(model, chunk.kinds.expand(ids.shape[0], -1)):
+    with lora_gate(model, chunk.kinds.expand(ids.shape[0], -1)), attention_implementation(
+        model, incremental_attention(model)
+    ):
         out = model(
             input_ids=ids.to(device),
             position_ids=chunk.position_ids.expand(ids.shape[0], -1).to(device),
