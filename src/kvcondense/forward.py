@@ -194,8 +194,9 @@ def feed(
     device = model.device
     ids = chunk.input_ids.unsqueeze(0) if input_ids is None else input_ids
     mask = chunk_mask(model, cache, chunk, first) if mask is None else mask
-    with lora_gate(model, chunk.kinds.expand(ids.shape[0], -1)), attention_implementation(
-        model, incremental_attention(model)
+    with (
+        lora_gate(model, chunk.kinds.expand(ids.shape[0], -1)),
+        attention_implementation(model, incremental_attention(model)),
     ):
         out = model(
             input_ids=ids.to(device),
