@@ -154,6 +154,22 @@ def test_merge_mixing_is_used_negative_control():
     assert (merged[scored] - plain[scored]).abs().max() > 1e-3
 
 
+def test_merge_of_one_chunk_is_concat():
+    """a_1 = 1: after one chunk the merged memory is that chunk's COMP group, so with the same weights the answer's
+    logits equal concat's (the SUM placeholders change nothing); from two chunks on they differ."""
+    merge, concat = (build_method(m, comp_tokens=2) for m in ("ccm-merge", "ccm-concat"))
+    model = lora_model("llama", merge)
+    for chunks, same in ((1, True), (2, False)):
+        ep = episode(seed=chunks, chunks=chunks)
+        with torch.no_grad():
+            got = [
+                parallel_forward(model, [lay]).logits[0][lay.targets != IGNORE]
+                for lay in (merge.layout(ep, COMP), concat.layout(ep, COMP))
+            ]
+        diff = (got[0] - got[1]).abs().max().item()
+        assert (diff < 1e-5) == same, f"{chunks} chunk(s): max diff {diff:.2e}"
+
+
 def test_episode_scores_the_answer_only():
     ep = episode(chunks=2)
     lay = build_method("ccm-concat", comp_tokens=2).layout(ep, COMP)
