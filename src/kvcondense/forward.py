@@ -110,7 +110,7 @@ def _packed_gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, sca
     packed = query.reshape(b, kv_heads, groups * q, d)  # query head h = kv * groups + j: rows (j, t) per kv head
     mask = attention_mask.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(b, 1, groups * q, -1)
     out = torch.nn.functional.scaled_dot_product_attention(
-        packed, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=scaling
+        packed, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
     )
     return out.reshape(b, heads, q, -1).transpose(1, 2).contiguous(), None
 
