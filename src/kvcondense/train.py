@@ -277,7 +277,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                     "step": step,
                     "epoch": epoch,
                     "loss": round(loss_value, 5),
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": float(f"{scheduler.get_last_lr()[0]:.6g}"),
                     "kv_kept": round(kept, 4),
                     "elapsed_s": round(time.perf_counter() - t0, 1),
                 }
