@@ -5,13 +5,15 @@
 # concat-online-chitchat is the Gisting-online baseline: concat trained without recurrence (--no-recurrent).
 set -u
 cd "$(dirname "$0")/.."
-common=(--comp-tokens 4 --data chitchat --block-tokens 192 --steps "${CCM_STEPS:-200}" --batch-size 4 --lr 3e-4
-  --schedule cosine --warmup-steps 6 --save-every 20)
-run() {  # name, then method flags
-  local name=$1; shift
-  .venv/bin/kvcondense train "$@" "${common[@]}" --out "checkpoints/$name" > "checkpoints/$name.console.log" 2>&1 \
+# Steps per checkpoint (warm-up 3 % of them): merge was retrained at 600 steps in session 3 (at 200 its memory was
+# worse than no context; its training run wrote to /tmp/kv/merge-600, as its kvcondense.json says, then moved).
+common=(--comp-tokens 4 --data chitchat --block-tokens 192 --batch-size 4 --lr 3e-4 --schedule cosine)
+run() {  # name, steps, then method flags
+  local name=$1 steps=$2; shift 2
+  .venv/bin/kvcondense train "$@" "${common[@]}" --steps "$steps" --warmup-steps $((steps * 3 / 100)) \
+    --save-every $((steps / 10)) --out "checkpoints/$name" > "checkpoints/$name.console.log" 2>&1 \
     || echo "training failed for $name"
 }
-run concat-chitchat --method ccm-concat
-run merge-chitchat --method ccm-merge
-run concat-online-chitchat --method ccm-concat --no-recurrent
+run concat-chitchat "${CONCAT_STEPS:-200}" --method ccm-concat
+run merge-chitchat "${MERGE_STEPS:-600}" --method ccm-merge
+run concat-online-chitchat "${ONLINE_STEPS:-200}" --method ccm-concat --no-recurrent
