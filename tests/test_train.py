@@ -62,10 +62,12 @@ def test_checkpoint_round_trip_is_exact(tiny_dir, sample_path, tmp_path):
     with torch.no_grad():
         expected = parallel_forward(model, [layout]).logits
     write_checkpoint(cfg.out, checkpoint_meta(cfg, method, token_ids, identity, 0), adapter_state(model), [])
-    loaded, *_ = load_checkpoint(cfg.out)
-    with torch.no_grad():
-        got = parallel_forward(loaded, [layout]).logits
-    assert (got - expected).abs().max() < 1e-5
+    for merge_lora in (False, True):  # the peft model as trained, and LoRA + rows folded into the weights
+        loaded, *_ = load_checkpoint(cfg.out, merge_lora=merge_lora)
+        assert any("lora_" in name for name, _ in loaded.named_parameters()) != merge_lora
+        with torch.no_grad():
+            got = parallel_forward(loaded, [layout]).logits
+        assert (got - expected).abs().max() < 1e-5
     assert (tmp_path / "ck" / "adapter.safetensors").stat().st_size < 200_000  # adapter and rows only
 
 

@@ -94,11 +94,16 @@ def method_from_meta(meta: dict) -> Method:
     return build_method(meta["method"]["name"], **params)
 
 
-def load_checkpoint(path: str | Path, model_name: str | None = None, **model_kwargs):
+def load_checkpoint(path: str | Path, model_name: str | None = None, merge_lora: bool = True, **model_kwargs):
     """Load a checkpoint onto its base model. Returns (model, tokenizer, method, token_ids, meta).
 
     ``model_name`` overrides where the base model is loaded from; its weights must still be the ones the
     checkpoint was trained on, or this raises :class:`CheckpointError`.
+
+    ``merge_lora``: when the LoRA acts on every token (every method but CCM), fold it and the new token rows into
+    the base weights once, so that inference runs the plain model (the same function up to float rounding,
+    without the adapter's extra matmuls in every projection at every step). Conditional LoRA (CCM) stays a peft
+    model either way: its gate depends on each token. False keeps the peft model (to inspect or train it).
     """
     meta = read_meta(path)
     base = meta["base_model"]
@@ -118,4 +123,6 @@ def load_checkpoint(path: str | Path, model_name: str | None = None, **model_kwa
     full = meta["training"].get("stage") == "full"
     load_adapter_state(model, load_file(str(Path(path) / ADAPTER)), full=full)
     model.eval()
+    if merge_lora and method.lora_on is None:
+        model = model.merge_and_unload()
     return model, tokenizer, method, token_ids, meta
