@@ -5,8 +5,9 @@
 # concat-online-chitchat is the Gisting-online baseline: concat trained without recurrence (--no-recurrent).
 set -u
 cd "$(dirname "$0")/.."
-# Steps per checkpoint (warm-up 3 % of them): merge was retrained at 600 steps in session 3 (at 200 its memory was
-# worse than no context; its training run wrote to /tmp/kv/merge-600, as its kvcondense.json says, then moved).
+# Steps per checkpoint (warm-up 3 % of them): concat and merge were retrained at 600 steps in session 3 (at 200
+# merge's memory was worse than no context); the runs wrote to /tmp/kv/{concat,merge}-600, as their
+# kvcondense.json say, and were moved here. Gisting-online (concat-online-chitchat) is still the 200-step run.
 common=(--comp-tokens 4 --data chitchat --block-tokens 192 --batch-size 4 --lr 3e-4 --schedule cosine)
 run() {  # name, steps, then method flags
   local name=$1 steps=$2; shift 2
@@ -14,6 +15,6 @@ run() {  # name, steps, then method flags
     --save-every $((steps / 10)) --out "checkpoints/$name" > "checkpoints/$name.console.log" 2>&1 \
     || echo "training failed for $name"
 }
-run concat-chitchat "${CONCAT_STEPS:-200}" --method ccm-concat
+run concat-chitchat "${CONCAT_STEPS:-600}" --method ccm-concat
 run merge-chitchat "${MERGE_STEPS:-600}" --method ccm-merge
 run concat-online-chitchat "${ONLINE_STEPS:-200}" --method ccm-concat --no-recurrent
