@@ -51,7 +51,7 @@ def write_checkpoint(
     try:
         (tmp / META).write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n")
         save_file(adapter, str(tmp / ADAPTER))
-        (tmp / LOG).write_text("".join(json.dumps(row) + "\n" for row in log))
+        (tmp / LOG).write_text("".join(json.dumps(row, separators=(",", ":")) + "\n" for row in log))
         if resume is not None:
             (tmp / RESUME).parent.mkdir()
             torch.save(resume, tmp / RESUME)
