@@ -130,8 +130,12 @@ def test_memory_eval_with_baselines(capsys, ccm_checkpoints, tiny_dir, dialogues
     )
     assert rc == 0, err
     rows = json.loads(out.read_text())["results"]
-    by = {(r["method"], r["t"]): r for r in rows}
+    other = {r["t"]: r for r in rows if r.get("other_memory")}
+    by = {(r["method"], r["t"]): r for r in rows if not r.get("other_memory")}
     assert set(by) == {(m, t) for m in ("ccm-concat", "no-context", "full", "window") for t in (1, 4)}
+    assert set(other) == {1, 4} and all(r["method"] == "ccm-concat" for r in other.values())
+    assert other[4]["kv_slots"] == by[("ccm-concat", 4)]["kv_slots"]  # the same memory size, another episode's
+    assert other[4]["perplexity"] != by[("ccm-concat", 4)]["perplexity"]
     assert by[("ccm-concat", 4)]["kv_slots"] == 8 and by[("window", 4)]["kv_slots"] == 8  # same budget
     assert by[("no-context", 1)]["kv_mb"] == 0 and by[("full", 4)]["kv_slots"] > by[("full", 1)]["kv_slots"]
     assert all(r["perplexity"] > 1 for r in rows)
@@ -231,3 +235,15 @@ def test_streaming_eval_applies_window_and_sinks_to_a_checkpoint(
     row = json.loads(out.read_text())
     assert row["params"]["window"] == 24 and row["params"]["sinks"] == 2
     assert row["verify"]["max_abs_diff"] < 1e-4
+
+
+def test_other_memory_pairs_each_query_with_the_next_episodes_chunks():
+    import torch
+
+    from kvcondense.memory_eval import other_memory
+    from kvcondense.methods import EpisodeTokens
+
+    eps = [EpisodeTokens([torch.tensor([i, i])], torch.tensor([10 + i]), torch.tensor([20 + i])) for i in range(3)]
+    got = other_memory(eps)
+    assert [int(e.chunks[0][0]) for e in got] == [1, 2, 0]
+    assert [int(e.query[0]) for e in got] == [10, 11, 12] and [int(e.answer[0]) for e in got] == [20, 21, 22]

@@ -20,6 +20,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .data import DataError
 from .fetch import FetchError
+from .memory_eval import MEMORY_BASELINES, OTHER_MEMORY
 from .methods import METHODS
 from .models import DEFAULT_MODEL, ModelError
 
@@ -144,7 +145,7 @@ def _cmd_eval(args) -> int:
         seed=args.seed,
         time_steps=tuple(args.time_steps),
         episodes=args.episodes,
-        baselines=() if args.baselines is None else tuple(args.baselines or ("no-context", "full", "window")),
+        baselines=() if args.baselines is None else tuple(args.baselines or MEMORY_BASELINES),
     )
     target = _results_path(args, f"eval-{cfg.task}", asdict(cfg)) if args.out_dir else None
     if args.out_dir and target is None:
@@ -333,9 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--baselines",
         nargs="*",
-        choices=["no-context", "full", "window"],
+        choices=MEMORY_BASELINES,
         default=None,
-        help="memory: also score these baselines (no names: all three; the window at the method's KV budget)",
+        help="memory: also score these baselines (no names: all four; the window at the method's KV budget; "
+        f"{OTHER_MEMORY}: the method reading another episode's memory, the control)",
     )
     p.add_argument("--json", help="write the results as JSON to this file")
     p.add_argument("--out-dir", default=None, help="write result.json under a directory named from the config")

@@ -82,18 +82,36 @@ def bytes_per_slot(model) -> int:
     return cache.kv_bytes() // max(1, cache.physical_length)
 
 
-def comparison(method: Method, baselines: tuple[str, ...], t: int) -> list[tuple[str, Method]]:
+OTHER_MEMORY = "other-memory"
+"""The control baseline: the method with the memory of another episode (the next one, cyclically). What a memory
+gains over it is what it kept of its own episode; what is left is what the trained memory tokens do whatever the
+context (a learned prompt for the domain)."""
+MEMORY_BASELINES = ("no-context", "full", "window", OTHER_MEMORY)
+
+
+def comparison(method: Method, baselines: tuple[str, ...], t: int) -> list[tuple[str, Method, bool]]:
     """The methods of one table row group: the method, and the named baselines at the same t (the window at the
-    method's memory budget: n slots for merge, n * t for concat)."""
-    rows = [(method.name if not method.trainable else f"{method.name} (trained)", method)]
+    method's memory budget: n slots for merge, n * t for concat). Each with whether it reads another episode's
+    chunks (:data:`OTHER_MEMORY`)."""
+    own = method.name if not method.trainable else f"{method.name} (trained)"
+    rows = [(own, method, False)]
     for name in baselines:
-        if name != "window":
-            rows.append((name, build_method(name)))
+        if name == OTHER_MEMORY:
+            rows.append((f"{own}, another episode's memory", method, True))
+        elif name != "window":
+            rows.append((name, build_method(name), False))
         elif hasattr(method, "memory_slots"):  # a compressed memory whose budget the window gets
             budget = method.memory_slots(t)
             sinks = min(4, budget // 2)
-            rows.append((f"window ({sinks} sinks, {budget} slots)", build_method("window", slots=budget, sinks=sinks)))
+            window = build_method("window", slots=budget, sinks=sinks)
+            rows.append((f"window ({sinks} sinks, {budget} slots)", window, False))
     return rows
+
+
+def other_memory(episodes: list[EpisodeTokens]) -> list[EpisodeTokens]:
+    """Each episode's query and answer after the chunks of the next episode (cyclically)."""
+    n = len(episodes)
+    return [EpisodeTokens(episodes[(i + 1) % n].chunks, e.query, e.answer, e.options) for i, e in enumerate(episodes)]
 
 
 def run_memory_eval(
@@ -120,8 +138,8 @@ def run_memory_eval(
     rows = []
     for t in tqdm(steps, desc="memory eval (t)"):
         cut = [e.truncated(t) for e in tokens]
-        for label, m in comparison(method, baselines, t):
-            s = score_episodes(model, m, token_ids, cut, batch_size)
+        for label, m, other in comparison(method, baselines, t):
+            s = score_episodes(model, m, token_ids, other_memory(cut) if other else cut, batch_size)
             row = {
                 "method": m.name,
                 "label": label,
@@ -129,6 +147,7 @@ def run_memory_eval(
                 "task": "memory",
                 "metric": task,
                 "t": t,
+                **({"other_memory": True} if other else {}),
                 "episodes": s.episodes,
                 "kv_slots": s.slots / s.episodes,
                 "kv_mb": s.slots / s.episodes * per_slot / 2**20,
