@@ -7,8 +7,11 @@ cd "$(dirname "$0")/.."
 K=".venv/bin/kvcondense"
 EP=${CCM_EPISODES:-30}
 common=(--episodes "$EP" --time-steps 1 2 4 8 16 --out-dir runs/ccm)
-$K eval --checkpoint checkpoints/concat-chitchat --data chitchat --baselines --verify "${common[@]}"
+$K eval --checkpoint checkpoints/concat-chitchat --data chitchat --baselines no-context full window --verify "${common[@]}"
 $K eval --checkpoint checkpoints/merge-chitchat --data chitchat --baselines window --verify "${common[@]}"
+for ck in concat merge; do  # the control: each conversation's last turn after another conversation's memory
+  $K eval --checkpoint "checkpoints/$ck-chitchat" --data chitchat --baselines other-memory "${common[@]}"
+done
 if [ -d checkpoints/concat-online-chitchat ]; then
   $K eval --checkpoint checkpoints/concat-online-chitchat --data chitchat "${common[@]}"
 fi
