@@ -303,3 +303,40 @@ def test_long_context_needs_the_explicit_flag(capsys, trained):
         ]
     )
     assert rc == 0 and "stored slots" in capsys.readouterr().out
+
+
+def test_lora_rank_flags_shape_the_adapter(tiny_dir, sample_path, tmp_path, trained):
+    from safetensors.torch import load_file
+
+    from kvcondense.checkpoint import read_meta
+
+    common = ["--model", tiny_dir, "--data", sample_path, "--steps", "1", "--block-tokens", "32"]
+    out = tmp_path / "r4"
+    assert main([str(a) for a in ["train", "--method", "sentinel", *common, "--lora-rank", "4", "--out", out]]) == 0
+    assert read_meta(out)["lora"] | {"target_modules": []} == {
+        "r": 4,
+        "alpha": 8,
+        "dropout": 0.05,
+        "target_modules": [],
+    }
+    ranks = {t.shape[0] for k, t in load_file(out / "adapter.safetensors").items() if "lora_A" in k}
+    assert ranks == {4}
+    # A later stage keeps the earlier stage's LoRA unless told otherwise.
+    later = tmp_path / "later"
+    assert main([str(a) for a in ["train", "--method", "sentinel", *common, "--init-from", out, "--out", later]]) == 0
+    assert read_meta(later)["lora"]["r"] == 4
+    assert read_meta(trained)["lora"]["r"] == 16  # the default recipe
+
+
+@pytest.mark.parametrize(
+    "flag,value,match", [("--lora-rank", "0", "whole number >= 1"), ("--lora-dropout", "1", "dropout")]
+)
+def test_bad_lora_settings(capsys, tiny_dir, sample_path, tmp_path, flag, value, match):
+    argv = ["train", "--method", "sentinel", "--model", tiny_dir, "--data", sample_path, flag, value]
+    one_line_error(capsys, *argv, "--out", tmp_path / "x", match=match)
+    assert not (tmp_path / "x").exists()
+
+
+def test_init_from_with_another_rank(capsys, tiny_dir, sample_path, tmp_path, trained):
+    argv = ["train", "--method", "sentinel", "--model", tiny_dir, "--data", sample_path, "--init-from", trained]
+    one_line_error(capsys, *argv, "--lora-rank", "4", "--out", tmp_path / "x", match="--lora-rank 16")

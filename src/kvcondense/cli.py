@@ -37,6 +37,16 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
 def _method(text: str) -> str:
     if text not in METHODS:
         raise argparse.ArgumentTypeError(f"unknown method {text!r}; choose one of: {', '.join(METHODS)}")
@@ -113,10 +123,24 @@ def _cmd_train(args) -> int:
             save_every=args.save_every,
             stage=args.stage,
             init_from=args.init_from,
+            lora=_lora_settings(args),
         )
     out = train(cfg, resume=args.resume)
     print(f"checkpoint written to {out}")
     return 0
+
+
+def _lora_settings(args):
+    from .checkpoint import read_meta
+    from .lora import LoraSettings
+
+    if args.init_from and args.lora_rank is None and args.lora_alpha is None and args.lora_dropout is None:
+        return LoraSettings(**read_meta(args.init_from)["lora"])  # a later stage keeps the earlier stage's LoRA
+    rank = args.lora_rank or LoraSettings.r
+    # alpha = 2 x rank in both papers' recipes (sentinel r=16/32, CCM r=8/16), so it follows the rank by default.
+    alpha = args.lora_alpha if args.lora_alpha is not None else 2 * rank
+    dropout = args.lora_dropout if args.lora_dropout is not None else LoraSettings.dropout
+    return LoraSettings(r=rank, alpha=alpha, dropout=dropout)
 
 
 def _cmd_eval(args) -> int:
@@ -282,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="what trains: new token rows only, LoRA + rows (default), or every weight",
     )
     p.add_argument("--init-from", default=None, help="start from this checkpoint's trained tensors (stage 1 -> 2)")
+    p.add_argument("--lora-rank", type=_positive_int, default=None, help="LoRA rank (default 16)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scaling numerator (default 2 x rank)")
+    p.add_argument("--lora-dropout", type=float, default=None, help="dropout on the LoRA input (default 0.05)")
     _add_common(p)
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 300)")
     p.add_argument("--batch-size", type=int, default=2)

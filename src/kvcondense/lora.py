@@ -28,13 +28,17 @@ class LoraSettings:
     """
 
     r: int = 16
-    alpha: int = 32
+    alpha: float = 32
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.r < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
 
 
 def attention_modules(model) -> list[str]:

@@ -118,7 +118,7 @@ def episode_items(episodes, tokenizer, budget: int) -> list[EpisodeTokens]:
         tok = tokenize_episode(ep, tokenizer)
         room = budget - len(tok.query) - len(tok.answer)
         keep = len(tok.chunks)
-        while keep and sum(len(c) for c in tok.chunks[len(tok.chunks) - keep :]) > room:
+        while keep and sum(len(c) for c in tok.truncated(keep).chunks) > room:
             keep -= 1
         if room > 0 and keep:
             items.append(tok.truncated(keep))
@@ -164,6 +164,11 @@ def prepare_model(cfg: TrainConfig, method: Method):
         start = read_meta(cfg.init_from)
         if start["method"]["name"] != method.name or start["special_tokens"] != token_ids:
             raise ValueError(f"--init-from {cfg.init_from} was trained for another method or other tokens")
+        if start["lora"]["r"] != cfg.lora.r:
+            raise ValueError(
+                f"--init-from {cfg.init_from} has LoRA rank {start['lora']['r']}, this run {cfg.lora.r}; "
+                f"pass --lora-rank {start['lora']['r']}"
+            )
         full = start["training"].get("stage") == "full"
         load_adapter_state(model, load_file(str(Path(cfg.init_from) / ADAPTER)), full=full)
     model.train()
