@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import DATA
 
 from kvcondense.data import EPISODE_SOURCES, DataError, Episode, load_episodes, read_episodes_jsonl
@@ -98,6 +99,36 @@ def test_truncated_keeps_last_chunks():
     for t in (0, 4):
         with pytest.raises(DataError, match="3 chunks"):
             episode.truncated(t)
+
+
+def test_truncated_keeps_the_evidence_chunk():
+    chunks = tuple(f"{c}\n" for c in "abcdefgh")
+    # The evidence is among the last t: plain truncation, the evidence index shifts.
+    assert Episode(chunks, "q", " x", evidence=6).truncated(3) == Episode(chunks[5:], "q", " x", evidence=1)
+    # Older than the last t: it replaces the kept chunk at position evidence % t.
+    assert Episode(chunks, "q", " x", evidence=1).truncated(3) == Episode(("f\n", "b\n", "h\n"), "q", " x", evidence=1)
+    assert Episode(chunks, "q", " x", evidence=0).truncated(1) == Episode(("a\n",), "q", " x", evidence=0)
+    assert Episode(chunks, "q", " x", evidence=2).truncated(8).chunks == chunks
+    # Every position of a kept window is used as t varies (no fixed place for the evidence).
+    assert {Episode(chunks, "q", " x", evidence=e).truncated(4).evidence for e in range(8)} == {0, 1, 2, 3}
+    with pytest.raises(DataError, match="evidence chunk 8"):
+        Episode(chunks, "q", " x", evidence=8)
+
+
+def test_tokenized_truncation_matches_text_truncation():
+    from kvcondense.methods import tokenize_episode
+
+    class CharTokenizer:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    episode = Episode(tuple(f"{c}\n" for c in "abcdef"), "q", " x", evidence=1)
+    tokens = tokenize_episode(episode, CharTokenizer())
+    for t in range(1, 7):
+        want = tokenize_episode(episode.truncated(t), CharTokenizer())
+        got = tokens.truncated(t)
+        assert got.evidence == want.evidence and all(map(torch.equal, got.chunks, want.chunks))
+    assert tokens.truncated(0).chunks == [] and tokens.truncated(0).evidence is None
     with pytest.raises(DataError, match="not one of the options"):
         Episode(("a\n",), "q", " z", (" x", " y"))
 
@@ -176,4 +207,7 @@ def test_recall_facts_are_distinct_and_seeded():
         values = [c.split(" is ")[1] for c in e.chunks]
         assert len(set(subjects)) == len(set(values)) == 16
         assert f"{e.query}{e.answer}.\n" in e.chunks
+        for t in (1, 2, 4, 8, 16):  # the asked fact survives every cut
+            cut = e.truncated(t)
+            assert len(cut.chunks) == t and cut.chunks[cut.evidence] == f"{e.query}{e.answer}.\n"
     assert load_episodes("recall", "validation", seed=1) != load_episodes("recall", "validation", seed=0)

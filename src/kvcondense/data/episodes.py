@@ -36,7 +36,7 @@ ICL_QUERY = "Input: {x}\nOutput:"
 RECALL_FACT = "The code word for {subject} is {value}.\n"
 RECALL_QUERY = "The code word for {subject} is"
 # Bump when a format or a built-in source changes, so stale cached episode sets are not reused.
-CACHE_VERSION = 2
+CACHE_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -47,16 +47,38 @@ class Episode:
     query: str  # the input I(T) (may be "")
     answer: str  # the output O(T): the text scored (loss / perplexity), or the right option
     options: tuple[str, ...] = ()  # non-empty for classification tasks; `answer` must be one of them
+    evidence: int | None = None  # index of the one chunk the answer depends on (recall), kept by `truncated`
 
     def __post_init__(self) -> None:
         if self.options and self.answer not in self.options:
             raise DataError(f"answer {self.answer!r} is not one of the options {list(self.options)}")
+        if self.evidence is not None and not 0 <= self.evidence < len(self.chunks):
+            raise DataError(f"evidence chunk {self.evidence} is not one of the {len(self.chunks)} chunks")
 
     def truncated(self, t: int) -> Episode:
-        """The same episode with only its last ``t`` chunks (the most recent context); ``t >= 1``."""
+        """The same episode with only ``t`` chunks (the most recent context); ``t >= 1``.
+
+        An evidence chunk older than the last ``t`` is kept in their place, at position ``evidence % t`` (spread
+        over the kept positions), so that every ``t`` can answer and what varies is how much else memory holds.
+        """
         if t < 1 or t > len(self.chunks):
             raise DataError(f"cannot keep the last {t} chunks of an episode with {len(self.chunks)} chunks")
-        return Episode(self.chunks[-t:], self.query, self.answer, self.options)
+        kept, evidence = truncation(len(self.chunks), t, self.evidence)
+        return Episode(tuple(self.chunks[i] for i in kept), self.query, self.answer, self.options, evidence)
+
+
+def truncation(n: int, t: int, evidence: int | None) -> tuple[list[int], int | None]:
+    """Which of ``n`` chunks an episode cut to ``t`` keeps, in order, and where its evidence chunk lands.
+
+    The last ``t``; an evidence chunk older than those replaces the kept chunk at position ``evidence % t``.
+    """
+    kept = list(range(n - t, n))
+    if evidence is None or t == 0:
+        return kept, None
+    if evidence >= n - t:
+        return kept, evidence - (n - t)
+    kept[evidence % t] = evidence
+    return kept, evidence % t
 
 
 # ---- formatting: the one place where episode text is made ----
@@ -80,7 +102,9 @@ def icl_episode(examples: Sequence[tuple[str, str]], query: str, answer: str, op
 def recall_episode(facts: Sequence[tuple[str, str]], subject: str, answer: str, options: Sequence[str]) -> Episode:
     """A recall episode: one (subject, value) fact per chunk, then the question about ``subject``."""
     chunks = tuple(RECALL_FACT.format(subject=s, value=v) for s, v in facts)
-    return Episode(chunks, RECALL_QUERY.format(subject=subject), " " + answer, tuple(" " + o for o in options))
+    asked = next(i for i, (s, _) in enumerate(facts) if s == subject)
+    query = RECALL_QUERY.format(subject=subject)
+    return Episode(chunks, query, " " + answer, tuple(" " + o for o in options), evidence=asked)
 
 
 def item_split(item_id: str) -> str:

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 
+from ..data.episodes import truncation
 from ..layout import IGNORE, NEVER, Kind, Layout, concat, next_text_targets
 from ..merge import MixRules, merge_rates, merge_weights
 from .base import Method, TokenizedText
@@ -34,19 +35,23 @@ class EpisodeTokens:
         query: token ids of the input I(T). (Q,) int64, non-empty: its last token predicts the answer.
         answer: token ids of the output O(T) that is scored. (A,) int64.
         options: token ids of each answer option (classification tasks), empty otherwise.
+        evidence: index of the one chunk the answer depends on (recall facts), kept when the episode is cut.
     """
 
     chunks: list[torch.Tensor]
     query: torch.Tensor
     answer: torch.Tensor
     options: list[torch.Tensor] = field(default_factory=list)
+    evidence: int | None = None
 
     def truncated(self, t: int) -> EpisodeTokens:
-        """The same episode with only its last ``t`` chunks (t = 0: no context)."""
-        return EpisodeTokens(self.chunks[len(self.chunks) - t :] if t else [], self.query, self.answer, self.options)
+        """The same episode with only ``t`` chunks (t = 0: no context): the last ones, the evidence chunk kept (see
+        :func:`kvcondense.data.episodes.truncation`)."""
+        kept, evidence = truncation(len(self.chunks), t, self.evidence)
+        return EpisodeTokens([self.chunks[i] for i in kept], self.query, self.answer, self.options, evidence)
 
     def with_answer(self, answer: torch.Tensor) -> EpisodeTokens:
-        return EpisodeTokens(self.chunks, self.query, answer, self.options)
+        return EpisodeTokens(self.chunks, self.query, answer, self.options, self.evidence)
 
 
 def tokenize_episode(episode, tokenizer) -> EpisodeTokens:
@@ -57,9 +62,8 @@ def tokenize_episode(episode, tokenizer) -> EpisodeTokens:
 
     if not episode.query:
         raise ValueError("an episode needs a non-empty query: its last token predicts the answer")
-    return EpisodeTokens(
-        [ids(c) for c in episode.chunks], ids(episode.query), ids(episode.answer), [ids(o) for o in episode.options]
-    )
+    chunks, options = [ids(c) for c in episode.chunks], [ids(o) for o in episode.options]
+    return EpisodeTokens(chunks, ids(episode.query), ids(episode.answer), options, episode.evidence)
 
 
 @dataclass
