@@ -115,3 +115,20 @@ def test_memory_rows_get_a_table_per_t_and_a_plot(tmp_path):
         "| method (perplexity, KV MB) | t=1 | t=4 |" in text and "| ccm-merge | 9.000 (0.10) | 9.000 (0.10) |" in text
     )
     assert any(p.name == "memory_perplexity_vs_t.png" and p.stat().st_size > 0 for p in made)
+
+
+def test_result_names_follow_the_checkpoint_and_the_episode_data(tmp_path, monkeypatch):
+    from kvcondense import report
+
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "adapter.safetensors").write_bytes(b"trained once")
+    config = {"checkpoint": str(ck), "task": "memory", "data": "recall"}
+    first = report.result_file(tmp_path, "eval-memory", config)
+    assert report.result_file(tmp_path, "eval-memory", dict(config)) == first  # deterministic
+    (ck / "adapter.safetensors").write_bytes(b"trained again")  # retrained at the same path: a new result
+    second = report.result_file(tmp_path, "eval-memory", config)
+    assert second != first
+    monkeypatch.setattr(report, "EPISODES_VERSION", report.EPISODES_VERSION + 1)  # rebuilt task data: new result
+    assert report.result_file(tmp_path, "eval-memory", config) != second
+    assert report.result_file(tmp_path, "eval-ppl", {"method": "full"}).parent.name.startswith("eval-ppl-full-")

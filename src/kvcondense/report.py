@@ -15,6 +15,9 @@ from pathlib import Path
 
 import matplotlib
 
+from .checkpoint import ADAPTER
+from .data.episodes import CACHE_VERSION as EPISODES_VERSION
+
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -27,8 +30,18 @@ def run_name(kind: str, config: dict) -> str:
 
 
 def result_file(out_dir: str | Path, kind: str, config: dict) -> Path:
-    """Where the result of this config lives under ``out_dir`` (``<run name>/result.json``)."""
-    return Path(out_dir) / run_name(kind, config) / "result.json"
+    """Where the result of this config lives under ``out_dir`` (``<run name>/result.json``).
+
+    The name also hashes what the config names but does not contain: the checkpoint's trained tensors and the
+    version of the built-in episode sets, so a retrained checkpoint or rebuilt task data gets a new result.
+    """
+    inputs = dict(config)
+    adapter = Path(str(config.get("checkpoint") or "")) / ADAPTER
+    if config.get("checkpoint") and adapter.is_file():
+        inputs["checkpoint_sha256"] = hashlib.sha256(adapter.read_bytes()).hexdigest()
+    if config.get("task") == "memory":
+        inputs["episodes_version"] = EPISODES_VERSION
+    return Path(out_dir) / run_name(kind, inputs) / "result.json"
 
 
 def write_json(path: str | Path, payload) -> None:
