@@ -329,9 +329,15 @@ def test_lora_rank_flags_shape_the_adapter(tiny_dir, sample_path, tmp_path, trai
 
 
 @pytest.mark.parametrize(
-    "flag,value,match", [("--lora-rank", "0", "whole number >= 1"), ("--lora-dropout", "1", "dropout")]
+    "flag,value,match",
+    [
+        ("--lora-rank", "0", "whole number >= 1"),
+        ("--lora-dropout", "1", "dropout"),
+        ("--steps", "0", "--steps: expected a whole number >= 1, got 0"),
+        ("--batch-size", "two", "--batch-size: expected a whole number >= 1, got 'two'"),
+    ],
 )
-def test_bad_lora_settings(capsys, tiny_dir, sample_path, tmp_path, flag, value, match):
+def test_bad_training_numbers(capsys, tiny_dir, sample_path, tmp_path, flag, value, match):
     argv = ["train", "--method", "sentinel", "--model", tiny_dir, "--data", sample_path, flag, value]
     one_line_error(capsys, *argv, "--out", tmp_path / "x", match=match)
     assert not (tmp_path / "x").exists()

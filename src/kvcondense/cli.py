@@ -3,7 +3,10 @@
     kvcondense train    --method M [--ratio R] [--model X] [--data D] [--steps S] --out DIR [--resume]
     kvcondense eval     (--checkpoint DIR | --method M) [--ratio R ...] [--model X] [--data D] [--json FILE]
     kvcondense generate --checkpoint DIR (--prompt TEXT | --prompt-file F) [--max-new-tokens N]
-    kvcondense demo
+    kvcondense chat     --checkpoint DIR [--stats] [--save F] [--load F]   (online compressed memory, ccm checkpoints)
+    kvcondense bench    [--method M | --checkpoint DIR] [--context N ...] [--batch B ...] [--kv-budget-mb MB]
+    kvcondense report   RUN_DIR [RUN_DIR ...] [--out DIR]
+    kvcondense demo     [--quick] [--force]
 
 A mistake of the user's (bad flag, missing file, wrong model) ends with one line on stderr and exit status 2.
 """
@@ -54,16 +57,22 @@ def _method(text: str) -> str:
 
 
 def _add_method_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gist-tokens", type=int, default=None, help="gist: tokens per sentence, 1..8 (default 4)")
+    p.add_argument(
+        "--gist-tokens", type=_positive_int, default=None, help="gist: tokens per sentence, 1..8 (default 4)"
+    )
     p.add_argument(
         "--max-sentence-tokens",
-        type=int,
+        type=_positive_int,
         default=None,
         help="gist: force a gist block after this many regular tokens without a sentence end (default 128)",
     )
     p.add_argument("--bos-sink", action="store_true", help="gist: keep the first token visible as an attention sink")
-    p.add_argument("--comp-tokens", type=int, default=None, help="ccm: <COMP> tokens per chunk, 1..8 (default 4)")
-    p.add_argument("--chunk-tokens", type=int, default=None, help="ccm: plain text is cut into chunks of N tokens")
+    p.add_argument(
+        "--comp-tokens", type=_positive_int, default=None, help="ccm: <COMP> tokens per chunk, 1..8 (default 4)"
+    )
+    p.add_argument(
+        "--chunk-tokens", type=_positive_int, default=None, help="ccm: plain text is cut into chunks of N tokens"
+    )
     p.add_argument(
         "--no-recurrent",
         action="store_true",
@@ -72,7 +81,7 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema", type=float, default=None, help="ccm-merge: a constant update rate instead of 1/t")
     p.add_argument("--window", type=int, default=None, help="ccm streaming: recent text tokens kept visible")
     p.add_argument("--sinks", type=int, default=None, help="ccm/streaming: initial tokens never evicted")
-    p.add_argument("--slots", type=int, default=None, help="streaming/window: a fixed KV budget in slots")
+    p.add_argument("--slots", type=_positive_int, default=None, help="streaming/window: a fixed KV budget in slots")
 
 
 def _method_params(args) -> dict:
@@ -310,10 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scaling numerator (default 2 x rank)")
     p.add_argument("--lora-dropout", type=float, default=None, help="dropout on the LoRA input (default 0.05)")
     _add_common(p)
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 300)")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--block-tokens", type=int, default=256)
+    p.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (default 300)")
+    p.add_argument("--batch-size", type=_positive_int, default=2)
+    p.add_argument("--grad-accum", type=_positive_int, default=1)
+    p.add_argument("--block-tokens", type=_positive_int, default=256)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--schedule", default="linear", help="learning-rate schedule: linear (default), cosine, constant")
     p.add_argument("--warmup-steps", type=int, default=0)
@@ -338,9 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_flags(p)
     _add_common(p)
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    p.add_argument("--max-tokens", type=int, default=8192, help="text tokens to score (default 8192)")
-    p.add_argument("--block-tokens", type=int, default=None, help="text tokens per block (default 256)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-tokens", type=_positive_int, default=8192, help="text tokens to score (default 8192)")
+    p.add_argument("--block-tokens", type=_positive_int, default=None, help="text tokens per block (default 256)")
+    p.add_argument("--batch-size", type=_positive_int, default=4)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--verify", action="store_true", help="also run the evicting cache and report max_abs_diff")
     p.add_argument(
@@ -349,15 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="long-document mode: blocks of 4096 tokens (unless --block-tokens) and perplexity against prefix length",
     )
     p.add_argument("--task", default="perplexity", choices=["perplexity", "continuation"])
-    p.add_argument("--prefix-tokens", type=int, default=512, help="continuation: tokens of the compressed prefix")
-    p.add_argument("--new-tokens", type=int, default=64, help="continuation: tokens generated and scored")
-    p.add_argument("--docs", type=int, default=8, help="continuation: documents")
+    p.add_argument(
+        "--prefix-tokens", type=_positive_int, default=512, help="continuation: tokens of the compressed prefix"
+    )
+    p.add_argument("--new-tokens", type=_positive_int, default=64, help="continuation: tokens generated and scored")
+    p.add_argument("--docs", type=_positive_int, default=8, help="continuation: documents")
     p.add_argument("--no-bertscore", action="store_true", help="continuation: ROUGE-L only")
     p.add_argument("--bertscore-encoder", default=None, help="continuation: local encoder dir (default MiniLM)")
     p.add_argument(
         "--time-steps", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="memory: compressed chunks t to score"
     )
-    p.add_argument("--episodes", type=int, default=40, help="memory: episodes scored at every t")
+    p.add_argument("--episodes", type=_positive_int, default=40, help="memory: episodes scored at every t")
     p.add_argument(
         "--baselines",
         nargs="*",
@@ -375,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a ccm-concat or ccm-merge checkpoint")
     p.add_argument("--model", default=None, help="where to load the checkpoint's base model from")
     p.add_argument("--stats", action="store_true", help="print 'memory: N slots, M bytes' after every turn")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=48)
     p.add_argument("--load", default=None, help="start from a memory file saved by --save")
     p.add_argument("--save", default=None, help="write the memory to this file at the end")
     p.set_defaults(func=_cmd_chat)
@@ -389,8 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt")
     group.add_argument("--prompt-file")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--prefill-chunk", type=int, default=64, help="prefill chunk size (tokens per forward)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    p.add_argument("--prefill-chunk", type=_positive_int, default=64, help="prefill chunk size (tokens per forward)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--allow-long-context",
@@ -404,12 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=_ratio, default=0.5)
     p.add_argument("--checkpoint", default=None, help="use a trained checkpoint's model and method")
     _add_common(p)
-    p.add_argument("--context", type=int, nargs="+", default=[1024], help="context lengths in tokens")
-    p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes for decoding")
-    p.add_argument("--steps", type=int, default=8, help="timed decode steps (median reported)")
-    p.add_argument("--prefill-chunk", type=int, default=512, help="prefill chunk size (tokens per forward)")
+    p.add_argument("--context", type=_positive_int, nargs="+", default=[1024], help="context lengths in tokens")
+    p.add_argument("--batch", type=_positive_int, nargs="+", default=[1], help="batch sizes for decoding")
+    p.add_argument("--steps", type=_positive_int, default=8, help="timed decode steps (median reported)")
+    p.add_argument("--prefill-chunk", type=_positive_int, default=512, help="prefill chunk size (tokens per forward)")
     p.add_argument("--kv-budget-mb", type=float, default=None, help="fixed KV memory: largest batch that fits")
-    p.add_argument("--max-batch", type=int, default=64, help="cap for the batch search under --kv-budget-mb")
+    p.add_argument("--max-batch", type=_positive_int, default=64, help="cap for the batch search under --kv-budget-mb")
     p.add_argument("--slack", type=int, default=64, help="dead slots a row may hold before a decode compaction")
     p.add_argument("--json", help="write the results as JSON to this file")
     p.add_argument("--out-dir", default=None, help="write result.json under a directory named from the config")
@@ -423,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job on the embedded defaults")
     p.add_argument("--quick", action="store_true", help="a tiny budget (used by the test suite)")
-    p.add_argument("--max-tokens", type=int, default=None, help="perplexity tokens per row (default 4096)")
+    p.add_argument("--max-tokens", type=_positive_int, default=None, help="perplexity tokens per row (default 4096)")
     _add_common(p)
     p.add_argument("--checkpoints", default=None, help="folder of checkpoints (default: the committed ones)")
     p.add_argument("--out", default="runs/demo", help="where results, report and plots go")
