@@ -141,7 +141,7 @@ def test_negative_steps(capsys, tiny_dir, sample_path, tmp_path):
         "-3",
         "--out",
         tmp_path / "x",
-        match="steps must be >= 1",
+        match="--steps: expected a whole number >= 1, got -3",
     )
 
 
