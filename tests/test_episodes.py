@@ -211,3 +211,24 @@ def test_recall_facts_are_distinct_and_seeded():
             cut = e.truncated(t)
             assert len(cut.chunks) == t and cut.chunks[cut.evidence] == f"{e.query}{e.answer}.\n"
     assert load_episodes("recall", "validation", seed=1) != load_episodes("recall", "validation", seed=0)
+
+
+@pytest.mark.slow
+def test_recall_quiz_states_four_facts_of_the_same_episodes():
+    recall, quiz = load_episodes("recall", "validation"), load_episodes("recall-quiz", "validation")
+    assert len(recall) == len(quiz)
+    for r, q in zip(recall, quiz, strict=True):
+        assert q.chunks == r.chunks and q.query == r.query and not q.options
+        assert q.answer.startswith(f"{r.answer}.\n")
+        stated = f"{q.query}{q.answer}".splitlines(keepends=True)
+        assert len(stated) == 4 and len(set(stated)) == 4 and set(stated) <= set(q.chunks)
+
+
+def test_quiz_episode_format():
+    from kvcondense.data.episodes import recall_quiz_episode
+
+    facts = [("Athens", "banana"), ("Oslo", "red"), ("Lima", "cat")]
+    e = recall_quiz_episode(facts, [2, 0])
+    assert e.query == "The code word for Lima is"
+    assert e.answer == " cat.\nThe code word for Athens is banana.\n"
+    assert len(e.chunks) == 3 and e.chunks[1] == "The code word for Oslo is red.\n"

@@ -107,6 +107,19 @@ def recall_episode(facts: Sequence[tuple[str, str]], subject: str, answer: str, 
     return Episode(chunks, query, " " + answer, tuple(" " + o for o in options), evidence=asked)
 
 
+def recall_quiz_episode(facts: Sequence[tuple[str, str]], asked: Sequence[int]) -> Episode:
+    """A recall episode whose answer states several facts in turn (``asked`` indices, the first one queried): the
+    loss of training then falls on every asked value, not on one word. ``"The code word for X is"`` ->
+    ``" x.\nThe code word for Y is y.\n..."``."""
+    first, *rest = (facts[i] for i in asked)
+    tail = "".join(RECALL_FACT.format(subject=s, value=v) for s, v in rest)
+    return Episode(
+        tuple(RECALL_FACT.format(subject=s, value=v) for s, v in facts),
+        RECALL_QUERY.format(subject=first[0]),
+        f" {first[1]}.\n{tail}",
+    )
+
+
 def item_split(item_id: str) -> str:
     """The split (train, validation, test) of a conversation or task item, from a hash of its stable id."""
     return split_of(Document(item_id, ""))
@@ -207,6 +220,7 @@ EPISODE_SOURCES: dict[str, Callable[[int], list[tuple[str, Episode]]]] = {
     "chitchat": _source("chitchat", "chitchat_episodes"),
     "analogy": _source("tasks", "analogy_episodes"),
     "recall": _source("tasks", "recall_episodes"),
+    "recall-quiz": _source("tasks", "recall_quiz_episodes"),
 }
 
 

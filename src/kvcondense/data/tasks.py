@@ -27,13 +27,14 @@ import random
 import zipfile
 
 from ..fetch import fetch_package
-from .episodes import Episode, icl_episode, item_split, recall_episode
+from .episodes import Episode, icl_episode, item_split, recall_episode, recall_quiz_episode
 
 PACKAGE, VERSION = "gensim", "4.4.0"
 MEMBER = "gensim/test/test_data/questions-words.txt"
 MAX_CHUNKS = 16
 N_OPTIONS = 4
 RECALL_EPISODES = 6000
+QUIZ_QUESTIONS = 4
 
 
 def load_relations() -> dict[str, list[tuple[str, str]]]:
@@ -91,15 +92,31 @@ def recall_vocabulary() -> tuple[list[str], list[str]]:
 
 def recall_episodes(seed: int = 0) -> list[tuple[str, Episode]]:
     """(``recall:<index>``, episode) for ``RECALL_EPISODES`` episodes of ``MAX_CHUNKS`` random facts each."""
-    subjects, values = recall_vocabulary()
     items = []
-    for i in range(RECALL_EPISODES):
-        rng = random.Random(f"recall:{seed}:{i}")
-        facts = list(zip(rng.sample(subjects, MAX_CHUNKS), rng.sample(values, MAX_CHUNKS), strict=True))
-        asked = rng.randrange(MAX_CHUNKS)
+    for i, (rng, facts, asked) in enumerate(_recall_facts(seed)):
         subject, answer = facts[asked]
         others = [v for j, (_, v) in enumerate(facts) if j != asked]
         options = [answer, *rng.sample(others, N_OPTIONS - 1)]
         rng.shuffle(options)
         items.append((f"recall:{i}", recall_episode(facts, subject, answer, options)))
     return items
+
+
+def recall_quiz_episodes(seed: int = 0) -> list[tuple[str, Episode]]:
+    """The recall episodes (same ids, facts and splits) with ``QUIZ_QUESTIONS`` facts stated in the answer, the
+    recall question's first: a denser training signal (``recall-quiz``; score it by perplexity)."""
+    items = []
+    for i, (rng, facts, asked) in enumerate(_recall_facts(seed)):
+        rng.random()  # keep this episode's draws apart from the options drawn by `recall_episodes`
+        more = rng.sample([j for j in range(MAX_CHUNKS) if j != asked], QUIZ_QUESTIONS - 1)
+        items.append((f"recall:{i}", recall_quiz_episode(facts, [asked, *more])))
+    return items
+
+
+def _recall_facts(seed: int):
+    """Per recall episode: its random generator (after the facts are drawn), facts and the asked fact's index."""
+    subjects, values = recall_vocabulary()
+    for i in range(RECALL_EPISODES):
+        rng = random.Random(f"recall:{seed}:{i}")
+        facts = list(zip(rng.sample(subjects, MAX_CHUNKS), rng.sample(values, MAX_CHUNKS), strict=True))
+        yield rng, facts, rng.randrange(MAX_CHUNKS)
