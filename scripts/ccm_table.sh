@@ -19,9 +19,9 @@ for task in recall analogy; do
   $K eval --checkpoint checkpoints/concat-chitchat --data "$task" --baselines "${common[@]}"
   $K eval --checkpoint checkpoints/merge-chitchat --data "$task" --baselines window "${common[@]}"
 done
-for ck in concat merge; do  # memories trained on facts (checkpoints/train_recall.sh), where they exist
-  if [ -d "checkpoints/$ck-recall" ]; then
-    $K eval --checkpoint "checkpoints/$ck-recall" --data recall --baselines window other-memory --verify "${common[@]}"
+for ck in concat-recall concat-quiz; do  # memories trained on facts (checkpoints/train_recall.sh makes them)
+  if [ -f "checkpoints/$ck/adapter.safetensors" ]; then
+    $K eval --checkpoint "checkpoints/$ck" --data recall --baselines window other-memory --verify "${common[@]}"
   fi
 done
 $K report runs/ccm --out runs/ccm/report
