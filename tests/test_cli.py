@@ -346,3 +346,12 @@ def test_bad_training_numbers(capsys, tiny_dir, sample_path, tmp_path, flag, val
 def test_init_from_with_another_rank(capsys, tiny_dir, sample_path, tmp_path, trained):
     argv = ["train", "--method", "sentinel", "--model", tiny_dir, "--data", sample_path, "--init-from", trained]
     one_line_error(capsys, *argv, "--lora-rank", "4", "--out", tmp_path / "x", match="--lora-rank 16")
+
+
+def test_checkpoint_without_its_weights(capsys, trained, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(trained, bare)
+    (bare / "adapter.safetensors").unlink()
+    one_line_error(capsys, "eval", "--checkpoint", bare, "--max-tokens", "32", match="holds no adapter.safetensors")

@@ -106,6 +106,9 @@ def load_checkpoint(path: str | Path, model_name: str | None = None, merge_lora:
     model either way: its gate depends on each token. False keeps the peft model (to inspect or train it).
     """
     meta = read_meta(path)
+    if not (Path(path) / ADAPTER).is_file():  # e.g. a committed run whose weights were left out for size
+        command = meta.get("command") or "the training command in its kvcondense.json"
+        raise CheckpointError(f"checkpoint {path} holds no {ADAPTER} (only its config and log); remake it: {command}")
     base = meta["base_model"]
     model, tokenizer = load_model(model_name or base["name"], **model_kwargs)
     ident = model_identity(model, model_name or base["name"])
