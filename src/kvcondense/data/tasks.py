@@ -107,7 +107,7 @@ def recall_quiz_episodes(seed: int = 0) -> list[tuple[str, Episode]]:
     recall question's first: a denser training signal (``recall-quiz``; score it by perplexity)."""
     items = []
     for i, (rng, facts, asked) in enumerate(_recall_facts(seed)):
-        rng.random()  # keep this episode's draws apart from the options drawn by `recall_episodes`
+        rng.random()  # a discarded draw, kept so that this stays the set concat-quiz was trained on
         more = rng.sample([j for j in range(MAX_CHUNKS) if j != asked], QUIZ_QUESTIONS - 1)
         items.append((f"recall:{i}", recall_quiz_episode(facts, [asked, *more])))
     return items
