@@ -132,3 +132,26 @@ def test_result_names_follow_the_checkpoint_and_the_episode_data(tmp_path, monke
     monkeypatch.setattr(report, "EPISODES_VERSION", report.EPISODES_VERSION + 1)  # rebuilt task data: new result
     assert report.result_file(tmp_path, "eval-memory", config) != second
     assert report.result_file(tmp_path, "eval-ppl", {"method": "full"}).parent.name.startswith("eval-ppl-full-")
+
+
+def test_rows_of_different_checkpoints_stay_apart(tmp_path):
+    from kvcondense.report import markdown, name_checkpoints
+
+    def row(checkpoint, lab, value):
+        config = {"checkpoint": checkpoint, "data": "recall"}
+        return {"label": lab, "method": "m", "task": "memory", "metric": "accuracy", "t": 1, "accuracy": value,
+                "kv_mb": 0.1, "config": config, "_source": checkpoint}  # fmt: skip
+
+    records = [
+        row("ck/a", "m (trained)", 0.5),
+        row("ck/a", "full", 0.9),
+        row("ck/b", "m (trained)", 0.3),
+        row("ck/b", "full", 0.9),
+        row("ck/c", "m (trained), another episode's memory", 0.2),
+    ]
+    labels = [r["label"] for r in name_checkpoints(records)]
+    assert labels == ["m (trained: a)", "full", "m (trained: b)", "full", "m (trained), another episode's memory"]
+    table = markdown(name_checkpoints(records))
+    assert "| m (trained: a) | 0.500 (0.10) |" in table and "| m (trained: b) | 0.300 (0.10) |" in table
+    # One checkpoint in several runs keeps its plain label (its rows are one row of the table).
+    assert [r["label"] for r in name_checkpoints(records[:2])] == ["m (trained)", "full"]

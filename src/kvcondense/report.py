@@ -79,11 +79,30 @@ def load_results(dirs: list[str | Path]) -> list[dict]:
         raise ValueError(
             f"no kvcondense results found in {', '.join(map(str, dirs))}; run eval or bench with --out-dir first"
         )
-    return records
+    return name_checkpoints(records)
 
 
 def label(r: dict) -> str:
     return r.get("label") or r.get("method", "?")
+
+
+def name_checkpoints(records: list[dict]) -> list[dict]:
+    """Put the checkpoint's name into a trained row's label (``gist (trained: gist8)``) where one label covers
+    several checkpoints, so that their rows stay apart in tables and plots."""
+
+    def checkpoint(r: dict) -> str:
+        return Path(str(r.get("config", {}).get("checkpoint") or "")).name
+
+    shared: dict[str, set[str]] = {}
+    for r in records:
+        if "(trained" in label(r):
+            shared.setdefault(label(r), set()).add(checkpoint(r))
+    return [
+        {**r, "label": label(r).replace("(trained", f"(trained: {checkpoint(r)}", 1)}
+        if len(shared.get(label(r), ())) > 1
+        else r
+        for r in records
+    ]
 
 
 def is_memory(r: dict) -> bool:
