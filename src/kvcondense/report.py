@@ -192,13 +192,16 @@ def _save(fig, path: Path) -> Path:
 def plots(records: list[dict], out: Path) -> list[Path]:
     made = []
     for (metric, data), rows in memory_groups([r for r in records if is_memory(r)]).items():
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name in dict.fromkeys(label(r) for r in rows):
+        names = list(dict.fromkeys(label(r) for r in rows))
+        crowded = len(names) > 6  # then the legend goes beside the axes, not over the lines
+        fig, ax = plt.subplots(figsize=(10, 4.5) if crowded else (6, 4))
+        for i, name in enumerate(names):
             pts = sorted((r["t"], r[metric]) for r in rows if label(r) == name)
-            ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+            style = ("-", "--", ":", "-.")[i // 10 % 4]  # the colour cycle repeats after 10 lines
+            ax.plot(*zip(*pts, strict=True), marker="o", linestyle=style, label=name)
         title = f"Online memory ({data}): {metric} vs t" if data else f"Online memory: {metric} vs t"
         ax.set(xscale="log", xlabel="compressed chunks t", ylabel=metric, title=title)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1)} if crowded else {}))
         stem = f"memory_{Path(data).stem}_{metric}_vs_t" if data else f"memory_{metric}_vs_t"
         made.append(_save(fig, out / f"{stem}.png"))
     ppl = [r for r in records if "perplexity" in r and not is_memory(r)]
