@@ -33,6 +33,15 @@ def test_icl_jsonl_format():
     assert second == Episode(("Input: two plus two\nOutput: four\n",), "Input: one plus two\nOutput:", " three")
 
 
+def test_icl_jsonl_evidence(tmp_path):
+    path = tmp_path / "facts.jsonl"
+    examples = ", ".join(f'{{"input": "{k}", "output": "{v}"}}' for k, v in [("a", "1"), ("b", "2"), ("c", "3")])
+    path.write_text(f'{{"examples": [{examples}], "query": {{"input": "a", "answer": "1", "evidence": 1}}}}\n')
+    (episode,) = read_episodes_jsonl(path)
+    assert episode.evidence == 0
+    assert episode.truncated(1).chunks == ("Input: a\nOutput: 1\n",)  # the one example the answer needs
+
+
 def test_directory_reads_every_jsonl(tmp_path):
     for name in ("dialogue.jsonl", "icl.jsonl"):
         (tmp_path / name).write_text((DATA / name).read_text())
@@ -61,6 +70,8 @@ ICL = '{{"examples": [{{"input": "a", "output": "b"}}], "query": {query}}}'
         (ICL.format(query='{"input": "x", "options": ["y", "y"], "answer": "y"}'), "options repeat"),
         (ICL.format(query='{"input": "x", "options": "y", "answer": "y"}'), '"options" must be a list'),
         (ICL.format(query='{"input": "", "answer": "y"}'), "query input is empty"),
+        (ICL.format(query='{"input": "x", "answer": "y", "evidence": 2}'), '"evidence" must be the number (1..1)'),
+        (ICL.format(query='{"input": "x", "answer": "y", "evidence": true}'), '"evidence" must be the number'),
     ],
 )
 def test_bad_lines_name_file_and_line(tmp_path, line, message):

@@ -13,9 +13,10 @@ All text formats live here, so that built-in sources and users' files produce th
 
 Users' ``.jsonl`` files hold one episode a line, either ``{"turns": ["...", "...", ...]}`` (a dialogue of at least
 two turns) or ``{"examples": [{"input": ..., "output": ...}, ...], "query": {"input": ..., "options": [...],
-"answer": ...}}`` (ICL; ``options`` may be left out for a generated answer). Every episode is assigned to
-train/validation/test by a hash of a stable id (a conversation id, a task item, or a user line's content), so
-splits never share an item and do not depend on order.
+"answer": ...}}`` (ICL; ``options`` may be left out for a generated answer; ``"evidence": k`` names the example,
+counted from 1, that the answer depends on, which is then kept when the episode is cut to t chunks). Every episode
+is assigned to train/validation/test by a hash of a stable id (a conversation id, a task item, or a user line's
+content), so splits never share an item and do not depend on order.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import importlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..fetch import cache_dir
@@ -159,7 +160,13 @@ def _icl_record(obj: dict, where: str) -> Episode:
         raise DataError(f"{where}: the options repeat; list each option once")
     if options and answer not in options:
         raise DataError(f"{where}: the answer {answer!r} is not one of the options {options}; add it to the options")
-    return icl_episode(pairs, q, answer, options)
+    episode = icl_episode(pairs, q, answer, options)
+    evidence = query.get("evidence")
+    if evidence is None:
+        return episode
+    if not isinstance(evidence, int) or isinstance(evidence, bool) or not 1 <= evidence <= len(pairs):
+        raise DataError(f'{where}: "evidence" must be the number (1..{len(pairs)}) of the example the answer needs')
+    return replace(episode, evidence=evidence - 1)
 
 
 def _record(obj: object, where: str) -> Episode:
