@@ -299,10 +299,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="kvcondense", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a method's LoRA and token rows; writes a checkpoint")
     p.add_argument("--method", type=_method, required=True)
     p.add_argument("--ratio", type=_ratio, default=None, help="compression ratio in (0, 1) (default 0.5)")
@@ -339,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.set_defaults(func=_cmd_train)
 
+
+def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="held-out perplexity, measured compression and stored KV")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint directory made by train")
@@ -382,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="with --out-dir: redo a result that exists")
     p.set_defaults(func=_cmd_eval)
 
+
+def _chat_parser(sub) -> None:
     p = sub.add_parser("chat", help="chat with a compressed memory (ccm checkpoints); reads stdin when piped")
     p.add_argument("--checkpoint", required=True, help="a ccm-concat or ccm-merge checkpoint")
     p.add_argument("--model", default=None, help="where to load the checkpoint's base model from")
@@ -391,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", default=None, help="write the memory to this file at the end")
     p.set_defaults(func=_cmd_chat)
 
+
+def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate from a compressed prompt and print cache statistics")
     p.add_argument("--checkpoint", help="checkpoint directory (omit to use --method without training)")
     p.add_argument("--method", type=_method, default=None)
@@ -410,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_generate)
 
+
+def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="throughput and memory, compressed against full attention, as ratios")
     p.add_argument("--method", type=_method, default="sentinel")
     p.add_argument("--ratio", type=_ratio, default=0.5)
@@ -427,11 +432,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="with --out-dir: redo a result that exists")
     p.set_defaults(func=_cmd_bench)
 
+
+def _report_parser(sub) -> None:
     p = sub.add_parser("report", help="markdown table and PNG plots from result directories")
     p.add_argument("dirs", nargs="+", help="directories holding result JSON files")
     p.add_argument("--out", default=None, help="output directory (default: DIR/report of the first)")
     p.set_defaults(func=_cmd_report)
 
+
+def _demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="the main job on the embedded defaults")
     p.add_argument("--quick", action="store_true", help="a tiny budget (used by the test suite)")
     p.add_argument("--max-tokens", type=_positive_int, default=None, help="perplexity tokens per row (default 4096)")
@@ -441,6 +450,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bertscore-encoder", default=None, help="local encoder dir (default MiniLM)")
     p.add_argument("--force", action="store_true", help="recompute results that exist")
     p.set_defaults(func=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="kvcondense", description="Learned context compression for Hugging Face causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (
+        _train_parser,
+        _eval_parser,
+        _chat_parser,
+        _generate_parser,
+        _bench_parser,
+        _report_parser,
+        _demo_parser,
+    ):
+        add(sub)
     return parser
 
 
