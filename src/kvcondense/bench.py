@@ -159,70 +159,18 @@ def budget_batches(budget_mb: float, per_row: dict[str, int], cap: int) -> dict[
 
 def run_bench(cfg: BenchConfig) -> dict:
     """Measure every context and batch of ``cfg``. Returns a JSON-ready dict (see the module docstring)."""
-    from .checkpoint import load_checkpoint
-    from .models import DEFAULT_MODEL, add_special_tokens, load_model
-
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
-    if cfg.checkpoint:
-        model, tokenizer, method, token_ids, _ = load_checkpoint(cfg.checkpoint, cfg.model, dtype=dtype)
-        method = build_method(method.name, **{**method.params(), "ratio": cfg.ratio})
-    else:
-        model, tokenizer = load_model(cfg.model or DEFAULT_MODEL, dtype=dtype)
-        method = build_method(cfg.method, ratio=cfg.ratio)
-        token_ids = add_special_tokens(model, tokenizer, method.special_tokens)
+    model, tokenizer, method, token_ids = _load(cfg, dtype)
     if cuda:
         model = model.to("cuda")
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and max(cfg.contexts) + cfg.decode_steps * 2 > limit:
         raise ValueError(f"--context {max(cfg.contexts)} is longer than the model's context of {limit} tokens")
-    results = []
-    for context in tqdm(cfg.contexts, desc="bench contexts"):
-        text = context_text(tokenizer, cfg.data, context)
-        comp_cache, comp_layout, comp = prefill(model, method, text, token_ids, cfg.chunk)
-        comp["peak_rss_mb_after"] = peak_rss_mb()  # compressed first: its peak is not masked by the full run
-        full_method = FullAttention()
-        full_cache, full_layout, full = prefill(model, full_method, text, token_ids, cfg.chunk)
-        full["peak_rss_mb_after"] = peak_rss_mb()
-        variants = {"compressed": (comp_cache, comp_layout, method), "full": (full_cache, full_layout, full_method)}
-        row = {
-            "context": context,
-            "compressed": comp,
-            "full": full,
-            "kv_ratio": comp["kv_bytes"] / full["kv_bytes"],
-            "prefill_speedup": full["prefill_s"] / comp["prefill_s"],
-            "batches": [],
-        }
-        for batch in cfg.batches:
-            d = measure_decode(model, variants, token_ids, batch, cfg.decode_steps, cfg.slack)
-            speedup = d["full"]["decode_ms_per_step"] / d["compressed"]["decode_ms_per_step"]
-            row["batches"].append({"batch": batch, **d, "decode_speedup": speedup})
-        if cfg.kv_budget_mb is not None:
-            fits = budget_batches(
-                cfg.kv_budget_mb, {"compressed": comp["kv_bytes"], "full": full["kv_bytes"]}, cfg.max_batch
-            )
-            measured = {}
-            for name, b in fits.items():
-                if b > 0:
-                    measured[name] = {
-                        "batch": b,
-                        **measure_decode(model, {name: variants[name]}, token_ids, b, cfg.decode_steps, cfg.slack)[
-                            name
-                        ],
-                    }
-                else:
-                    measured[name] = {"batch": 0, "decode_tokens_per_s": 0.0}
-            row["fixed_budget"] = {
-                "kv_budget_mb": cfg.kv_budget_mb,
-                **measured,
-                "sequences_ratio": fits["compressed"] / max(fits["full"], 1) if fits["full"] else None,
-                "throughput_ratio": (
-                    measured["compressed"]["decode_tokens_per_s"] / measured["full"]["decode_tokens_per_s"]
-                )
-                if fits["full"]
-                else None,
-            }
-        results.append(row)
+    results = [
+        _measure_context(cfg, model, method, token_ids, context, context_text(tokenizer, cfg.data, context))
+        for context in tqdm(cfg.contexts, desc="bench contexts")
+    ]
     last = results[-1]  # the summary is the last context at the last batch size (list them in rising order)
     summary = {
         "decode_speedup": last["batches"][-1]["decode_speedup"],
@@ -231,6 +179,65 @@ def run_bench(cfg: BenchConfig) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
     }
     return {**summary, "method": method.name, "params": method.params(), "contexts": results, "config": asdict(cfg)}
+
+
+def _load(cfg: BenchConfig, dtype: torch.dtype):
+    """(model, tokenizer, method at ``cfg.ratio``, token ids): a trained checkpoint's, or the base model's."""
+    from .checkpoint import load_checkpoint
+    from .models import DEFAULT_MODEL, add_special_tokens, load_model
+
+    if cfg.checkpoint:
+        model, tokenizer, method, token_ids, _ = load_checkpoint(cfg.checkpoint, cfg.model, dtype=dtype)
+        return model, tokenizer, build_method(method.name, **{**method.params(), "ratio": cfg.ratio}), token_ids
+    model, tokenizer = load_model(cfg.model or DEFAULT_MODEL, dtype=dtype)
+    method = build_method(cfg.method, ratio=cfg.ratio)
+    return model, tokenizer, method, add_special_tokens(model, tokenizer, method.special_tokens)
+
+
+def _measure_context(cfg: BenchConfig, model, method: Method, token_ids, context: int, text: TokenizedText) -> dict:
+    """One context: prefill both ways, decode at every batch size, and the fixed-budget profile if asked."""
+    comp_cache, comp_layout, comp = prefill(model, method, text, token_ids, cfg.chunk)
+    comp["peak_rss_mb_after"] = peak_rss_mb()  # compressed first: its peak is not masked by the full run
+    full_method = FullAttention()
+    full_cache, full_layout, full = prefill(model, full_method, text, token_ids, cfg.chunk)
+    full["peak_rss_mb_after"] = peak_rss_mb()
+    variants = {"compressed": (comp_cache, comp_layout, method), "full": (full_cache, full_layout, full_method)}
+    row = {
+        "context": context,
+        "compressed": comp,
+        "full": full,
+        "kv_ratio": comp["kv_bytes"] / full["kv_bytes"],
+        "prefill_speedup": full["prefill_s"] / comp["prefill_s"],
+        "batches": [],
+    }
+    for batch in cfg.batches:
+        d = measure_decode(model, variants, token_ids, batch, cfg.decode_steps, cfg.slack)
+        speedup = d["full"]["decode_ms_per_step"] / d["compressed"]["decode_ms_per_step"]
+        row["batches"].append({"batch": batch, **d, "decode_speedup": speedup})
+    if cfg.kv_budget_mb is not None:
+        row["fixed_budget"] = _fixed_budget(cfg, model, variants, token_ids, comp["kv_bytes"], full["kv_bytes"])
+    return row
+
+
+def _fixed_budget(cfg: BenchConfig, model, variants: dict, token_ids, comp_bytes: int, full_bytes: int) -> dict:
+    """The paper's profile: the largest batch each variant fits in ``cfg.kv_budget_mb`` and its decode throughput."""
+    fits = budget_batches(cfg.kv_budget_mb, {"compressed": comp_bytes, "full": full_bytes}, cfg.max_batch)
+    measured = {}
+    for name, b in fits.items():
+        if b == 0:
+            measured[name] = {"batch": 0, "decode_tokens_per_s": 0.0}
+            continue
+        one = {name: variants[name]}
+        measured[name] = {"batch": b, **measure_decode(model, one, token_ids, b, cfg.decode_steps, cfg.slack)[name]}
+    both = bool(fits["full"])
+    return {
+        "kv_budget_mb": cfg.kv_budget_mb,
+        **measured,
+        "sequences_ratio": fits["compressed"] / fits["full"] if both else None,
+        "throughput_ratio": (
+            measured["compressed"]["decode_tokens_per_s"] / measured["full"]["decode_tokens_per_s"] if both else None
+        ),
+    }
 
 
 def format_bench(res: dict) -> str:
