@@ -12,8 +12,8 @@ $K eval --checkpoint checkpoints/merge-chitchat --data chitchat --baselines wind
 for ck in concat merge; do  # the control: each conversation's last turn after another conversation's memory
   $K eval --checkpoint "checkpoints/$ck-chitchat" --data chitchat --baselines other-memory "${common[@]}"
 done
-if [ -d checkpoints/concat-online-chitchat ]; then
-  $K eval --checkpoint checkpoints/concat-online-chitchat --data chitchat "${common[@]}"
+if [ -f checkpoints/concat-online-chitchat/adapter.safetensors ]; then
+  $K eval --checkpoint checkpoints/concat-online-chitchat --data chitchat --baselines other-memory "${common[@]}"
 fi
 for task in recall analogy; do
   $K eval --checkpoint checkpoints/concat-chitchat --data "$task" --baselines "${common[@]}"
