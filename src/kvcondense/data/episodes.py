@@ -100,10 +100,10 @@ def icl_episode(examples: Sequence[tuple[str, str]], query: str, answer: str, op
     return Episode(chunks, ICL_QUERY.format(x=query), " " + answer, tuple(" " + o for o in options))
 
 
-def recall_episode(facts: Sequence[tuple[str, str]], subject: str, answer: str, options: Sequence[str]) -> Episode:
-    """A recall episode: one (subject, value) fact per chunk, then the question about ``subject``."""
+def recall_episode(facts: Sequence[tuple[str, str]], asked: int, options: Sequence[str]) -> Episode:
+    """A recall episode: one (subject, value) fact per chunk, then the question about fact ``asked`` (its evidence)."""
     chunks = tuple(RECALL_FACT.format(subject=s, value=v) for s, v in facts)
-    asked = next(i for i, (s, _) in enumerate(facts) if s == subject)
+    subject, answer = facts[asked]
     query = RECALL_QUERY.format(subject=subject)
     return Episode(chunks, query, " " + answer, tuple(" " + o for o in options), evidence=asked)
 

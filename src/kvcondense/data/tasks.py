@@ -94,11 +94,10 @@ def recall_episodes(seed: int = 0) -> list[tuple[str, Episode]]:
     """(``recall:<index>``, episode) for ``RECALL_EPISODES`` episodes of ``MAX_CHUNKS`` random facts each."""
     items = []
     for i, (rng, facts, asked) in enumerate(_recall_facts(seed)):
-        subject, answer = facts[asked]
         others = [v for j, (_, v) in enumerate(facts) if j != asked]
-        options = [answer, *rng.sample(others, N_OPTIONS - 1)]
+        options = [facts[asked][1], *rng.sample(others, N_OPTIONS - 1)]
         rng.shuffle(options)
-        items.append((f"recall:{i}", recall_episode(facts, subject, answer, options)))
+        items.append((f"recall:{i}", recall_episode(facts, asked, options)))
     return items
 
 
