@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .cache import EvictingCache
+from .errors import UsageError
 from .forward import attention_implementation, attn_implementation, incremental_attention
 from .generate import context_limit, prefill
 from .masks import to_attention_mask
@@ -32,11 +33,11 @@ def generate_batch(
     """Greedy generation for several prompts at once. Returns each row's new token ids and the final cache."""
     texts = [tokenize(p, tokenizer) if isinstance(p, str) else p for p in prompts]
     if any(len(t) == 0 for t in texts):
-        raise ValueError("a prompt of the batch is empty; give every row some text")
+        raise UsageError("a prompt of the batch is empty; give every row some text")
     limit = context_limit(model)
     longest = max(len(t) for t in texts)
     if limit is not None and longest + max_new_tokens > limit:
-        raise ValueError(
+        raise UsageError(
             f"the longest prompt ({longest} tokens) plus {max_new_tokens} new tokens exceeds the model's "
             f"context of {limit}; shorten it or generate fewer tokens"
         )

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .cache import EvictingCache
 from .data import load_corpus
+from .errors import UsageError
 from .forward import feed, incremental_forward, num_layers
 from .layout import Layout
 from .methods import FullAttention, Method, TokenizedText, build_method, tokenize
@@ -57,9 +58,9 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         if min(self.contexts) < 8 or min(self.batches) < 1 or self.decode_steps < 1:
-            raise ValueError("contexts must be >= 8 tokens, batches and --steps >= 1")
+            raise UsageError("contexts must be >= 8 tokens, batches and --steps >= 1")
         if self.kv_budget_mb is not None and self.kv_budget_mb <= 0:
-            raise ValueError(f"--kv-budget-mb must be > 0, got {self.kv_budget_mb}")
+            raise UsageError(f"--kv-budget-mb must be > 0, got {self.kv_budget_mb}")
 
 
 def peak_rss_mb() -> float:
@@ -74,7 +75,7 @@ def context_text(tokenizer, data: str, n: int) -> TokenizedText:
         text = tokenize("\n".join(d.text for d in docs[:k]), tokenizer)
         if len(text) >= n:
             return text[:n]
-    raise ValueError(f"{data} has only {len(text)} tokens, fewer than --context {n}")
+    raise UsageError(f"{data} has only {len(text)} tokens, fewer than --context {n}")
 
 
 @torch.no_grad()
@@ -150,7 +151,7 @@ def budget_batches(budget_mb: float, per_row: dict[str, int], cap: int) -> dict[
     fits = {name: min(cap, int(budget // max(b, 1))) for name, b in per_row.items()}
     if max(fits.values()) == 0:
         need = min(per_row.values()) / 2**20
-        raise ValueError(
+        raise UsageError(
             f"--kv-budget-mb {budget_mb} is too small for even one sequence (the smallest needs "
             f"{need:.1f} MB of KV); raise the budget or shorten --context"
         )
@@ -166,7 +167,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         model = model.to("cuda")
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and max(cfg.contexts) + cfg.decode_steps * 2 > limit:
-        raise ValueError(f"--context {max(cfg.contexts)} is longer than the model's context of {limit} tokens")
+        raise UsageError(f"--context {max(cfg.contexts)} is longer than the model's context of {limit} tokens")
     results = [
         _measure_context(cfg, model, method, token_ids, context, context_text(tokenizer, cfg.data, context))
         for context in tqdm(cfg.contexts, desc="bench contexts")

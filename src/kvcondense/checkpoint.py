@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import UsageError
 from .lora import LoraSettings, attach_lora, load_adapter_state
 from .methods import Method, build_method
 from .models import add_special_tokens, load_model, model_identity
@@ -29,7 +30,7 @@ RESUME = "resume/state.pt"
 FORMAT = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """A checkpoint is missing, malformed, or does not fit the model it is loaded onto."""
 
 

@@ -20,14 +20,12 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-from .checkpoint import CheckpointError
-from .data import DataError
-from .fetch import FetchError
+from .errors import UsageError
 from .memory_eval import MEMORY_BASELINES, OTHER_MEMORY
 from .methods import METHODS
-from .models import DEFAULT_MODEL, ModelError
+from .models import DEFAULT_MODEL
 
-USER_ERRORS = (ValueError, DataError, ModelError, CheckpointError, FetchError, FileNotFoundError)
+USER_ERRORS = (UsageError,)
 
 
 def _ratio(text: str) -> float:
@@ -217,7 +215,7 @@ def _cmd_generate(args) -> int:
 def _read_prompt(path: str) -> str:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"prompt file {p} does not exist")
+        raise UsageError(f"prompt file {p} does not exist; check the path")
     return p.read_bytes().decode("utf-8", errors="replace")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
+from .errors import UsageError
 from .generate import generate
 from .methods import Method, TokenizedText, tokenize
 from .metrics import BertScore, rouge_l
@@ -26,7 +27,7 @@ def continuation_samples(docs, tokenizer, prefix_tokens: int, new_tokens: int, n
         if len(samples) == n:
             break
     if not samples:
-        raise ValueError(
+        raise UsageError(
             f"no document has {prefix_tokens + new_tokens} tokens for a continuation; lower --prefix-tokens"
         )
     return samples

@@ -17,6 +17,7 @@ import torch
 from accelerate.utils import DistributedType
 from peft import get_peft_model_state_dict
 
+from .errors import UsageError
 from .lora import adapter_state
 
 if TYPE_CHECKING:
@@ -50,12 +51,12 @@ def check_distributed(accelerator: Accelerator) -> None:
     if is_fsdp(accelerator):
         plugin = accelerator.state.fsdp_plugin
         if plugin.fsdp_version == 1 and not plugin.use_orig_params:
-            raise ValueError(
+            raise UsageError(
                 "FSDP without use_orig_params cannot train LoRA and the new token rows next to frozen weights; "
                 "set fsdp_use_orig_params: true in the accelerate config (see configs/accelerate/fsdp.yaml)"
             )
     elif fsdp_requested() and accelerator.num_processes > 1:
-        raise ValueError(
+        raise UsageError(
             f"FSDP was requested but accelerate runs it only on GPUs (this run would be plain "
             f"{accelerator.distributed_type.value} without sharding); use configs/accelerate/ddp.yaml on CPU"
         )
@@ -149,7 +150,7 @@ def load_resume(
     saved_by_name = any(isinstance(k, str) for k in optim_state.get("state", {}))  # FSDP saves them by name
     if saved_by_name != is_fsdp(accelerator):
         saved, now = ("with", "without") if saved_by_name else ("without", "with")
-        raise ValueError(f"this checkpoint was saved {saved} FSDP and is resumed {now}; resume with the same launch")
+        raise UsageError(f"this checkpoint was saved {saved} FSDP and is resumed {now}; resume with the same launch")
     if not is_fsdp(accelerator):
         accelerator.unwrap_model(model).load_state_dict(trainable, strict=False)
         optimizer.load_state_dict(optim_state)

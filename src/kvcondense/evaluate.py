@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_checkpoint
 from .continuation import continuation_quality, continuation_samples
 from .data import load_split
+from .errors import UsageError
 from .forward import incremental_forward, parallel_forward
 from .layout import IGNORE, Kind
 from .methods import Method, TokenizedText, build_method
@@ -85,13 +86,13 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if (self.checkpoint is None) == (self.method is None):
-            raise ValueError("give exactly one of --checkpoint or --method")
+            raise UsageError("give exactly one of --checkpoint or --method")
         if self.max_tokens < 2 or self.block_tokens < 2:
-            raise ValueError("--max-tokens and --block-tokens must be >= 2")
+            raise UsageError("--max-tokens and --block-tokens must be >= 2")
         if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; choose one of {TASKS}")
+            raise UsageError(f"unknown task {self.task!r}; choose one of {TASKS}")
         if min(self.prefix_tokens, self.new_tokens, self.docs) < 1:
-            raise ValueError("--prefix-tokens, --new-tokens and --docs must be >= 1")
+            raise UsageError("--prefix-tokens, --new-tokens and --docs must be >= 1")
 
 
 def load_for_eval(cfg: EvalConfig):
@@ -102,7 +103,7 @@ def load_for_eval(cfg: EvalConfig):
         for key, value in cfg.method_params.items():
             free = ("ratio", *method.inference_params)  # may differ from training
             if key in saved and key not in free and saved[key] != value:
-                raise ValueError(
+                raise UsageError(
                     f"checkpoint {cfg.checkpoint} was trained with {key}={saved[key]}, not {value}; drop the flag"
                 )
         # inference-time parameters the checkpoint does not fix (CCM streaming: --window, --sinks) apply on top
@@ -226,10 +227,10 @@ def run_memory(cfg: EvalConfig) -> list[dict]:
 
     episodes = load_episodes(cfg.data, cfg.split)  # bad data fails before the model is loaded
     if min(cfg.time_steps) < 1 or cfg.episodes < 1:
-        raise ValueError("--time-steps must be >= 1 and --episodes >= 1")
+        raise UsageError("--time-steps must be >= 1 and --episodes >= 1")
     model, tokenizer, method, token_ids, _ = load_for_eval(cfg)
     if not method.episodic:
-        raise ValueError(f"method {method.name!r} does not take online episodes; use a ccm method or a baseline")
+        raise UsageError(f"method {method.name!r} does not take online episodes; use a ccm method or a baseline")
     rows = run_memory_eval(
         model,
         tokenizer,
@@ -257,7 +258,7 @@ def scored_blocks(docs, tokenizer, cfg: EvalConfig) -> list[TokenizedText]:
         budget -= len(chosen[-1])
     chosen = [b for b in chosen if len(b) >= 2]
     if not chosen:
-        raise ValueError(f"no text to evaluate in the {cfg.split} split of {cfg.data}")
+        raise UsageError(f"no text to evaluate in the {cfg.split} split of {cfg.data}")
     return chosen
 
 

@@ -12,8 +12,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .errors import UsageError
 
-class FetchError(RuntimeError):
+
+class FetchError(UsageError):
     """A default could not be fetched from the package registry."""
 
 

@@ -17,6 +17,7 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .cache import EvictingCache
+from .errors import UsageError
 from .layout import Kind, Layout
 from .lora import lora_gate
 from .masks import batch_visibility, block_mask, to_attention_mask
@@ -58,7 +59,7 @@ def choose_attention(model, length: int, requested: str = "auto") -> str:
     CPU it has no backward in torch 2.13, so a training forward falls back to sdpa with a warning.
     """
     if requested not in ATTENTION:
-        raise ValueError(f"unknown attention {requested!r}; choose one of {ATTENTION}")
+        raise UsageError(f"unknown attention {requested!r}; choose one of {ATTENTION}")
     current = attn_implementation(model)
     on_cuda = model.device.type == "cuda"
     if requested == "flex" and not on_cuda and torch.is_grad_enabled():

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import EvictingCache
+from .errors import UsageError
 from .forward import chunk_bounds, feed, num_layers
 from .methods import Method, TokenizedText, tokenize
 
@@ -76,10 +77,10 @@ def generate(
     not what the model was trained for), which compression makes affordable in memory."""
     text = tokenize(prompt, tokenizer) if isinstance(prompt, str) else prompt
     if len(text) == 0:
-        raise ValueError("the prompt is empty; give some text")
+        raise UsageError("the prompt is empty; give some text")
     limit = context_limit(model)
     if limit is not None and len(text) + max_new_tokens > limit and not allow_long_context:
-        raise ValueError(
+        raise UsageError(
             f"prompt ({len(text)} tokens) plus --max-new-tokens ({max_new_tokens}) exceeds the model's context of "
             f"{limit} tokens; shorten the prompt, generate fewer tokens, or pass --allow-long-context"
         )
@@ -125,14 +126,14 @@ def generate_cli(args, prompt: str, method_params: dict) -> int:
     from .verify import check_family
 
     if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.checkpoint:
         model, tokenizer, method, token_ids, _ = load_checkpoint(args.checkpoint, args.model)
         if args.ratio is not None:
             method = build_method(method.name, **{**method.params(), "ratio": args.ratio})
     else:
         if args.method is None:
-            raise ValueError("give --checkpoint DIR, or --method M to generate with an untrained method")
+            raise UsageError("give --checkpoint DIR, or --method M to generate with an untrained method")
         model, tokenizer = load_model(args.model or DEFAULT_MODEL)
         method = build_method(args.method, ratio=args.ratio, **method_params)
         token_ids = add_special_tokens(model, tokenizer, method.special_tokens)

@@ -9,6 +9,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 
+from .errors import UsageError
+
 # Attention projections per family; anything else falls back to the Llama-style names if the model has them.
 ATTENTION_MODULES: dict[str, list[str]] = {
     "gpt2": ["c_attn", "attn.c_proj"],
@@ -34,11 +36,11 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         if self.r < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.r}")
+            raise UsageError(f"LoRA rank must be >= 1, got {self.r}")
         if self.alpha <= 0:
-            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
+            raise UsageError(f"LoRA alpha must be > 0, got {self.alpha}")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+            raise UsageError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
 
 
 def attention_modules(model) -> list[str]:
@@ -48,7 +50,7 @@ def attention_modules(model) -> list[str]:
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     if set(LLAMA_STYLE) <= names:
         return LLAMA_STYLE
-    raise ValueError(
+    raise UsageError(
         f"do not know the attention projections of {model.config.model_type!r}; pass target modules explicitly"
     )
 
@@ -80,7 +82,7 @@ def set_stage(model: PeftModel, stage: str) -> None:
     """Choose what trains: ``rows`` (the new token rows only), ``lora`` (LoRA + rows, the default) or ``full``
     (every weight: full fine-tuning, for GPU users; the checkpoint then holds the whole model)."""
     if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES}")
+        raise UsageError(f"unknown stage {stage!r}; choose one of {STAGES}")
     for name, p in model.named_parameters():
         is_row = "trainable_tokens_delta" in name
         is_lora = "lora_" in name
@@ -105,12 +107,12 @@ def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor], full: b
     if full:
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected:
-            raise ValueError(f"checkpoint holds {len(unexpected)} tensors this model has no place for")
+            raise UsageError(f"checkpoint holds {len(unexpected)} tensors this model has no place for")
         return
     result = set_peft_model_state_dict(model, state)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
-        raise ValueError(f"adapter holds {len(unexpected)} tensors this model has no place for (e.g. {unexpected[0]})")
+        raise UsageError(f"adapter holds {len(unexpected)} tensors this model has no place for (e.g. {unexpected[0]})")
 
 
 # ---------------------------------------------------------------------------------------------------------------- gate

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .errors import UsageError
 from .layout import Layout
 
 SUPPORTED_ATTN = ("sdpa", "eager", "flex_attention")
@@ -103,7 +104,7 @@ def to_attention_mask(visible: torch.Tensor, attn_implementation: str, dtype: to
         mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
         mask.masked_fill_(~visible, torch.finfo(dtype).min)
         return mask.unsqueeze(1)
-    raise ValueError(
+    raise UsageError(
         f"attention implementation {attn_implementation!r} is not supported; load the model with "
         f"attn_implementation in {SUPPORTED_ATTN}"
     )

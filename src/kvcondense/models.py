@@ -19,10 +19,11 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from .errors import UsageError
 from .fetch import cache_dir, fetch_package
 
 
-class ModelError(ValueError):
+class ModelError(UsageError):
     """The model a user pointed at cannot be used."""
 
 

@@ -17,6 +17,7 @@ import matplotlib
 
 from .checkpoint import ADAPTER
 from .data.episodes import CACHE_VERSION as EPISODES_VERSION
+from .errors import UsageError
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -59,7 +60,7 @@ def load_results(dirs: list[str | Path]) -> list[dict]:
     for d in dirs:
         d = Path(d)
         if not d.is_dir():
-            raise FileNotFoundError(f"{d} is not a directory of results")
+            raise UsageError(f"{d} is not a directory of results; pass folders written by eval or bench --out-dir")
         for f in sorted(d.rglob("*.json")):
             try:
                 data = json.loads(f.read_text())
@@ -76,7 +77,7 @@ def load_results(dirs: list[str | Path]) -> list[dict]:
                 ):
                     records.append({**item, "_source": str(f)})
     if not records:
-        raise ValueError(
+        raise UsageError(
             f"no kvcondense results found in {', '.join(map(str, dirs))}; run eval or bench with --out-dir first"
         )
     return name_checkpoints(records)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .cache import EvictingCache
+from .errors import UsageError
 from .forward import feed, num_layers
 from .methods import Method
 from .methods.ccm import MemoryWriter
@@ -31,7 +32,7 @@ from .models import model_identity
 FORMAT = "kvcondense-memory/1"
 
 
-class MemoryFileError(ValueError):
+class MemoryFileError(UsageError):
     """A memory file cannot be used with this session (another checkpoint, another format)."""
 
 
@@ -48,7 +49,7 @@ class MemorySession:
 
     def __init__(self, model, tokenizer, method: Method, token_ids: dict[str, int], name: str = "model"):
         if not method.episodic:
-            raise ValueError(f"method {method.name!r} keeps no memory; use a ccm-concat or ccm-merge checkpoint")
+            raise UsageError(f"method {method.name!r} keeps no memory; use a ccm-concat or ccm-merge checkpoint")
         self.model, self.tokenizer, self.method, self.name = model, tokenizer, method, name
         comp_ids = [token_ids[t] for t in method.special_tokens]
         self.writer = MemoryWriter(comp_ids, method.merge, method.recurrent, method.ema())
@@ -79,10 +80,10 @@ class MemorySession:
     def _ids(self, text: str | torch.Tensor, what: str) -> torch.Tensor:
         if isinstance(text, str):
             if not text.strip():
-                raise ValueError(f"the {what} is empty; give some text")
+                raise UsageError(f"the {what} is empty; give some text")
             return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
         if text.numel() == 0:
-            raise ValueError(f"the {what} is empty; give some text")
+            raise UsageError(f"the {what} is empty; give some text")
         return text.long()
 
     @torch.no_grad()

@@ -28,6 +28,7 @@ from .checkpoint import ADAPTER, check_output_dir, read_log, read_meta, read_res
 from .data import load_split
 from .data.episodes import is_episode_data, load_episodes
 from .distributed import check_distributed, checkpoint_tensors, load_resume
+from .errors import UsageError
 from .forward import parallel_forward
 from .layout import IGNORE, Layout
 from .lora import LoraSettings, attach_lora, load_adapter_state, set_stage
@@ -88,12 +89,12 @@ class TrainConfig:
         if isinstance(self.lora, dict):
             self.lora = LoraSettings(**self.lora)
         if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+            raise UsageError(f"steps must be >= 1, got {self.steps}")
         for name in ("batch_size", "grad_accum", "block_tokens"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise UsageError(f"lr must be > 0, got {self.lr}")
 
 
 # ---------------------------------------------------------------------------------------------------------------- data
@@ -163,9 +164,9 @@ def prepare_model(cfg: TrainConfig, method: Method):
     if cfg.init_from:
         start = read_meta(cfg.init_from)
         if start["method"]["name"] != method.name or start["special_tokens"] != token_ids:
-            raise ValueError(f"--init-from {cfg.init_from} was trained for another method or other tokens")
+            raise UsageError(f"--init-from {cfg.init_from} was trained for another method or other tokens")
         if start["lora"]["r"] != cfg.lora.r:
-            raise ValueError(
+            raise UsageError(
                 f"--init-from {cfg.init_from} has LoRA rank {start['lora']['r']}, this run {cfg.lora.r}; "
                 f"pass --lora-rank {start['lora']['r']}"
             )
@@ -192,10 +193,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     out = check_output_dir(cfg.out)
     method = build_method(cfg.method, **cfg.method_params)
     if not method.trainable:
-        raise ValueError(f"method {method.name!r} is training-free; evaluate it directly with kvcondense eval")
+        raise UsageError(f"method {method.name!r} is training-free; evaluate it directly with kvcondense eval")
     episodic = is_episode_data(cfg.data)
     if episodic and not method.episodic:
-        raise ValueError(f"--data {cfg.data} holds online episodes, which only the ccm methods train on")
+        raise UsageError(f"--data {cfg.data} holds online episodes, which only the ccm methods train on")
     # bad data fails before the model is loaded
     docs = load_episodes(cfg.data, "train", cfg.seed) if episodic else load_split(cfg.data, "train")
     # cpu=True when there is no GPU: that is what makes a multi-process launch (torchrun) use gloo on CPU
@@ -216,7 +217,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     else:
         blocks = text_blocks(docs, tokenizer, cfg.block_tokens)
     if not blocks:
-        raise ValueError(f"no training example of {cfg.block_tokens} tokens in {cfg.data}; give more text")
+        raise UsageError(f"no training example of {cfg.block_tokens} tokens in {cfg.data}; give more text")
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
     scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
@@ -225,7 +226,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     step, log = 0, []
     if resume and (state := read_resume(out)) is not None:
         if read_meta(out)["training"]["method"] != cfg.method:
-            raise ValueError(f"{out} was trained with another method; resume with the same flags")
+            raise UsageError(f"{out} was trained with another method; resume with the same flags")
         load_resume(accelerator, model, optimizer, state["trainable"], state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, log = state["step"], read_log(out)

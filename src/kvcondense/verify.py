@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .errors import UsageError
 from .forward import incremental_forward, parallel_forward
 from .layout import IGNORE, Layout
 from .masks import SUPPORTED_ATTN
@@ -17,7 +18,7 @@ VERIFIED_FAMILIES = ("llama", "qwen2", "gpt2")
 TOLERANCE = 1e-3
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UsageError):
     """The model family cannot run the evicting cache correctly."""
 
 

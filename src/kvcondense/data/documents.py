@@ -7,8 +7,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UsageError
 
-class DataError(ValueError):
+
+class DataError(UsageError):
     """The data a user pointed at cannot be used (missing, empty, malformed)."""
 
 

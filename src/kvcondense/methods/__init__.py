@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..errors import UsageError
 from .base import Method, TokenizedText, tokenize
 from .baselines import FullAttention, LocalAttention, NoContext, ScatteredAttention, SlidingWindow, StreamingLLM
 from .ccm import CCMConcat, CCMMerge, EpisodeTokens, tokenize_episode
@@ -28,7 +29,7 @@ def build_method(name: str, **params) -> Method:
     """Instantiate a method by name. Parameters the method does not have are ignored (``ratio`` for ``full``);
     ``None`` values mean "use the method's default"."""
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
+        raise UsageError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
     cls = METHODS[name]
     fields = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in params.items() if k in fields and v is not None})

@@ -14,13 +14,14 @@ from typing import ClassVar
 import torch
 
 from ..decode import TextPolicy
+from ..errors import UsageError
 from ..layout import IGNORE, NEVER, Layout, text_layout
 from .base import Method, TokenizedText
 
 
 def _check_ratio(ratio: float) -> None:
     if not 0 < ratio < 1:
-        raise ValueError(f"ratio must be in (0, 1), got {ratio}; pass e.g. --ratio 0.5")
+        raise UsageError(f"ratio must be in (0, 1), got {ratio}; pass e.g. --ratio 0.5")
 
 
 def episode_layout(ep, keep_context: int | None = None, sinks: int = 0) -> Layout:
@@ -69,7 +70,7 @@ class NoContext(Method):
 
     def layout(self, text, token_ids: dict[str, int], seed: int = 0) -> Layout:
         if isinstance(text, TokenizedText):
-            raise ValueError("no-context evaluates online episodes; pass --data chitchat, analogy, recall or a .jsonl")
+            raise UsageError("no-context evaluates online episodes; pass --data chitchat, analogy, recall or a .jsonl")
         return episode_layout(type(text)([], text.query, text.answer, text.options))
 
 
@@ -92,11 +93,11 @@ class SlidingWindow(Method):
 
     def __post_init__(self) -> None:
         if self.slots < 1 or not 0 <= self.sinks <= self.slots:
-            raise ValueError(f"window needs slots >= 1 and 0 <= sinks <= slots, got {self.slots}, {self.sinks}")
+            raise UsageError(f"window needs slots >= 1 and 0 <= sinks <= slots, got {self.slots}, {self.sinks}")
 
     def layout(self, text, token_ids: dict[str, int], seed: int = 0) -> Layout:
         if isinstance(text, TokenizedText):
-            raise ValueError("window evaluates online episodes; for plain text use --method streaming")
+            raise UsageError("window evaluates online episodes; for plain text use --method streaming")
         return episode_layout(text, self.slots, self.sinks)
 
 
@@ -181,9 +182,9 @@ class StreamingLLM(Method):
     def __post_init__(self) -> None:
         _check_ratio(self.ratio)
         if self.sinks < 0:
-            raise ValueError(f"sinks must be >= 0, got {self.sinks}")
+            raise UsageError(f"sinks must be >= 0, got {self.sinks}")
         if self.slots is not None and self.slots <= self.sinks:
-            raise ValueError(f"streaming slots must exceed the sinks ({self.sinks}), got {self.slots}")
+            raise UsageError(f"streaming slots must exceed the sinks ({self.sinks}), got {self.slots}")
 
     def window(self, n: int) -> int:
         """Recent keys kept in the cache for a sequence of ``n`` tokens (each query also sees itself); a fixed

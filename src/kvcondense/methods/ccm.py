@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 
 from ..data.episodes import truncation
+from ..errors import UsageError
 from ..layout import IGNORE, NEVER, Kind, Layout, concat, next_text_targets
 from ..merge import MixRules, merge_rates, merge_weights
 from .base import Method, TokenizedText
@@ -61,7 +62,7 @@ def tokenize_episode(episode, tokenizer) -> EpisodeTokens:
         return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
     if not episode.query:
-        raise ValueError("an episode needs a non-empty query: its last token predicts the answer")
+        raise UsageError("an episode needs a non-empty query: its last token predicts the answer")
     chunks, options = [ids(c) for c in episode.chunks], [ids(o) for o in episode.options]
     return EpisodeTokens(chunks, ids(episode.query), ids(episode.answer), options, episode.evidence)
 
@@ -93,13 +94,13 @@ class CCMConcat(Method):
 
     def __post_init__(self) -> None:
         if not 1 <= self.comp_tokens <= MAX_COMP_TOKENS:
-            raise ValueError(
+            raise UsageError(
                 f"comp tokens must be in 1..{MAX_COMP_TOKENS}, got {self.comp_tokens}; pass --comp-tokens 8"
             )
         if self.chunk_tokens < 1:
-            raise ValueError(f"chunk tokens must be >= 1, got {self.chunk_tokens}")
+            raise UsageError(f"chunk tokens must be >= 1, got {self.chunk_tokens}")
         if self.window < 0 or self.sinks < 0:
-            raise ValueError(f"window and sinks must be >= 0, got {self.window}, {self.sinks}")
+            raise UsageError(f"window and sinks must be >= 0, got {self.window}, {self.sinks}")
 
     @property
     def special_tokens(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -148,7 +149,7 @@ class CCMMerge(CCMConcat):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.ema_rate is not None and not 0 < self.ema_rate < 1:
-            raise ValueError(f"the EMA rate must be in (0, 1), got {self.ema_rate}")
+            raise UsageError(f"the EMA rate must be in (0, 1), got {self.ema_rate}")
 
     def ema(self) -> float | None:
         return self.ema_rate

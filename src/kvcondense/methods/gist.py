@@ -12,6 +12,7 @@ from typing import ClassVar
 import torch
 
 from ..decode import GistPolicy
+from ..errors import UsageError
 from ..layout import IGNORE, NEVER, Kind, Layout
 from .base import Method, TokenizedText
 
@@ -43,9 +44,9 @@ class Gist(Method):
 
     def __post_init__(self) -> None:
         if not 1 <= self.n_gist <= MAX_GIST_TOKENS:
-            raise ValueError(f"gist tokens must be in 1..{MAX_GIST_TOKENS}, got {self.n_gist}; pass --gist-tokens 4")
+            raise UsageError(f"gist tokens must be in 1..{MAX_GIST_TOKENS}, got {self.n_gist}; pass --gist-tokens 4")
         if self.max_sentence_tokens < 1:
-            raise ValueError(f"max sentence tokens (K) must be >= 1, got {self.max_sentence_tokens}")
+            raise UsageError(f"max sentence tokens (K) must be >= 1, got {self.max_sentence_tokens}")
 
     @property
     def special_tokens(self) -> tuple[str, ...]:  # type: ignore[override]

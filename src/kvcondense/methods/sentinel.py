@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 
 from ..decode import SentinelPolicy
+from ..errors import UsageError
 from ..layout import NEVER, Kind, Layout, next_text_targets
 from .base import Method, TokenizedText
 
@@ -130,9 +131,9 @@ class Sentinel(Method):
 
     def __post_init__(self) -> None:
         if not 0 < self.ratio < 1:
-            raise ValueError(f"ratio must be in (0, 1), got {self.ratio}; pass e.g. --ratio 0.5")
+            raise UsageError(f"ratio must be in (0, 1), got {self.ratio}; pass e.g. --ratio 0.5")
         if self.max_span_words < 2:
-            raise ValueError(f"max_span_words must be >= 2, got {self.max_span_words}")
+            raise UsageError(f"max_span_words must be >= 2, got {self.max_span_words}")
 
     def layout(self, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:
         rng = random.Random(seed)

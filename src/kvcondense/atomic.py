@@ -1,0 +1,78 @@
+"""Atomic file writes and inter-process locks.
+
+Every file kvcondense writes goes to a temp file with an unpredictable name in the target's own folder (so the
+final ``os.replace`` is a rename on one file system and never follows a planted symlink), is flushed to disk and
+then renamed over the target: a reader sees the old file or the new one, never half of one, and two writers of
+the same file never share a temp file. First-use work that several processes may start at once (model
+conversion, wheel extraction) holds a :func:`file_lock`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a result file is as readable as any other
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, payload, indent: int | None = 2) -> Path:
+    """Write ``payload`` as JSON to ``path`` atomically."""
+    return write_text(path, json.dumps(payload, indent=indent) + "\n")
+
+
+def temp_path_beside(path: str | Path, suffix: str = ".tmp") -> Path:
+    """A fresh, unpredictable, empty file name next to ``path`` (for writers that need a path, e.g. safetensors).
+
+    The file exists (created 0600 by ``mkstemp``) so no other process can take the name; the caller replaces it
+    and then renames it over ``path``, or unlinks it on failure.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (created if missing) for the block; other processes wait."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
