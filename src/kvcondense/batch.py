@@ -15,6 +15,8 @@ from .cache import EvictingCache
 from .errors import UsageError
 from .forward import attention_implementation, attn_implementation, incremental_attention
 from .generate import context_limit, prefill
+from .layout import Kind
+from .lora import lora_gate
 from .masks import to_attention_mask
 from .methods import Method, TokenizedText, tokenize
 
@@ -72,10 +74,14 @@ def generate_batch(
 
 
 def _feed_ragged(model, cache: EvictingCache, pieces, seen: list[int]) -> torch.Tensor:
-    """One step for all rows: each row's piece at its own logical indices, padded to the longest piece."""
+    """One step for all rows: each row's piece at its own logical indices, padded to the longest piece.
+
+    Every token carries its kind, so a conditional-LoRA model (CCM) is gated per token as in
+    :func:`kvcondense.forward.feed` (padding is text: the base model, and it is freed at once)."""
     n = max(len(p.layout) for p in pieces if p is not None)
     shape = (len(pieces), n)
     ids, pos = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
+    kinds = torch.full(shape, int(Kind.TEXT), dtype=torch.long)
     q_idx, start = torch.full(shape, -1, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
     expire, closer = torch.full(shape, -1, dtype=torch.long), torch.zeros(shape, dtype=torch.bool)
     for b, piece in enumerate(pieces):
@@ -83,11 +89,12 @@ def _feed_ragged(model, cache: EvictingCache, pieces, seen: list[int]) -> torch.
             continue
         lay, m = piece.layout, len(piece.layout)
         ids[b, :m], pos[b, :m], start[b, :m] = lay.input_ids, lay.position_ids, lay.start
+        kinds[b, :m] = lay.kinds
         expire[b, :m], closer[b, :m] = lay.expire, lay.closer_only
         q_idx[b, :m] = torch.arange(seen[b], seen[b] + m)
     mask = to_attention_mask(cache.visibility(q_idx, start, expire, closer), attn_implementation(model), model.dtype)
     device = model.device
-    with attention_implementation(model, incremental_attention(model)):
+    with lora_gate(model, kinds), attention_implementation(model, incremental_attention(model)):
         out = model(
             input_ids=ids.to(device),
             position_ids=pos.to(device),
