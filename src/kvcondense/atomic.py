@@ -72,6 +72,29 @@ def file_lock(path: str | Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def exclusive(path: str | Path, what: str) -> Iterator[None]:
+    """Like :func:`file_lock`, but a lock held by another process is a one-line :class:`UsageError` at once.
+
+    The lock is released by the kernel when its holder dies, so a killed run never leaves it stuck.
+    """
+    from .errors import UsageError
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(
+                f"another kvcondense process is writing {what}; wait for it or choose another path"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

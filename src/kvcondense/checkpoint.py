@@ -5,94 +5,252 @@ Layout of a checkpoint directory::
     kvcondense.json        method + params, special tokens, base model identity, LoRA settings, training setup
     adapter.safetensors    LoRA matrices and new token rows (bf16)
     train_log.jsonl        one JSON line per logged step
-    resume/state.pt        optimizer, scheduler, step and RNG state (only needed for --resume)
+    resume/                optimizer, scheduler, step and RNG state (safetensors + JSON; only for --resume)
+
+Safety rules: a checkpoint is written complete into a fresh hidden folder beside ``out`` (``kvcondense.json``
+last, so a folder holding it is complete) and then swapped in; a save replaces only a checkpoint of the same run
+(or the one ``--overwrite`` named); a folder that is not a kvcondense checkpoint is never deleted; a kill between
+the two renames of a swap is recovered by :func:`recover` on the next start.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import UsageError
 from .lora import LoraSettings, attach_lora, load_adapter_state
+from .meta import FORMAT, validate_meta
 from .methods import Method, build_method
 from .models import add_special_tokens, load_model, model_identity
+from .state_io import load_state, save_state
 
 META = "kvcondense.json"
 ADAPTER = "adapter.safetensors"
 LOG = "train_log.jsonl"
-RESUME = "resume/state.pt"
-FORMAT = 1
+RESUME = "resume"
+LEGACY_RESUME = "resume/state.pt"
+OURS = {META, ADAPTER, LOG, RESUME, "README.md"}  # what a checkpoint folder holds; nothing else is deleted
 
 
 class CheckpointError(UsageError):
     """A checkpoint is missing, malformed, or does not fit the model it is loaded onto."""
 
 
-def check_output_dir(out: str | Path) -> Path:
-    """Refuse an output path that is an existing file (a directory is replaced atomically on save)."""
+# ------------------------------------------------------------------------------------------------------------- writing
+def check_output_dir(out: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+    """Check ``--out`` before any work: a writable place for a checkpoint that replaces nothing it should not.
+
+    Allowed: a missing path, an empty folder, this run's own checkpoint (``resume``), or another kvcondense
+    checkpoint when ``overwrite``. A folder that is not a kvcondense checkpoint is refused even with ``overwrite``.
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise CheckpointError(f"output path {out} is an existing file; choose a directory path")
+        raise CheckpointError(f"output path {out} is an existing file; choose a folder path for --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / META).is_file():
+            raise CheckpointError(
+                f"--out {out} is a folder that is not a kvcondense checkpoint; kvcondense never deletes it: "
+                "choose another --out"
+            )
+        if not (resume or overwrite):
+            raise CheckpointError(
+                f"--out {out} already holds a checkpoint; pass --resume to continue it, --overwrite to replace it, "
+                "or choose another --out"
+            )
+    _check_writable(out.parent)
     return out
 
 
-def write_checkpoint(
-    out: str | Path, meta: dict, adapter: dict[str, torch.Tensor], log: list[dict], resume: dict | None = None
-) -> Path:
-    """Write a complete checkpoint to a temp dir beside ``out``, then swap it in: never a half-written ``out``."""
-    out = check_output_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+def _check_writable(folder: Path) -> None:
     try:
-        (tmp / META).write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n")
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".kvcondense-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"cannot write to {folder} ({e.strerror}); choose a writable output path") from None
+
+
+def write_checkpoint(
+    out: str | Path,
+    meta: dict,
+    adapter: dict[str, torch.Tensor],
+    log: list[dict],
+    resume: dict | None = None,
+    replaces: tuple[str | None, ...] = (),
+) -> Path:
+    """Write a complete checkpoint beside ``out``, then swap it in: never a half-written ``out``.
+
+    A checkpoint already at ``out`` is replaced only when it belongs to the same run (``meta["run_id"]``) or to
+    a run named in ``replaces`` (the previous run's, when ``--overwrite`` was given). Anything else at ``out`` is
+    refused, and is never deleted.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.ck-", dir=out.parent))
+    try:
         save_file(adapter, str(tmp / ADAPTER))
         (tmp / LOG).write_text("".join(json.dumps(row, separators=(",", ":")) + "\n" for row in log))
         if resume is not None:
-            (tmp / RESUME).parent.mkdir()
-            torch.save(resume, tmp / RESUME)
+            (tmp / RESUME).mkdir()
+            save_state(resume, tmp / RESUME)
+        (tmp / META).write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n")  # last: marks it complete
+        _make_readable(tmp)
         old = None
         if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            _check_replaceable(out, (meta.get("run_id"), *replaces))
+            old = out.with_name(f".{out.name}.old-{secrets.token_hex(4)}")
             out.rename(old)
-        tmp.rename(out)
+        tmp.rename(out)  # a kill between the two renames is recovered by recover()
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
+def _make_readable(folder: Path) -> None:
+    """mkdtemp makes 0700: give the folder the permissions any folder the user creates would get (umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    if (folder / RESUME).is_dir():
+        os.chmod(folder / RESUME, 0o777 & ~mask)
+
+
+def _check_replaceable(out: Path, replaces: tuple[str | None, ...]) -> None:
+    if not (out / META).is_file():
+        if not out.is_dir() or any(out.iterdir()):
+            raise CheckpointError(
+                f"{out} changed during training and is no longer a kvcondense checkpoint; not replaced"
+            )
+        return
+    run_id = _run_id(out)
+    if run_id not in replaces:
+        raise CheckpointError(f"{out} now holds another run's checkpoint (run {run_id}); not replaced")
+
+
+def _run_id(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / META).read_text()).get("run_id")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def recover(out: str | Path) -> Path | None:
+    """Bring back the newest complete checkpoint of ``out`` after a kill mid-save, and remove dead temp folders.
+
+    A save writes ``.<name>.ck-*`` and swaps it in by renaming ``out`` to ``.<name>.old-*``; a kill in between
+    leaves no ``out`` but a complete copy in one of them. Call it while holding the run's lock (no writer is
+    alive). Only folders whose files are all a checkpoint's are removed. Returns the recovered path or None.
+    """
+    out = Path(out)
+    if not out.parent.is_dir():
+        return None
+    leftovers = [p for p in out.parent.glob(f".{out.name}.*") if p.is_dir() and _only_ours(p)]
+    recovered = None
+    if not (out / META).is_file() and not (out.exists() and any(out.iterdir())):
+        complete = [p for p in leftovers if _steps_done(p) is not None]
+        if complete:
+            best = max(complete, key=_steps_done)
+            if out.exists():
+                out.rmdir()  # an empty folder
+            best.rename(out)
+            leftovers.remove(best)
+            recovered = out
+    for p in leftovers:
+        shutil.rmtree(p, ignore_errors=True)
+    return recovered
+
+
+def _only_ours(folder: Path) -> bool:
+    return all(p.name in OURS for p in folder.iterdir())
+
+
+def _steps_done(folder: Path) -> int | None:
+    """Steps of a complete checkpoint folder (config readable, adapter present); None if incomplete."""
+    try:
+        meta = json.loads((folder / META).read_text())
+        steps = meta["training"]["steps_done"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+    return steps if isinstance(steps, int) and (folder / ADAPTER).is_file() else None
+
+
+# ------------------------------------------------------------------------------------------------------------- reading
 def read_meta(path: str | Path) -> dict:
-    """The JSON config of a checkpoint, with a clear error if it is not one."""
+    """The JSON config of a checkpoint, validated, with a clear error if it is not one."""
     meta_file = Path(path) / META
-    if not meta_file.exists():
+    if not meta_file.is_file():
         raise CheckpointError(f"{path} is not a kvcondense checkpoint (no {META}); pass a directory made by train")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} has checkpoint format {meta.get('format')}, this version reads {FORMAT}")
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(
+            f"{meta_file} is not valid JSON ({type(e).__name__}); the checkpoint is damaged"
+        ) from None
+    problem = validate_meta(meta)
+    if problem:
+        raise CheckpointError(f"{meta_file}: {problem}")
     return meta
 
 
 def read_log(path: str | Path) -> list[dict]:
     log = Path(path) / LOG
-    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    if not log.exists():
+        return []
+    try:
+        rows = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{log} is damaged ({type(e).__name__}); it cannot be continued") from None
+    if not all(isinstance(r, dict) for r in rows):
+        raise CheckpointError(f"{log} holds lines that are not JSON objects; it cannot be continued")
+    return rows
 
 
 def read_resume(path: str | Path) -> dict | None:
-    f = Path(path) / RESUME
-    return torch.load(f, weights_only=False) if f.exists() else None
+    """The resume state of a checkpoint (None if it has none). Never unpickles: safetensors + JSON only."""
+    folder = Path(path) / RESUME
+    if (Path(path) / LEGACY_RESUME).exists():
+        raise CheckpointError(
+            f"{path} stores its resume state as a pickle (resume/state.pt), which kvcondense no longer loads (a "
+            f"pickle can run code); start a new run from its weights with --init-from {path}"
+        )
+    if not folder.is_dir():
+        return None
+    state = load_state(folder)
+    keys = {"trainable": dict, "optimizer": dict, "scheduler": dict, "step": int, "torch_rng": torch.Tensor}
+    if not isinstance(state, dict) or any(not isinstance(state.get(k), t) for k, t in keys.items()):
+        raise CheckpointError(f"resume state in {folder} lacks fields or has wrong types; it cannot be continued")
+    return state
+
+
+def read_adapter(path: str | Path) -> dict[str, torch.Tensor]:
+    """The adapter tensors of a checkpoint; a damaged file is a :class:`CheckpointError` naming it."""
+    f = Path(path) / ADAPTER
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(
+            f"{f} is not a readable safetensors file ({str(e)[:100]}); the checkpoint is damaged"
+        ) from None
 
 
 def method_from_meta(meta: dict) -> Method:
     params = {k: v for k, v in meta["method"]["params"].items() if k != "name"}
-    return build_method(meta["method"]["name"], **params)
+    try:
+        return build_method(meta["method"]["name"], **params)
+    except TypeError as e:  # a parameter of the wrong type reached the dataclass
+        raise CheckpointError(f"method parameters {params} of the checkpoint are invalid ({e})") from None
 
 
 def load_checkpoint(path: str | Path, model_name: str | None = None, merge_lora: bool = True, **model_kwargs):
@@ -110,6 +268,8 @@ def load_checkpoint(path: str | Path, model_name: str | None = None, merge_lora:
     if not (Path(path) / ADAPTER).is_file():  # e.g. a committed run whose weights were left out for size
         command = meta.get("command") or "the training command in its kvcondense.json"
         raise CheckpointError(f"checkpoint {path} holds no {ADAPTER} (only its config and log); remake it: {command}")
+    method = method_from_meta(meta)
+    adapter = read_adapter(path)  # a damaged file fails before the model loads
     base = meta["base_model"]
     model, tokenizer = load_model(model_name or base["name"], **model_kwargs)
     ident = model_identity(model, model_name or base["name"])
@@ -119,13 +279,14 @@ def load_checkpoint(path: str | Path, model_name: str | None = None, merge_lora:
             f"not on {ident['name']} ({ident['model_type']}, weights {ident['fingerprint']}); "
             "load it with the model it was trained on"
         )
-    method = method_from_meta(meta)
     token_ids = add_special_tokens(model, tokenizer, method.special_tokens)
     if token_ids != meta["special_tokens"]:
         raise CheckpointError(f"special token ids {token_ids} differ from the checkpoint's {meta['special_tokens']}")
     model = attach_lora(model, LoraSettings(**meta["lora"]), list(token_ids.values()), method.lora_on)
-    full = meta["training"].get("stage") == "full"
-    load_adapter_state(model, load_file(str(Path(path) / ADAPTER)), full=full)
+    stage = meta["training"].get("stage")
+    load_adapter_state(
+        model, adapter, full=stage == "full", rows_only=stage == "rows", source=str(Path(path) / ADAPTER)
+    )
     model.eval()
     if merge_lora and method.lora_on is None:
         model = model.merge_and_unload()

@@ -48,6 +48,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
+
+
 def _method(text: str) -> str:
     if text not in METHODS:
         raise argparse.ArgumentTypeError(f"unknown method {text!r}; choose one of: {', '.join(METHODS)}")
@@ -103,36 +113,45 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="wiki", help="built-in corpus (wiki) or .txt/.jsonl file or folder")
 
 
+# train flags stored in TrainConfig: argparse leaves them None unless typed, so a resumed run can tell which ones
+# the user gave (and must agree with the stored run) from the ones it should take from the run itself
+TRAIN_FLAGS = (
+    "model", "data", "batch_size", "grad_accum", "block_tokens", "lr", "schedule", "warmup_steps", "attention",
+    "seed", "save_every", "stage", "init_from",
+)  # fmt: skip
+
+
 def _cmd_train(args) -> int:
     from .train import TrainConfig, config_from_checkpoint, train
 
-    if args.resume and Path(args.out, "kvcondense.json").exists():
-        cfg = config_from_checkpoint(args.out)
-        cfg.steps = args.steps if args.steps is not None else cfg.steps
+    given = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
+    if args.grad_checkpointing:
+        given["grad_checkpointing"] = True
+    params = {"ratio": args.ratio, "cr_sees_prefix": args.cr_sees_prefix or None, **_method_params(args)}
+    params = {k: v for k, v in params.items() if v is not None}
+    if args.resume and Path(args.out, "kvcondense.json").is_file():
+        # the run's own settings, with the typed flags on top: train() refuses any that contradicts the run
+        stored = config_from_checkpoint(args.out)
+        lora_given = any(getattr(args, k) is not None for k in ("lora_rank", "lora_alpha", "lora_dropout"))
+        fields = {**asdict(stored), **given}
+        fields.update(
+            method=args.method,
+            out=args.out,
+            method_params={**stored.method_params, **params},
+            steps=stored.steps if args.steps is None else args.steps,
+            lora=_lora_settings(args) if lora_given else stored.lora,
+        )
+        cfg = TrainConfig(**fields)
     else:
-        params = {"ratio": args.ratio, "cr_sees_prefix": args.cr_sees_prefix or None, **_method_params(args)}
         cfg = TrainConfig(
             method=args.method,
-            method_params={k: v for k, v in params.items() if v is not None},
-            model=args.model or DEFAULT_MODEL,
-            data=args.data,
+            method_params=params,
             out=args.out,
             steps=300 if args.steps is None else args.steps,
-            batch_size=args.batch_size,
-            grad_accum=args.grad_accum,
-            block_tokens=args.block_tokens,
-            lr=args.lr,
-            schedule=args.schedule,
-            attention=args.attention,
-            grad_checkpointing=args.grad_checkpointing,
-            warmup_steps=args.warmup_steps,
-            seed=args.seed,
-            save_every=args.save_every,
-            stage=args.stage,
-            init_from=args.init_from,
             lora=_lora_settings(args),
+            **{"model": DEFAULT_MODEL, **given},
         )
-    out = train(cfg, resume=args.resume)
+    out = train(cfg, resume=args.resume, overwrite=args.overwrite)
     print(f"checkpoint written to {out}")
     return 0
 
@@ -305,7 +324,7 @@ def _train_parser(sub) -> None:
     _add_method_flags(p)
     p.add_argument(
         "--stage",
-        default="lora",
+        default=None,
         choices=["rows", "lora", "full"],
         help="what trains: new token rows only, LoRA + rows (default), or every weight",
     )
@@ -314,24 +333,35 @@ def _train_parser(sub) -> None:
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scaling numerator (default 2 x rank)")
     p.add_argument("--lora-dropout", type=float, default=None, help="dropout on the LoRA input (default 0.05)")
     _add_common(p)
+    p.set_defaults(data=None)  # None: not typed (a resumed run keeps its own); a new run takes wiki
     p.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (default 300)")
-    p.add_argument("--batch-size", type=_positive_int, default=2)
-    p.add_argument("--grad-accum", type=_positive_int, default=1)
-    p.add_argument("--block-tokens", type=_positive_int, default=256)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--schedule", default="linear", help="learning-rate schedule: linear (default), cosine, constant")
-    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="blocks per step (default 2)")
+    p.add_argument("--grad-accum", type=_positive_int, default=None, help="micro-batches per step (default 1)")
+    p.add_argument("--block-tokens", type=_positive_int, default=None, help="text tokens per block (default 256)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4)")
+    p.add_argument("--schedule", default=None, help="learning-rate schedule: linear (default), cosine, constant")
+    p.add_argument("--warmup-steps", type=_nonnegative_int, default=None, help="linear warm-up steps (default 0)")
     p.add_argument(
         "--attention",
-        default="auto",
+        default=None,
         choices=["auto", "sdpa", "flex"],
-        help="auto: sdpa on CPU, flex_attention (block-sparse) on CUDA for blocks of 2048+ tokens",
+        help="auto (default): sdpa on CPU, flex_attention (block-sparse) on CUDA for blocks of 2048+ tokens",
     )
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations (longer blocks)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=50)
-    p.add_argument("--out", required=True, help="checkpoint directory (replaced atomically)")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--seed", type=int, default=None, help="seed for data order, spans and init (default 0)")
+    p.add_argument(
+        "--save-every",
+        type=_nonnegative_int,
+        default=None,
+        help="steps between saves, 0: at the end (default 50)",
+    )
+    p.add_argument("--out", required=True, help="checkpoint folder (written atomically)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out (its settings are kept)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace another kvcondense checkpoint at --out (a folder that is not one is never replaced)",
+    )
     p.set_defaults(func=_cmd_train)
 
 

@@ -62,6 +62,11 @@ def check_distributed(accelerator: Accelerator) -> None:
         )
 
 
+def is_main_process() -> bool:
+    """Whether this process is rank 0 of its launch (known from torchrun's environment before Accelerate starts)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def clean_name(name: str) -> str:
     """A parameter name as the unwrapped model's ``state_dict`` spells it (FSDP1 wrapper prefixes removed)."""
     return name.replace(FSDP_PREFIX, "")

