@@ -95,6 +95,35 @@ def exclusive(path: str | Path, what: str) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def check_writable(path: str | Path, flag: str, folder: bool = False) -> Path:
+    """Check an output path before any work: ``flag`` names it in the one-line :class:`UsageError`.
+
+    A file path must not be a folder; a folder path must not be a file; the folder that will hold it must be
+    creatable and writable (probed with a temp file that is removed at once).
+    """
+    from .errors import UsageError
+
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path} is an existing file; give a folder path")
+    if not folder and path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file path")
+    holder = path if folder else path.parent
+    for parent in (holder, *holder.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{flag} {path}: {parent} is a file, not a folder; choose another path")
+            break
+    try:
+        holder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".kvcondense-probe.", dir=holder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot write in {holder} ({e.strerror}); choose a writable path") from None
+    return path
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -197,6 +197,7 @@ def _cmd_eval(args) -> int:
         episodes=args.episodes,
         baselines=() if args.baselines is None else tuple(args.baselines or MEMORY_BASELINES),
     )
+    _check_outputs(args)
     target = _results_path(args, f"eval-{cfg.task}", asdict(cfg)) if args.out_dir else None
     if args.out_dir and target is None:
         return 0
@@ -212,15 +213,23 @@ def _cmd_eval(args) -> int:
 def _cmd_chat(args) -> int:
     from .session import MemorySession, chat
 
+    if args.save:
+        from .atomic import check_writable
+
+        check_writable(args.save, "--save")
     session = MemorySession.from_checkpoint(args.checkpoint, args.model)
     if args.load:
         session.load(args.load)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"chat with {args.checkpoint}: one message per line, Ctrl-D to end", file=sys.stderr)
-    rejected = chat(session, sys.stdin, sys.stdout, sys.stderr, stats=args.stats, max_new_tokens=args.max_new_tokens)
-    if args.save:
-        print(f"memory saved to {session.save(args.save)}", file=sys.stderr)
+    try:
+        rejected = chat(
+            session, sys.stdin, sys.stdout, sys.stderr, stats=args.stats, max_new_tokens=args.max_new_tokens
+        )
+    finally:  # whatever ends the chat, the memory kept so far is not lost
+        if args.save:
+            print(f"memory saved to {session.save(args.save)}", file=sys.stderr)
     return 1 if rejected and not interactive else 0
 
 
@@ -241,9 +250,17 @@ def _read_prompt(path: str) -> str:
 def _cmd_bench(args) -> int:
     from .bench import BenchConfig, format_bench, run_bench
 
+    if args.checkpoint:
+        from .checkpoint import read_meta
+        from .methods import check_params
+
+        trained = read_meta(args.checkpoint)["method"]["name"]
+        if args.method is not None and args.method != trained:
+            raise UsageError(f"checkpoint {args.checkpoint} is a {trained} checkpoint, not {args.method}")
+        check_params(trained, {"ratio": args.ratio}, f" (checkpoint {args.checkpoint})")
     cfg = BenchConfig(
-        method=args.method,
-        ratio=args.ratio,
+        method=args.method or "sentinel",
+        ratio=0.5 if args.ratio is None else args.ratio,
         checkpoint=args.checkpoint,
         model=args.model,
         data=args.data,
@@ -255,6 +272,7 @@ def _cmd_bench(args) -> int:
         max_batch=args.max_batch,
         slack=args.slack,
     )
+    _check_outputs(args)
     target = _results_path(args, "bench", asdict(cfg)) if args.out_dir else None
     if args.out_dir and target is None:
         return 0
@@ -267,6 +285,16 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _check_outputs(args) -> None:
+    """--json and --out-dir are checked before the work starts, not after an hour of it."""
+    from .atomic import check_writable
+
+    if getattr(args, "json", None):
+        check_writable(args.json, "--json")
+    if getattr(args, "out_dir", None):
+        check_writable(args.out_dir, "--out-dir", folder=True)
+
+
 def _write_json(path: str | Path, payload) -> None:
     from .report import write_json
 
@@ -275,9 +303,11 @@ def _write_json(path: str | Path, payload) -> None:
 
 
 def _cmd_report(args) -> int:
+    from .atomic import check_writable
     from .report import write_report
 
-    table, pngs = write_report(args.dirs, args.out or Path(args.dirs[0]) / "report")
+    out = check_writable(args.out or Path(args.dirs[0]) / "report", "--out", folder=True)
+    table, pngs = write_report(args.dirs, out)
     print(table.read_text())
     print(f"report written to {table}" + (f"; plots: {', '.join(map(str, pngs))}" if pngs else ""))
     return 0
@@ -295,8 +325,10 @@ def _results_path(args, kind: str, config: dict) -> Path | None:
 
 
 def _cmd_demo(args) -> int:
+    from .atomic import check_writable
     from .demo import run_demo
 
+    check_writable(args.out, "--out", folder=True)
     return run_demo(
         quick=args.quick,
         max_tokens=args.max_tokens,
@@ -444,8 +476,8 @@ def _generate_parser(sub) -> None:
 
 def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="throughput and memory, compressed against full attention, as ratios")
-    p.add_argument("--method", type=_method, default="sentinel")
-    p.add_argument("--ratio", type=_ratio, default=0.5)
+    p.add_argument("--method", type=_method, default=None, help="method without training (default sentinel)")
+    p.add_argument("--ratio", type=_ratio, default=None, help="compression ratio (default 0.5)")
     p.add_argument("--checkpoint", default=None, help="use a trained checkpoint's model and method")
     _add_common(p)
     p.add_argument("--context", type=_positive_int, nargs="+", default=[1024], help="context lengths in tokens")

@@ -23,7 +23,7 @@ from .data import load_split
 from .errors import UsageError
 from .forward import incremental_forward, parallel_forward
 from .layout import IGNORE, Kind
-from .methods import Method, TokenizedText, build_method
+from .methods import Method, TokenizedText, build_method, check_params, override
 from .metrics import BertScore
 from .models import DEFAULT_MODEL, add_special_tokens, load_model
 from .train import text_blocks
@@ -99,16 +99,10 @@ def load_for_eval(cfg: EvalConfig):
     """(model, tokenizer, method, token_ids, label) for a checkpoint or for an untrained method."""
     if cfg.checkpoint is not None:
         model, tokenizer, method, token_ids, meta = load_checkpoint(cfg.checkpoint, cfg.model)
-        saved = method.params()
-        for key, value in cfg.method_params.items():
-            free = ("ratio", *method.inference_params)  # may differ from training
-            if key in saved and key not in free and saved[key] != value:
-                raise UsageError(
-                    f"checkpoint {cfg.checkpoint} was trained with {key}={saved[key]}, not {value}; drop the flag"
-                )
         # inference-time parameters the checkpoint does not fix (CCM streaming: --window, --sinks) apply on top
-        method = build_method(method.name, **{**saved, **cfg.method_params})
+        method = override(method, cfg.method_params, f"checkpoint {cfg.checkpoint}")
         return model, tokenizer, method, token_ids, f"{method.name} (trained)"
+    check_params(cfg.method, cfg.method_params)
     model, tokenizer = load_model(cfg.model or DEFAULT_MODEL)
     method = build_method(cfg.method, **cfg.method_params)
     token_ids = add_special_tokens(model, tokenizer, method.special_tokens)

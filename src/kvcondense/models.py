@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -98,7 +99,12 @@ def resolve_model(name_or_path: str) -> Path:
 def load_model(name_or_path: str = DEFAULT_MODEL, attn_implementation: str = "sdpa", dtype=torch.float32):
     """Load a causal LM and its tokenizer. Returns (model, tokenizer)."""
     path = resolve_model(name_or_path)
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError, RecursionError) as e:  # broken JSON, unknown model_type, missing fields
+        raise ModelError(
+            f"{path}/config.json cannot be read as a model config ({type(e).__name__}: {_short(e)})"
+        ) from e
     archs = getattr(config, "architectures", None) or []
     causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not getattr(config, "is_encoder_decoder", False)
     if not causal or (archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)):
@@ -112,14 +118,22 @@ def load_model(name_or_path: str = DEFAULT_MODEL, attn_implementation: str = "sd
             f"{path} has no usable tokenizer ({type(e).__name__}); save the tokenizer beside the model"
         ) from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
-    except ValueError as e:
-        if "attention implementation" not in str(e) or attn_implementation == "eager":
-            raise
-        # e.g. ALiBi families have no sdpa path; eager takes the additive form of the same mask
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+        except ValueError as e:
+            if "attention implementation" not in str(e) or attn_implementation == "eager":
+                raise
+            # e.g. ALiBi families have no sdpa path; eager takes the additive form of the same mask
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+    except (OSError, SafetensorError, RuntimeError) as e:  # no weights, a torn or empty file, shapes not the config's
+        raise ModelError(f"the weights in {path} cannot be loaded ({type(e).__name__}: {_short(e)})") from e
     model.eval()
     return model, tokenizer
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def model_identity(model, name: str) -> dict:

@@ -30,8 +30,13 @@ def _read_text(path: Path) -> str:
         # Keep going on a stray byte, but never silently: the replacement characters stay visible in the text.
         import warnings
 
+        text = raw.decode("utf-8", errors="replace")
+        if text.count("\ufffd") > 0.05 * max(len(text), 1) or "\x00" in text:
+            raise DataError(
+                f"{path} is not text (mostly bytes that are not UTF-8); give a UTF-8 .txt or .jsonl"
+            ) from None
         warnings.warn(f"{path} is not valid UTF-8; undecodable bytes were replaced with U+FFFD", stacklevel=2)
-        return raw.decode("utf-8", errors="replace")
+        return text
 
 
 def jsonl_records(path: Path):
@@ -42,6 +47,8 @@ def jsonl_records(path: Path):
             continue
         try:
             yield n, json.loads(line)
+        except RecursionError:
+            raise DataError(f"{path}:{n}: JSON nested too deeply; each line must be one flat JSON object") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
 
@@ -109,5 +116,14 @@ def split_documents(docs: list[Document], split: str, min_docs: int = 10) -> lis
         docs = [p for d in docs for p in pieces(d, size)]
     chosen = [d for d in docs if split_of(d) == split]
     if not chosen:
-        raise DataError(f"the {split} split is empty ({len(docs)} pieces of text in all); give more text")
+        longest = max((max(map(len, d.text.splitlines()), default=0) for d in docs), default=0)
+        if len(docs) < 3 and longest >= 0.9 * sum(len(d.text) for d in docs):
+            raise DataError(
+                f"the text is one line of {longest:,} characters: it is split into train/validation/test at line "
+                "ends, so one line gives no test split; break it into lines or paragraphs, or give several files"
+            )
+        raise DataError(
+            f"the {split} split is empty ({len(docs)} pieces of text in all; the split is 80/10/10 by piece): give "
+            f"more text (a few thousand words) or evaluate another --split"
+        )
     return chosen

@@ -35,6 +35,28 @@ def build_method(name: str, **params) -> Method:
     return cls(**{k: v for k, v in params.items() if k in fields and v is not None})
 
 
+def check_params(name: str, params: dict, source: str = "") -> None:
+    """Refuse parameters that method ``name`` does not take (a flag for another method is never silently ignored)."""
+    cls = METHODS[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(k for k, v in params.items() if v is not None and k not in fields)
+    if unknown:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
+        raise UsageError(f"method {name}{source} takes no {flags}; drop the flag (see kvcondense --help)")
+
+
+def override(method: Method, params: dict, source: str) -> Method:
+    """``method`` (a checkpoint's) with the user's ``params`` applied: the ratio and the method's inference-time
+    parameters may change; any other parameter must equal the trained one; a parameter it lacks is refused."""
+    check_params(method.name, params, f" ({source})")
+    saved = method.params()
+    free = ("ratio", *method.inference_params)
+    for key, value in params.items():
+        if key not in free and saved.get(key) != value:
+            raise UsageError(f"{source} was trained with {key}={saved.get(key)}, not {value}; drop the flag")
+    return build_method(method.name, **{**saved, **params})
+
+
 __all__ = [
     "METHODS",
     "CCMConcat",
@@ -44,6 +66,8 @@ __all__ = [
     "Method",
     "TokenizedText",
     "build_method",
+    "check_params",
+    "override",
     "tokenize",
     "Sentinel",
     "FullAttention",
