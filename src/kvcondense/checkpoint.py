@@ -218,12 +218,12 @@ def read_log(path: str | Path) -> list[dict]:
 
 
 def read_resume(path: str | Path) -> dict | None:
-    """The resume state of a checkpoint (None if it has none). Never unpickles: safetensors + JSON only."""
+    """The resume state of a checkpoint (None if it has none): safetensors + JSON only, no file can run code."""
     folder = Path(path) / RESUME
     if (Path(path) / LEGACY_RESUME).exists():
         raise CheckpointError(
-            f"{path} stores its resume state as a pickle (resume/state.pt), which kvcondense no longer loads (a "
-            f"pickle can run code); start a new run from its weights with --init-from {path}"
+            f"{path} stores its resume state in the old resume/state.pt format, which kvcondense no longer loads "
+            f"(loading it can run code); start a new run from its weights with --init-from {path}"
         )
     if not folder.is_dir():
         return None

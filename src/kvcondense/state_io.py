@@ -1,4 +1,4 @@
-"""Nested training state (optimizer, scheduler, RNG) stored as safetensors + JSON: nothing is ever unpickled.
+"""Nested training state (optimizer, scheduler, RNG) stored as safetensors + JSON: no file can run code.
 
 ``save_state(obj, folder)`` splits an object of dicts, lists, tuples, numbers, strings and tensors into
 ``state.safetensors`` (every tensor, under a generated key) and ``state.json`` (the structure, with each tensor

@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from ..atomic import write_text
 from ..fetch import cache_dir
 from .books import load_books
 from .documents import SPLITS, DataError, Document, read_path, split_documents
@@ -25,10 +26,7 @@ def load_corpus(name_or_path: str) -> list[Document]:
         if cached.exists():
             return [Document(**d) for d in json.loads(cached.read_text())]
         docs = CORPORA[name_or_path]()
-        cached.parent.mkdir(exist_ok=True)
-        tmp = cached.with_suffix(".tmp")
-        tmp.write_text(json.dumps([d.__dict__ for d in docs]))
-        tmp.replace(cached)
+        write_text(cached, json.dumps([d.__dict__ for d in docs]))
         return docs
     if not Path(name_or_path).exists() and "/" not in name_or_path and "." not in name_or_path:
         raise DataError(f"unknown corpus {name_or_path!r}; choose one of: {', '.join(CORPORA)}, or pass a path")

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from ..atomic import write_text
 from ..fetch import cache_dir
 from .documents import SPLITS, DataError, Document, jsonl_records, split_of
 
@@ -239,10 +240,7 @@ def _builtin_items(name: str, seed: int) -> list[tuple[str, Episode]]:
             (r.pop("id"), Episode(**{k: tuple(v) if isinstance(v, list) else v for k, v in r.items()})) for r in rows
         ]
     items = EPISODE_SOURCES[name](seed)
-    cached.parent.mkdir(exist_ok=True)
-    tmp = cached.with_suffix(".tmp")
-    tmp.write_text(json.dumps([{"id": i, **asdict(e)} for i, e in items]))
-    tmp.replace(cached)
+    write_text(cached, json.dumps([{"id": i, **asdict(e)} for i, e in items]))
     return items
 
 
