@@ -104,7 +104,7 @@ def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt, "save_file", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(ckpt.CheckpointError, match="disk full"):
         write_checkpoint(out, {"x": 2}, {"w": torch.ones(2)}, [])
     assert json.loads((out / "kvcondense.json").read_text())["x"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temp dirs left behind

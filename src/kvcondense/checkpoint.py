@@ -113,9 +113,15 @@ def write_checkpoint(
         tmp.rename(out)  # a kill between the two renames is recovered by recover()
         if old is not None:
             shutil.rmtree(old)
+    except (OSError, SafetensorError) as e:  # a full disk, a quota: the previous checkpoint is still whole
+        raise CheckpointError(f"could not write the checkpoint {out} ({_reason(e)}); the previous one is intact") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _reason(e: BaseException) -> str:
+    return getattr(e, "strerror", None) or " ".join(str(e).split())[-80:]
 
 
 def _make_readable(folder: Path) -> None:

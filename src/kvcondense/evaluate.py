@@ -252,7 +252,10 @@ def scored_blocks(docs, tokenizer, cfg: EvalConfig) -> list[TokenizedText]:
         budget -= len(chosen[-1])
     chosen = [b for b in chosen if len(b) >= 2]
     if not chosen:
-        raise UsageError(f"no text to evaluate in the {cfg.split} split of {cfg.data}")
+        raise UsageError(
+            f"the {cfg.split} split of {cfg.data} has no block of 2+ tokens to score; give more text (a few "
+            "thousand words) or evaluate another --split"
+        )
     return chosen
 
 

@@ -102,9 +102,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, attn_implementation: str = "sd
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError, RecursionError) as e:  # broken JSON, unknown model_type, missing fields
-        raise ModelError(
-            f"{path}/config.json cannot be read as a model config ({type(e).__name__}: {_short(e)})"
-        ) from e
+        raise ModelError(f"{path}/config.json is not a usable model config ({type(e).__name__}: {_short(e)})") from e
     archs = getattr(config, "architectures", None) or []
     causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not getattr(config, "is_encoder_decoder", False)
     if not causal or (archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)):

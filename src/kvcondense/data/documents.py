@@ -31,7 +31,7 @@ def _read_text(path: Path) -> str:
         import warnings
 
         text = raw.decode("utf-8", errors="replace")
-        if text.count("\ufffd") > 0.05 * max(len(text), 1) or "\x00" in text:
+        if text.count("\ufffd") > 0.25 * max(len(text), 1) or "\x00" in text:
             raise DataError(
                 f"{path} is not text (mostly bytes that are not UTF-8); give a UTF-8 .txt or .jsonl"
             ) from None
