@@ -223,6 +223,12 @@ class EvictingCache(Cache):
         hit = torch.isin(self.slot_idx[row], logical)
         self.slot_expire[row, hit] = expire
 
+    def freeze(self) -> None:
+        """Keep every stored key for every later query: a compressed context then queried with no further
+        compression (the prefix and QA tasks; kvpress's setting). Without this a window's keys would go on
+        expiring while the question is read."""
+        self.slot_expire = torch.where(self.slot_idx >= 0, torch.full_like(self.slot_expire, NEVER), self.slot_expire)
+
     def mix(self, rules: MixRules) -> None:
         """Apply merge rules (logical indices, the same for every row) to the stored keys and values of every layer:
         CCM-merge's recursive memory update, on post-RoPE keys exactly as stored."""

@@ -196,6 +196,8 @@ def _cmd_eval(args) -> int:
         time_steps=tuple(args.time_steps),
         episodes=args.episodes,
         baselines=() if args.baselines is None else tuple(args.baselines or MEMORY_BASELINES),
+        kv_budgets=tuple(args.kv_budget or ()),
+        export_tasks=args.export_tasks,
     )
     _check_outputs(args)
     target = _results_path(args, f"eval-{cfg.task}", asdict(cfg)) if args.out_dir else None
@@ -416,12 +418,28 @@ def _eval_parser(sub) -> None:
         action="store_true",
         help="long-document mode: blocks of 4096 tokens (unless --block-tokens) and perplexity against prefix length",
     )
-    p.add_argument("--task", default="perplexity", choices=["perplexity", "continuation"])
     p.add_argument(
-        "--prefix-tokens", type=_positive_int, default=512, help="continuation: tokens of the compressed prefix"
+        "--task",
+        default="perplexity",
+        choices=["perplexity", "continuation", "prefix"],
+        help="perplexity (default); continuation: generate after a compressed prefix (ROUGE-L, BERTScore); prefix: "
+        "score --new-tokens over a compressed --prefix-tokens context, with KL to full attention",
     )
-    p.add_argument("--new-tokens", type=_positive_int, default=64, help="continuation: tokens generated and scored")
-    p.add_argument("--docs", type=_positive_int, default=8, help="continuation: documents")
+    p.add_argument(
+        "--kv-budget",
+        type=_ratio,
+        nargs="+",
+        default=None,
+        help="prefix: fraction of the context's KV kept, e.g. 0.5 0.25 0.125 (sets the ratio of methods that have one)",
+    )
+    p.add_argument("--export-tasks", default=None, help="prefix: also write the windows' token ids (kvpress runner)")
+    p.add_argument(
+        "--prefix-tokens", type=_positive_int, default=512, help="continuation, prefix: tokens of the compressed prefix"
+    )
+    p.add_argument(
+        "--new-tokens", type=_positive_int, default=64, help="continuation, prefix: tokens generated / scored"
+    )
+    p.add_argument("--docs", type=_positive_int, default=8, help="continuation: documents; prefix: windows")
     p.add_argument("--no-bertscore", action="store_true", help="continuation: ROUGE-L only")
     p.add_argument("--bertscore-encoder", default=None, help="continuation: local encoder dir (default MiniLM)")
     p.add_argument(

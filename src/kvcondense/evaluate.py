@@ -29,7 +29,7 @@ from .models import DEFAULT_MODEL, add_special_tokens, load_model
 from .train import text_blocks
 from .verify import check_family, max_abs_diff
 
-TASKS = ("perplexity", "continuation", "memory")
+TASKS = ("perplexity", "continuation", "memory", "prefix")
 
 
 @dataclass
@@ -83,6 +83,8 @@ class EvalConfig:
     time_steps: tuple[int, ...] = (1, 2, 4, 8, 16)
     episodes: int = 40
     baselines: tuple[str, ...] = ()
+    kv_budgets: tuple[float, ...] = ()
+    export_tasks: str | None = None
 
     def __post_init__(self) -> None:
         if (self.checkpoint is None) == (self.method is None):
@@ -193,6 +195,8 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
     docs = load_split(cfg.data, cfg.split)  # bad data fails before the model is loaded
     model, tokenizer, base_method, token_ids, label = load_for_eval(cfg)
     check_family(model)
+    if cfg.task == "prefix":
+        return run_prefix(cfg, docs, model, tokenizer, base_method, token_ids, label)
     if cfg.task == "continuation":
         samples = continuation_samples(docs, tokenizer, cfg.prefix_tokens, cfg.new_tokens, cfg.docs)
         scorer = BertScore(cfg.bertscore_encoder) if cfg.bertscore else None
@@ -209,6 +213,35 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
         else:
             res.update(perplexity(model, method, chosen, token_ids, cfg.batch_size, cfg.seed, cfg.prefix_buckets))
             res.update(measured_kv(model, method, chosen[0], token_ids, cfg.seed, cfg.verify))
+        res["config"] = asdict(cfg)
+        results.append(res)
+    return results
+
+
+def run_prefix(cfg: EvalConfig, docs, model, tokenizer, base_method, token_ids, label) -> list[dict]:
+    """The prefix task (:mod:`kvcondense.prefix_task`) at every --kv-budget (or every ratio)."""
+    from .prefix_task import budget_params, check_reachable, export_windows, prefix_task, prefix_windows
+
+    windows = prefix_windows(docs, tokenizer, cfg.prefix_tokens, cfg.new_tokens, cfg.docs)
+    if cfg.export_tasks:
+        export_windows(windows, cfg.export_tasks, f"{cfg.data}-{cfg.split}-P{cfg.prefix_tokens}-S{cfg.new_tokens}")
+    has_ratio = "ratio" in base_method.params()
+    points = [("kv_budget", b) for b in cfg.kv_budgets] or [
+        ("ratio", r) for r in (cfg.ratios if has_ratio else cfg.ratios[:1])
+    ]
+    results = []
+    for kind, value in points:
+        params = base_method.params()
+        if kind == "kv_budget":
+            params = budget_params(base_method.name, params, value)
+        elif has_ratio:
+            params = {**params, "ratio": value}
+        method = build_method(base_method.name, **params)
+        check_reachable(method, token_ids, windows, value if kind == "kv_budget" else None)
+        res = {"method": method.name, "label": label, "params": method.params(), "task": "prefix", "kind": "prefix"}
+        res["kv_budget"] = value if kind == "kv_budget" else None
+        res.update(prefix_task(model, method, token_ids, windows, seed=cfg.seed))
+        res["compression_ratio_kvpress"] = 1 - res["kv_kept"]  # kvpress's convention: the fraction pruned
         res["config"] = asdict(cfg)
         results.append(res)
     return results
@@ -265,6 +298,19 @@ def format_table(results: list[dict]) -> str:
         from .memory_eval import format_memory_table
 
         return format_memory_table(results)
+    if results and results[0].get("task") == "prefix":
+        head = (
+            f"{'method':<28} {'budget':>6} {'KV kept':>8} {'ppl':>8} {'full ppl':>8} {'KL to full':>10} {'tokens':>7}"
+        )
+        rows = [head, "-" * len(head)]
+        for r in results:
+            budget = "-" if r.get("kv_budget") is None else f"{r['kv_budget']:.3f}"
+            rows.append(
+                f"{r['label']:<28} {budget:>6} {r['kv_kept']:>8.3f} {r['perplexity']:>8.3f} "
+                f"{r['full_perplexity']:>8.3f} {r['kl_to_full']:>10.4f} {r['tokens_scored']:>7}"
+            )
+        rows.append(f"({results[0]['windows']} windows, {results[0]['seconds']} s for the first row)")
+        return "\n".join(rows)
     if results and results[0].get("task") == "continuation":
         head = f"{'method':<28} {'ratio':>5} {'KV kept':>8} {'ROUGE-L':>8} {'BERTScore':>9} {'docs':>5}"
         rows = [head, "-" * len(head)]

@@ -1,0 +1,131 @@
+"""The prefix task: compress a context, then score what follows over the compressed cache, against full attention.
+
+For each held-out window of ``P + S + 1`` tokens, the first ``P`` (the context) are laid out by the method and fed
+through the library's own prefill with real eviction; then the next ``S`` tokens are fed as plain text over what
+the cache kept (no further compression) and each predicts its successor, teacher-forced. The same is done with full
+attention *on the same model* (same weights: a checkpoint's LoRA included), which gives the reference perplexity and
+``kl_to_full``, the mean per-token KL(p_full || p_method). ``kv_kept`` is measured: slots the cache stored after
+the context / context tokens. This is kvpress's setting (context compressed question-agnostically, then queried),
+so its presses are scored on exactly these token ids by ``benchmarks/peers/kvpress`` (see :func:`export_windows`).
+
+    kvcondense eval --task prefix --method streaming --kv-budget 0.25 --prefix-tokens 1024 --new-tokens 128
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .atomic import write_json
+from .errors import UsageError
+from .forward import feed
+from .generate import prefill
+from .layout import text_layout
+from .methods import FullAttention, Method, TokenizedText, tokenize
+
+Window = tuple[TokenizedText, torch.Tensor]  # (context of P tokens, the S + 1 tokens that follow)
+
+
+def prefix_windows(docs, tokenizer, prefix_tokens: int, score_tokens: int, n: int) -> list[Window]:
+    """Up to ``n`` non-overlapping windows of ``prefix_tokens + score_tokens + 1`` tokens from ``docs``, in order."""
+    size = prefix_tokens + score_tokens + 1
+    windows: list[Window] = []
+    for doc in docs:
+        toks = tokenize(doc.text, tokenizer)
+        for lo in range(0, len(toks) - size + 1, size):
+            windows.append((toks[lo : lo + prefix_tokens], toks.ids[lo + prefix_tokens : lo + size].clone()))
+            if len(windows) == n:
+                return windows
+    if not windows:
+        raise UsageError(
+            f"no held-out document has {size} tokens for a window of --prefix-tokens {prefix_tokens} + --new-tokens "
+            f"{score_tokens} + 1; lower them or give longer documents"
+        )
+    return windows
+
+
+@torch.no_grad()
+def score_after_prefix(
+    model, method: Method, token_ids: dict, context: TokenizedText, following: torch.Tensor, seed: int = 0
+) -> tuple[torch.Tensor, int]:
+    """Log-probabilities (S, V) of ``following[1:]`` given the compressed ``context`` and ``following[:-1]``, and
+    the slots the cache stored after the context."""
+    layout, cache, _, _ = prefill(model, method, token_ids, context, chunk_tokens=512, seed=seed)
+    kept = int(cache.stored_slots().max())
+    cache.freeze()
+    piece = text_layout(following[:-1])
+    piece.position_ids += int(layout.position_ids.max()) + 1  # positions go on after the compressed context
+    logits = feed(model, cache, piece, len(layout))  # (1, S, V); logical indices go on after the layout's
+    return torch.log_softmax(logits[0].float(), dim=-1), kept
+
+
+def budget_params(method_name: str, params: dict, kv_budget: float | None) -> dict:
+    """The method's parameters that keep ``kv_budget`` of the context (the ratio of methods that have one)."""
+    if kv_budget is None:
+        return params
+    if not 0 < kv_budget < 1:
+        raise UsageError(f"--kv-budget must be a fraction of the context in (0, 1), got {kv_budget}")
+    if "ratio" not in params:
+        raise UsageError(f"method {method_name} has no budget to set (its KV kept follows from its own parameters)")
+    return {**params, "ratio": 1 - kv_budget}
+
+
+def check_reachable(method: Method, token_ids: dict, windows: list[Window], kv_budget: float | None) -> None:
+    """A budget the method cannot reach on this text is one line, not a silently different point."""
+    if kv_budget is None:
+        return
+    kept = sum(method.layout(ctx, token_ids, seed=i).kept_slots() for i, (ctx, _) in enumerate(windows))
+    kept /= sum(len(ctx) for ctx, _ in windows)
+    if kept > kv_budget + 0.02:
+        raise UsageError(
+            f"method {method.name} keeps {kept:.3f} of the context at --kv-budget {kv_budget} on this text (its "
+            "spans cannot cover more of it); this budget is out of its reach"
+        )
+
+
+def prefix_task(model, method: Method, token_ids: dict, windows: list[Window], seed: int = 0) -> dict:
+    """Perplexity of the scored tokens over the compressed cache, the same with full attention on the same model,
+    the mean KL(p_full || p_method) per token, and the KV kept (measured). Prints nothing; returns a dict."""
+    t0 = time.perf_counter()
+    nll, nll_full, kl, n, kept, ctx_tokens = 0.0, 0.0, 0.0, 0, 0, 0
+    full = FullAttention()
+    for i, (context, following) in enumerate(tqdm(windows, desc=f"prefix {method.name}", leave=False)):
+        targets = following[1:].unsqueeze(-1)
+        logp, slots = score_after_prefix(model, method, token_ids, context, following, seed=seed + i)
+        logp_full, _ = score_after_prefix(model, full, token_ids, context, following, seed=seed + i)
+        nll -= float(logp.gather(-1, targets).sum())
+        nll_full -= float(logp_full.gather(-1, targets).sum())
+        kl += float((logp_full.exp() * (logp_full - logp)).sum())
+        n += targets.shape[0]
+        kept += slots
+        ctx_tokens += len(context)
+    return {
+        "perplexity": math.exp(nll / n),
+        "full_perplexity": math.exp(nll_full / n),
+        "kl_to_full": kl / n,
+        "kv_kept": kept / ctx_tokens,
+        "tokens_scored": n,
+        "windows": len(windows),
+        "context_tokens": ctx_tokens // len(windows),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def export_windows(windows: list[Window], path: str | Path, name: str) -> Path:
+    """Write the windows' token ids as a tasks file for the kvpress peer runner (``benchmarks/peers/kvpress``)."""
+    payload = {
+        "task": "prefix",
+        "name": name,
+        "windows": [{"context": ctx.ids.tolist(), "continuation": nxt.tolist()} for ctx, nxt in windows],
+    }
+    return write_json(path, payload, indent=None)
+
+
+def read_windows(path: str | Path) -> dict:
+    """A tasks file written by :func:`export_windows` (used by tests and the comparison script)."""
+    return json.loads(Path(path).read_text())
