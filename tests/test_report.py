@@ -155,3 +155,41 @@ def test_rows_of_different_checkpoints_stay_apart(tmp_path):
     assert "| m (trained: a) | 0.500 (0.10) |" in table and "| m (trained: b) | 0.300 (0.10) |" in table
     # One checkpoint in several runs keeps its plain label (its rows are one row of the table).
     assert [r["label"] for r in name_checkpoints(records[:2])] == ["m (trained)", "full"]
+
+
+def test_writers_use_unique_temp_names(tmp_path):
+    """write_json and the report table go through a unique temp file beside the target (they used a fixed
+    ``.tmp`` name: a second writer, or anything at that name, broke them)."""
+    from kvcondense.report import write_json, write_report
+
+    run = tmp_path / "run"
+    (run / "result.tmp").mkdir(parents=True)  # where the old writer put its temp file
+    write_json(run / "result.json", {"method": "full", "perplexity": 3.0, "compression_ratio": 1.0,
+                                     "tokens_scored": 8, "params": {}})  # fmt: skip
+    (tmp_path / "rep" / "report.tmp").mkdir(parents=True)
+    table, pngs = write_report([run], tmp_path / "rep")
+    assert "| full |" in table.read_text() and [p.name for p in pngs] == ["perplexity_vs_kv.png"]
+    assert sorted(p.name for p in run.iterdir()) == ["result.json", "result.tmp"]
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["perplexity_vs_kv.png", "report.md", "report.tmp"]
+
+
+def test_read_result_validates_or_returns_none(tmp_path):
+    from kvcondense.report import read_result
+
+    good = {"method": "full", "perplexity": 3.0, "compression_ratio": 1.0, "tokens_scored": 8, "params": {}}
+    cases = {
+        "one.json": (json.dumps(good), good),
+        "many.json": (json.dumps({"results": [good, good]}), {"results": [good, good]}),
+        "list.json": (json.dumps([good]), {"results": [good]}),  # the demo caches eval results as a list
+        "torn.json": (json.dumps(good)[:-5], None),
+        "garbage.json": (json.dumps([1, 2, "x"]), None),
+        "partly.json": (json.dumps({"results": [good, {"method": "full"}]}), None),
+        "nan-string.json": (json.dumps({**good, "perplexity": "nan"}), None),
+    }
+    for name, (text, expected) in cases.items():
+        (tmp_path / name).write_text(text)
+        assert read_result(tmp_path / name) == expected, name
+    (tmp_path / "bytes.json").write_bytes(b"\xff\xfe{}")
+    assert read_result(tmp_path / "bytes.json") is None
+    assert read_result(tmp_path / "missing.json") is None
+    assert read_result(tmp_path) is None  # a folder

@@ -10,11 +10,14 @@ length; stored KV against conversation turns (when a result carries ``memory_by_
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
 
+from . import atomic
 from .checkpoint import ADAPTER
 from .data.episodes import CACHE_VERSION as EPISODES_VERSION
 from .errors import UsageError
@@ -46,40 +49,190 @@ def result_file(out_dir: str | Path, kind: str, config: dict) -> Path:
 
 
 def write_json(path: str | Path, payload) -> None:
-    """Write JSON atomically: a temp file beside ``path``, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
+    """Write JSON atomically (see :func:`kvcondense.atomic.write_json`)."""
+    atomic.write_json(path, payload)
 
 
-def load_results(dirs: list[str | Path]) -> list[dict]:
-    """Every result record below ``dirs`` (eval lists are flattened)."""
-    records = []
+KINDS = ("memory", "perplexity", "continuation", "bench", "memory_by_turn")
+"""What a result record reports; each kind has the fields its table and plot read (:func:`record_problem`)."""
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def record_kind(r: dict) -> str | None:
+    """The kind of a result record (one of :data:`KINDS`), or None when it reports no metric we know."""
+    if r.get("task") == "memory":
+        return "memory"
+    for key, kind in (
+        ("contexts", "bench"),
+        ("rouge_l", "continuation"),
+        ("perplexity", "perplexity"),
+        ("memory_by_turn", "memory_by_turn"),
+    ):
+        if key in r:
+            return kind
+    return None
+
+
+def _bench_problem(r: dict) -> str | None:
+    contexts = r["contexts"]
+    if not isinstance(contexts, list) or not contexts:
+        return "'contexts' is not a non-empty list"
+    for c in contexts:
+        if not isinstance(c, dict) or not _is_number(c.get("context")) or not _is_number(c.get("kv_ratio")):
+            return "a context has no numeric 'context' and 'kv_ratio'"
+        batches = c.get("batches")
+        if not isinstance(batches, list) or not batches:
+            return "a context has no list of 'batches'"
+        for b in batches:
+            timed = isinstance(b, dict) and all(
+                isinstance(b.get(v), dict) and _is_number(b[v].get("decode_ms_per_step"))
+                for v in ("compressed", "full")
+            )
+            if not (timed and _is_int(b.get("batch")) and _is_number(b.get("decode_speedup"))):
+                return "a batch lacks 'batch', 'decode_speedup' or the decode_ms_per_step of 'compressed' and 'full'"
+    return None
+
+
+_REQUIRED = {  # kind: (field, check, what it must be)
+    "perplexity": (
+        ("perplexity", _is_number, "a number"),
+        ("compression_ratio", _is_number, "a number"),
+        ("tokens_scored", _is_int, "an integer"),
+        ("params", lambda x: isinstance(x, dict), "an object"),
+    ),
+    "continuation": (
+        ("rouge_l", _is_number, "a number"),
+        ("kv_kept_generation", _is_number, "a number"),
+        ("documents", _is_int, "an integer"),
+        ("params", lambda x: isinstance(x, dict), "an object"),
+    ),
+    "bench": (
+        ("device", lambda x: isinstance(x, str), "a string"),
+        ("dtype", lambda x: isinstance(x, str), "a string"),
+        ("params", lambda x: isinstance(x, dict), "an object"),
+    ),
+    "memory": (
+        ("metric", lambda x: x in ("perplexity", "accuracy"), "'perplexity' or 'accuracy'"),
+        ("t", _is_int, "an integer"),
+        ("kv_mb", _is_number, "a number"),
+    ),
+    "memory_by_turn": (
+        ("memory_by_turn", lambda x: isinstance(x, list) and x and all(map(_is_number, x)), "a list of numbers"),
+    ),
+}
+
+
+def record_problem(r) -> str | None:
+    """What keeps a result record out of the report (None: it can be used): a missing or mistyped field."""
+    if not isinstance(r, dict):
+        return f"a record is a {type(r).__name__}, not an object"
+    if not isinstance(r.get("method"), str):
+        return "a record has no 'method'"
+    kind = record_kind(r)
+    if kind is None:
+        return f"record of {r['method']!r} reports no metric (none of perplexity, rouge_l, contexts, memory rows)"
+    for field, ok, what in _REQUIRED[kind]:
+        if field not in r:
+            return f"{kind} record of {r['method']!r} has no {field!r}"
+        if not ok(r[field]):
+            return f"{kind} record of {r['method']!r}: {field!r} is not {what}"
+    if kind == "memory" and not _is_number(r.get(r["metric"])):
+        return f"memory record of {r['method']!r} has no numeric {r['metric']!r}"
+    if kind == "bench" and (problem := _bench_problem(r)) is not None:
+        return f"bench record of {r['method']!r}: {problem}"
+    if "label" in r and not isinstance(r["label"], str):
+        return f"record of {r['method']!r}: 'label' is not a string"
+    for field in ("params", "config"):
+        if field in r and not isinstance(r[field], dict):
+            return f"record of {r['method']!r}: {field!r} is not an object"
+    if "bertscore_f1" in r and not _is_number(r["bertscore_f1"]):
+        return f"record of {r['method']!r}: 'bertscore_f1' is not a number"
+    return None
+
+
+MAX_RESULT_BYTES = 64 * 2**20  # far above any result kvcondense writes
+
+
+def _read(path: Path) -> tuple[dict | None, str]:
+    """(the result as ``{"results": [records]}`` or as written, "") or (None, why it cannot be read)."""
+    try:
+        if path.stat().st_size > MAX_RESULT_BYTES:
+            return None, f"larger than {MAX_RESULT_BYTES // 2**20} MiB, not a result"
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "not UTF-8 text"
+    except OSError as e:
+        return None, f"cannot be read ({e.strerror or e})"
+    if not text.strip():
+        return None, "empty"
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        return None, f"torn or invalid JSON ({e.msg} at line {e.lineno})"
+    except RecursionError:
+        return None, "JSON nested too deeply"
+    if isinstance(data, list):  # a list of records (e.g. the demo's cached eval results)
+        data = {"results": data}
+    if not isinstance(data, dict):
+        return None, f"a JSON {type(data).__name__}, not a result object"
+    records = data["results"] if "results" in data else [data]
+    if not isinstance(records, list) or not records:
+        return None, "'results' is not a non-empty list of records"
+    for i, item in enumerate(records):
+        problem = record_problem(item)
+        if problem is not None:
+            return None, problem if len(records) == 1 else f"{problem} (record {i + 1} of {len(records)})"
+    return data, ""
+
+
+def read_result(path: str | Path) -> dict | None:
+    """A result file written by eval or bench, validated; None if it is torn, not JSON, or not a result.
+
+    Returns the JSON object as written (one record, or ``{"results": [records]}``); a file holding a bare list of
+    records comes back as ``{"results": [...]}``. Every record has a ``method`` and the fields its kind needs.
+    """
+    return _read(Path(path))[0]
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def load_results(dirs: list[str | Path], warn=None) -> list[dict]:
+    """Every result record below ``dirs`` (eval lists are flattened).
+
+    A ``*.json`` that cannot be used (torn, not UTF-8, not a result, a record missing a field) is named in one
+    warning line each (``warn``, default: stderr) and the others are read; when none can be used this raises
+    :class:`UsageError` naming them (and prints no warnings, so the error is the one line).
+    """
+    records, bad = [], []
     for d in dirs:
         d = Path(d)
         if not d.is_dir():
             raise UsageError(f"{d} is not a directory of results; pass folders written by eval or bench --out-dir")
         for f in sorted(d.rglob("*.json")):
-            try:
-                data = json.loads(f.read_text())
-            except json.JSONDecodeError:
+            if not f.is_file():
                 continue
-            items = data["results"] if isinstance(data, dict) and "results" in data else data
-            for item in items if isinstance(items, list) else [items]:
-                if isinstance(item, dict) and (
-                    "perplexity" in item
-                    or "rouge_l" in item
-                    or "contexts" in item
-                    or "memory_by_turn" in item
-                    or "accuracy" in item
-                ):
-                    records.append({**item, "_source": str(f)})
+            data, why = _read(f)
+            if data is None:
+                bad.append((f, why))
+                continue
+            records += [{**item, "_source": str(f)} for item in data.get("results", [data])]
     if not records:
-        raise UsageError(
-            f"no kvcondense results found in {', '.join(map(str, dirs))}; run eval or bench with --out-dir first"
-        )
+        where = ", ".join(map(str, dirs))
+        if bad:
+            named = "; ".join(f"{f} ({why})" for f, why in bad)
+            raise UsageError(f"no readable kvcondense results in {where}: {named}; rerun eval or bench for them")
+        raise UsageError(f"no kvcondense results found in {where}; run eval or bench with --out-dir first")
+    for f, why in bad:
+        (warn or _stderr)(f"kvcondense report: warning: skipped {f}: {why}")
     return name_checkpoints(records)
 
 
@@ -184,10 +337,12 @@ def markdown(records: list[dict]) -> str:
 
 
 def _save(fig, path: Path) -> Path:
+    """Render a figure to PNG and write it atomically."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    return path
+    return atomic.write_bytes(path, buf.getvalue())
 
 
 def plots(records: list[dict], out: Path) -> list[Path]:
@@ -253,8 +408,5 @@ def write_report(dirs: list[str | Path], out: str | Path) -> tuple[Path, list[Pa
     records = load_results(dirs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table = out / "report.md"
-    tmp = table.with_suffix(".tmp")
-    tmp.write_text(markdown(records) + "\n")
-    tmp.replace(table)
+    table = atomic.write_text(out / "report.md", markdown(records) + "\n")
     return table, plots(records, out)
