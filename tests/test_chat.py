@@ -247,3 +247,95 @@ def test_other_memory_pairs_each_query_with_the_next_episodes_chunks():
     got = other_memory(eps)
     assert [int(e.chunks[0][0]) for e in got] == [1, 2, 0]
     assert [int(e.query[0]) for e in got] == [10, 11, 12] and [int(e.answer[0]) for e in got] == [20, 21, 22]
+
+
+def gpt2_session(method: str, n_positions: int = 48, **params):
+    """A chat session on a tiny GPT-2 (learned positions: an index past n_positions crashes the embedding)."""
+    import torch
+    from conftest import DATA, build_tokenizer
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from kvcondense.lora import LoraSettings, attach_lora
+    from kvcondense.methods import build_method
+    from kvcondense.models import add_special_tokens
+    from kvcondense.session import MemorySession
+
+    tokenizer = build_tokenizer((DATA / "sample.txt").read_text())
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=n_positions)
+    model = AutoModelForCausalLM.from_config(cfg)
+    m = build_method(method, comp_tokens=2, **params)
+    token_ids = add_special_tokens(model, tokenizer, m.special_tokens)
+    if m.lora_on is not None:
+        model = attach_lora(model, LoraSettings(r=4), list(token_ids.values()), m.lora_on)
+    return MemorySession(model.eval(), tokenizer, m, token_ids, name="tiny-gpt2")
+
+
+@pytest.mark.parametrize("method", ["ccm-concat", "ccm-merge", "full"])
+def test_chat_stops_before_the_models_context_and_keeps_the_memory(method, tmp_path):
+    """A long chat on a model with 48 learned positions: the turn that would pass position 47 is refused with the
+    position and the limit (it used to crash in the position embedding and lose the memory), and the memory is the
+    one after the last whole turn, which can still be saved and loaded."""
+    import io
+
+    from kvcondense.session import ContextFullError, chat
+
+    session = gpt2_session(method)
+    out, err = io.StringIO(), io.StringIO()
+    states = []
+
+    class Lines:  # record the memory before each turn
+        def __iter__(self):
+            for i in range(40):
+                states.append((session.writer.state(), session.memory_slots(), session.cache.seen))
+                yield f"turn {i} says hello\n"
+
+    with pytest.raises(ContextFullError, match=r"would reach position \d+, past the model's context of 48"):
+        chat(session, Lines(), out, err, max_new_tokens=4)
+    assert err.getvalue() == ""
+    replies = [line for line in out.getvalue().splitlines() if line.startswith("B:")]
+    assert 1 <= len(replies) == len(states) - 1  # the refused turn printed nothing
+    assert (session.writer.state(), session.memory_slots(), session.cache.seen) == states[-1]
+    assert session.writer.text_pos <= 48  # positions 0..47 used at most
+    path = session.save(tmp_path / "memory.safetensors")
+    again = gpt2_session(method)
+    again.load(path)
+    assert again.writer.state() == session.writer.state()
+
+
+def test_a_failing_turn_is_undone_whole_and_named(tmp_path):
+    """A turn that fails after its user line went into memory (here: while answering) leaves the memory as before
+    the turn, says so in one line, and lets the error through."""
+    import io
+
+    from kvcondense.session import chat
+
+    session = gpt2_session("ccm-merge", n_positions=256)
+    chat(session, ["hello there\n"], io.StringIO(), io.StringIO(), max_new_tokens=3)
+    before = session.save(tmp_path / "before.safetensors").read_bytes()
+    calls = []
+
+    def fail_on_answer(*args):
+        calls.append(1)
+        if len(calls) > 1:  # the user's line has been fed; the answer fails
+            raise RuntimeError("device lost")
+
+    handle = session.model.register_forward_pre_hook(fail_on_answer)
+    err = io.StringIO()
+    with pytest.raises(RuntimeError, match="device lost"):
+        chat(session, ["and now?\n"], io.StringIO(), err, max_new_tokens=3)
+    handle.remove()
+    assert len(calls) == 2 and err.getvalue().count("\n") == 1 and "memory is as before" in err.getvalue()
+    assert session.save(tmp_path / "after.safetensors").read_bytes() == before
+
+
+def test_answer_that_would_pass_the_context_is_refused():
+    from kvcondense.session import ContextFullError
+
+    session = gpt2_session("full", n_positions=32)
+    session.feed("one two three four five six")
+    slots = session.memory_slots()
+    with pytest.raises(ContextFullError, match="this answer would reach position"):
+        session.answer("B:", max_new_tokens=40)
+    assert session.memory_slots() == slots
+    assert session.answer("B:", max_new_tokens=4) is not None

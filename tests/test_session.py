@@ -1,14 +1,17 @@
 """The online memory session: the same answer likelihood as the parallel training forward, memory that grows by n
 slots per chunk (concat) or stays at n (merge), answers that leave the memory unchanged, and save/load."""
 
+import os
+
 import pytest
 import torch
 from test_ccm import COMP, episode, lora_model
 
+from kvcondense.errors import UsageError
 from kvcondense.forward import parallel_forward
 from kvcondense.layout import IGNORE
 from kvcondense.methods import build_method
-from kvcondense.session import MemoryFileError, MemorySession
+from kvcondense.session import MemoryFileError, MemorySession, check_save_path
 
 
 class Tok:
@@ -95,3 +98,108 @@ def test_empty_turn_is_refused():
         session.feed("   ")
     with pytest.raises(ValueError, match="turn is empty"):
         session.feed(torch.tensor([], dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "method, params, slots",
+    [
+        ("full", {}, lambda n: n),  # everything is kept
+        ("window", {"slots": 6, "sinks": 2}, lambda n: min(n, 6)),  # two sinks and the last four tokens
+        ("no-context", {}, lambda n: 0),  # every turn is forgotten
+    ],
+)
+def test_baseline_sessions_match_their_parallel_layout(method, params, slots):
+    """full, window and no-context hold a chat memory too (they raised AttributeError), each exactly what its
+    episode layout in the memory evaluation is."""
+    session, m, model = make(method, **params)
+    ep = episode(chunks=4)
+    fed = 0
+    for t, chunk in enumerate(ep.chunks, 1):
+        session.feed(chunk)
+        fed += len(chunk)
+        assert session.steps == t and session.memory_slots() == slots(fed)
+    nll, n = session.score(ep.query, ep.answer)
+    assert n == len(ep.answer)
+    assert abs(nll - parallel_nll(model, m, ep)) < 1e-3
+    assert session.memory_slots() == slots(fed)  # scoring changed nothing
+    session.answer(ep.query, max_new_tokens=3, stop="")
+    assert session.score(ep.query, ep.answer)[0] == nll
+
+
+@pytest.mark.parametrize("method", ["full", "window", "no-context", "ccm-concat"])
+def test_baseline_and_ccm_memories_round_trip(tmp_path, method):
+    session, m, model = make(method, slots=5, sinks=1)
+    ep = episode(chunks=3)
+    for chunk in ep.chunks[:2]:
+        session.feed(chunk)
+    path = session.save(tmp_path / "m.safetensors")
+    other = MemorySession(model, Tok(), m, COMP)
+    other.load(path)
+    assert other.writer.state() == session.writer.state() and other.memory_slots() == session.memory_slots()
+    session.feed(ep.chunks[2]), other.feed(ep.chunks[2])
+    assert abs(other.score(ep.query, ep.answer)[0] - session.score(ep.query, ep.answer)[0]) < 1e-4
+
+
+def test_methods_without_a_chat_memory_are_refused():
+    m = build_method("sentinel")
+    with pytest.raises(UsageError, match="keeps no memory"):
+        MemorySession(lora_model("llama", m), Tok(), m, COMP)
+
+
+def test_a_failed_feed_leaves_the_memory_as_before(tmp_path):
+    """A failure half way through the layers (one layer has stored the chunk's keys, the next has not) puts the
+    memory back exactly: the saved bytes are the same."""
+    session, m, model = make("ccm-merge")
+    ep = episode(chunks=3)
+    for chunk in ep.chunks[:2]:
+        session.feed(chunk)
+    before = session.save(tmp_path / "before.safetensors").read_bytes()
+    state = session.writer.state()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    layer = model.base_model.model.model.layers[1]
+    handle = layer.register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        session.feed(ep.chunks[2])
+    handle.remove()
+    assert session.writer.state() == state
+    assert session.save(tmp_path / "after.safetensors").read_bytes() == before
+    session.feed(ep.chunks[2])  # and it goes on exactly like a session that never failed
+    fresh, _, _ = make("ccm-merge")
+    fresh.model = model
+    for chunk in ep.chunks:
+        fresh.feed(chunk)
+    assert session.score(ep.query, ep.answer) == fresh.score(ep.query, ep.answer)
+
+
+def test_save_is_atomic_and_refuses_unwritable_paths(tmp_path):
+    session, _, _ = make("ccm-concat")
+    session.feed(episode().chunks[0])
+    target = tmp_path / "m.safetensors"
+    target.write_bytes(b"old memory")
+    session.save(target)
+    assert target.read_bytes()[:8] != b"old memor" and sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for bad, match in ((blocker / "m.safetensors", "is a file"), (tmp_path, "is a directory")):
+        with pytest.raises(MemoryFileError, match=match):
+            check_save_path(bad)
+        with pytest.raises(MemoryFileError, match=match):
+            session.save(bad)
+    assert blocker.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file", target.name]
+    assert check_save_path(tmp_path / "new" / "dir" / "m.safetensors")  # missing folders are made on save
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_folder_is_refused_before_saving(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(MemoryFileError, match="not writable"):
+            check_save_path(folder / "m.safetensors")
+    finally:
+        folder.chmod(0o755)
