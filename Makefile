@@ -28,3 +28,18 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# The kvpress peer runner's own venv (benchmarks/peers/kvpress/README.md): kvpress 0.5.5 needs transformers<5.3.
+PEERS_DIR := benchmarks/peers/kvpress
+PEERS_VENV ?= $(PEERS_DIR)/.venv
+PEERS_STAMP := $(PEERS_VENV)/.installed-stamp
+.PHONY: peers
+
+$(PEERS_STAMP): $(PEERS_DIR)/requirements.txt
+	$(PY) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(PEERS_VENV)/bin/python -m pip install -q -r $(PEERS_DIR)/requirements.txt
+	touch $(PEERS_STAMP)
+
+peers: $(PEERS_STAMP)
