@@ -16,8 +16,11 @@ def log(path: Path, key: str = "loss") -> list[float]:
     return [json.loads(line)[key] for line in (path / "train_log.jsonl").read_text().splitlines()]
 
 
-def test_two_process_ddp_matches_one_process(tiny_dir, sample_path, tmp_path):
+@pytest.mark.parametrize("objective", ["lm", "lm+kl"])
+def test_two_process_ddp_matches_one_process(tiny_dir, sample_path, tmp_path, objective):
     common = [
+        "--objective",
+        objective,
         "--method",
         "sentinel",
         "--model",

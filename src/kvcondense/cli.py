@@ -117,7 +117,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 # the user gave (and must agree with the stored run) from the ones it should take from the run itself
 TRAIN_FLAGS = (
     "model", "data", "batch_size", "grad_accum", "block_tokens", "lr", "schedule", "warmup_steps", "attention",
-    "seed", "save_every", "stage", "init_from",
+    "seed", "save_every", "stage", "init_from", "objective", "kl_weight", "temperature",
 )  # fmt: skip
 
 
@@ -382,6 +382,15 @@ def _train_parser(sub) -> None:
         help="auto (default): sdpa on CPU, flex_attention (block-sparse) on CUDA for blocks of 2048+ tokens",
     )
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations (longer blocks)")
+    p.add_argument(
+        "--objective",
+        default=None,
+        choices=["lm", "kl", "lm+kl"],
+        help="lm: next-token loss (default); kl: match the frozen uncompressed model on every text prediction; "
+        "lm+kl: both",
+    )
+    p.add_argument("--kl-weight", type=float, default=None, help="weight of the KL term (default 1.0)")
+    p.add_argument("--temperature", type=float, default=None, help="KL temperature (default 1.0)")
     p.add_argument("--seed", type=int, default=None, help="seed for data order, spans and init (default 0)")
     p.add_argument(
         "--save-every",

@@ -36,6 +36,9 @@ _TRAINING_OPTIONAL = {
     "init_from": (str, type(None)),
     "attention": str,
     "grad_checkpointing": bool,
+    "objective": str,
+    "kl_weight": _NUMBER,
+    "temperature": _NUMBER,
 }
 
 

@@ -38,6 +38,7 @@ from .checkpoint import (
 )
 from .data import load_split
 from .data.episodes import is_episode_data, load_episodes
+from .distill import kl_to_teacher, teacher_logits
 from .distributed import check_distributed, checkpoint_tensors, is_main_process, load_resume
 from .errors import UsageError
 from .forward import parallel_forward
@@ -45,6 +46,8 @@ from .layout import IGNORE, Layout
 from .lora import LoraSettings, attach_lora, load_adapter_state, set_stage
 from .methods import EpisodeTokens, Method, TokenizedText, build_method, tokenize, tokenize_episode
 from .models import DEFAULT_MODEL, add_special_tokens, load_model, model_identity
+
+OBJECTIVES = ("lm", "kl", "lm+kl")
 
 
 @dataclass
@@ -73,6 +76,10 @@ class TrainConfig:
         attention: ``auto`` (sdpa; flex_attention with a block-sparse mask on CUDA for long blocks), ``sdpa`` or
             ``flex`` (see ``kvcondense.forward.choose_attention``).
         grad_checkpointing: recompute activations in the backward (non-reentrant) to fit longer blocks.
+        objective: ``lm`` (next-token loss under the method's mask), ``kl`` (KL to the frozen uncompressed model on
+            every text prediction, see :mod:`kvcondense.distill`) or ``lm+kl`` (their sum, KL weighted).
+        kl_weight: weight of the KL term (``kl`` and ``lm+kl``).
+        temperature: softening of both distributions in the KL term.
     """
 
     method: str = "sentinel"
@@ -95,6 +102,9 @@ class TrainConfig:
     init_from: str | None = None
     attention: str = "auto"
     grad_checkpointing: bool = False
+    objective: str = "lm"
+    kl_weight: float = 1.0
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -106,6 +116,10 @@ class TrainConfig:
                 raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise UsageError(f"lr must be > 0, got {self.lr}")
+        if self.objective not in OBJECTIVES:
+            raise UsageError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.kl_weight <= 0 or self.temperature <= 0:
+            raise UsageError(f"--kl-weight and --temperature must be > 0, got {self.kl_weight}, {self.temperature}")
         for name in ("warmup_steps", "save_every"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
@@ -162,6 +176,30 @@ def lm_loss(logits: torch.Tensor, layouts: list[Layout], reduction: str = "mean"
     n = int((targets != IGNORE).sum())
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
     return (loss if reduction == "sum" else loss / max(n, 1)), n
+
+
+def objective_loss(model, layouts: list[Layout], cfg: TrainConfig, accelerator: Accelerator):
+    """The training objective on one micro-batch: LM loss, KL to the frozen uncompressed model, or both.
+
+    Each term is a token-weighted mean over the global batch: DDP averages gradients over processes, so each
+    process scales its sum by world / global count (exactly the 1-process loss at any world size). Returns the loss
+    to back-propagate and the global values of every term (``loss``, ``loss_lm`` and ``loss_kl``) for the log.
+    """
+    logits = parallel_forward(model, layouts, attention=cfg.attention).logits
+    world = accelerator.num_processes
+    lm_sum, n = lm_loss(logits, layouts, reduction="sum")
+    sums, counts = {"loss_lm": lm_sum}, {"loss_lm": n}
+    if cfg.objective != "lm":
+        teacher = teacher_logits(model, layouts)
+        sums["loss_kl"], counts["loss_kl"] = kl_to_teacher(logits, teacher, layouts, cfg.temperature)
+    weights = {"loss_lm": 0.0 if cfg.objective == "kl" else 1.0, "loss_kl": cfg.kl_weight}
+    loss, parts = logits.new_zeros((), dtype=torch.float32), {"loss": 0.0}
+    for key, value in sums.items():
+        total = accelerator.reduce(torch.tensor(float(counts[key]), device=value.device), reduction="sum").clamp(min=1)
+        loss = loss + weights[key] * value * world / total
+        parts[key] = (accelerator.reduce(value.detach(), reduction="sum") / total).item()
+        parts["loss"] += weights[key] * parts[key]
+    return loss, parts
 
 
 # ---------------------------------------------------------------------------------------------------------------- model
@@ -309,18 +347,13 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
             epoch, batch = next(stream)
             layouts = [method.layout(b, token_ids, seed=cfg.seed + 7919 * epoch + i) for i, b in batch]
             with accelerator.accumulate(model):
-                logits = parallel_forward(model, layouts, attention=cfg.attention).logits
-                loss_sum, n = lm_loss(logits, layouts, reduction="sum")
-                # token-weighted mean over the global batch: DDP averages gradients over processes, so each
-                # process scales its sum by world / global tokens (exactly the 1-process loss, any world size)
-                n_global = accelerator.reduce(torch.tensor(float(n), device=loss_sum.device), reduction="sum")
-                loss = loss_sum * accelerator.num_processes / n_global.clamp(min=1)
+                loss, parts = objective_loss(model, layouts, cfg, accelerator)
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()
         scheduler.step()  # once per optimizer step, whatever the accumulation and the number of processes
         step += 1
-        loss_value = (accelerator.reduce(loss_sum.detach(), reduction="sum") / n_global.clamp(min=1)).item()
+        loss_value = parts["loss"]
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss became {loss_value} at step {step}; lower --lr")
         bar.update()
@@ -331,7 +364,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
                 {
                     "step": step,
                     "epoch": epoch,
-                    "loss": round(loss_value, 5),
+                    **{k: round(v, 5) for k, v in parts.items()},
                     "lr": float(f"{scheduler.get_last_lr()[0]:.6g}"),
                     "kv_kept": round(kept, 4),
                     "elapsed_s": round(time.perf_counter() - t0, 1),

@@ -1,0 +1,79 @@
+"""Distillation from the uncompressed model: the KL objective of ``kvcondense train --objective kl``.
+
+The teacher is the frozen base model itself, free here: the same network with the adapters switched off, reading
+the raw text (no special tokens, plain positions) with a plain causal mask. The student is the compressed forward
+under the method's mask. Every prediction of a text token is compared, aligned by the text token predicted:
+the student's prediction of text token ``j`` (made wherever the layout puts it: the previous text token, a
+``<CR>``, the last gist token) against the teacher's (made by text token ``j - 1``). This is what KV-Distill and the
+other learned methods that beat training-free eviction train against; it also keeps the adapter from learning the
+corpus itself, since the teacher already knows it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .layout import IGNORE, Kind, Layout
+
+KL_CHUNK = 256  # rows of (rows, vocabulary) float32 log-softmax at a time: ~50 MB each with a 49k vocabulary
+
+
+def aligned_rows(layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student positions, teacher positions) of every text-token prediction of ``layout``.
+
+    A student position is kept when its target is the next text token of the layout; the teacher position is the
+    raw-text index of the token before it.
+    """
+    text = layout.kinds == Kind.TEXT
+    ordinal = torch.cumsum(text.long(), 0) - 1  # raw-text index of each text position
+    text_pos = torch.nonzero(text).flatten()
+    positions = torch.arange(len(layout))
+    nxt = torch.searchsorted(text_pos, positions, right=True)  # index into text_pos of the next text position
+    has_next = nxt < len(text_pos)
+    q = text_pos[nxt.clamp(max=max(len(text_pos) - 1, 0))]
+    keep = has_next & (layout.targets != IGNORE) & (layout.targets == layout.input_ids[q])
+    student = positions[keep]
+    teacher = ordinal[q[keep]] - 1
+    return student, teacher
+
+
+@torch.no_grad()
+def teacher_logits(model, layouts: list[Layout]) -> torch.Tensor:
+    """Logits (B, T, V) of the frozen base model on each layout's raw text (right-padded to the longest)."""
+    inner = getattr(model, "module", model)
+    raws = [lay.input_ids[lay.kinds == Kind.TEXT] for lay in layouts]
+    length = max(len(r) for r in raws)
+    ids = torch.zeros(len(raws), length, dtype=torch.long)
+    mask = torch.zeros(len(raws), length, dtype=torch.long)
+    for b, r in enumerate(raws):
+        ids[b, : len(r)] = r
+        mask[b, : len(r)] = 1
+    with inner.disable_adapter():  # LoRA and the new token rows off: exactly the base model
+        out = inner(input_ids=ids.to(inner.device), attention_mask=mask.to(inner.device), use_cache=False)
+    return out.logits
+
+
+def kl_to_teacher(
+    student: torch.Tensor, teacher: torch.Tensor, layouts: list[Layout], temperature: float = 1.0
+) -> tuple[torch.Tensor, int]:
+    """Summed KL(p_teacher || p_student) over every aligned text prediction, and their number.
+
+    Args:
+        student: (B, L, V) logits of the compressed forward (with grad).
+        teacher: (B, T, V) logits of :func:`teacher_logits`.
+        temperature: both distributions are softened by it; the sum is scaled by T^2 (Hinton et al.) so the
+            gradient scale does not depend on it.
+    """
+    s_rows, t_rows = [], []
+    for b, lay in enumerate(layouts):
+        s, t = aligned_rows(lay)
+        s_rows.append(student[b, s.to(student.device)])
+        t_rows.append(teacher[b, t.to(teacher.device)])
+    s_all, t_all = torch.cat(s_rows), torch.cat(t_rows)
+    total = student.new_zeros((), dtype=torch.float32)
+    for lo in range(0, s_all.shape[0], KL_CHUNK):
+        log_q = F.log_softmax(s_all[lo : lo + KL_CHUNK].float() / temperature, dim=-1)
+        log_p = F.log_softmax(t_all[lo : lo + KL_CHUNK].float() / temperature, dim=-1)
+        total = total + F.kl_div(log_q, log_p, log_target=True, reduction="sum")
+    return total * temperature**2, s_all.shape[0]
