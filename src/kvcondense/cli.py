@@ -217,8 +217,10 @@ def _cmd_chat(args) -> int:
 
     if args.save:
         from .atomic import check_writable
+        from .session import check_save_path
 
         check_writable(args.save, "--save")
+        check_save_path(args.save)
     session = MemorySession.from_checkpoint(args.checkpoint, args.model)
     if args.load:
         session.load(args.load)
@@ -229,9 +231,12 @@ def _cmd_chat(args) -> int:
         rejected = chat(
             session, sys.stdin, sys.stdout, sys.stderr, stats=args.stats, max_new_tokens=args.max_new_tokens
         )
-    finally:  # whatever ends the chat, the memory kept so far is not lost
+    except BaseException:  # whatever ends the chat, the memory kept so far (the last complete turn) is not lost
         if args.save:
-            print(f"memory saved to {session.save(args.save)}", file=sys.stderr)
+            session.save(args.save)  # quietly: the error that ended the chat stays its one line
+        raise
+    if args.save:
+        print(f"memory saved to {session.save(args.save)}", file=sys.stderr)
     return 1 if rejected and not interactive else 0
 
 
@@ -317,12 +322,14 @@ def _cmd_report(args) -> int:
 
 def _results_path(args, kind: str, config: dict) -> Path | None:
     """With --out-dir, the deterministic result file of this config; None when it exists and --force is off."""
-    from .report import result_file
+    from .report import read_result, result_file
 
     path = result_file(args.out_dir, kind, config)
     if path.exists() and not args.force:
-        print(f"{path} exists; skipping (use --force to redo)")
-        return None
+        if read_result(path) is not None:
+            print(f"{path} exists; skipping (use --force to redo)")
+            return None
+        print(f"{path} is torn or unreadable; computing it again", file=sys.stderr)
     return path
 
 
@@ -471,7 +478,9 @@ def _eval_parser(sub) -> None:
 
 def _chat_parser(sub) -> None:
     p = sub.add_parser("chat", help="chat with a compressed memory (ccm checkpoints); reads stdin when piped")
-    p.add_argument("--checkpoint", required=True, help="a ccm-concat or ccm-merge checkpoint")
+    p.add_argument(
+        "--checkpoint", required=True, help="a memory checkpoint: ccm-concat, ccm-merge (or full, window, no-context)"
+    )
     p.add_argument("--model", default=None, help="where to load the checkpoint's base model from")
     p.add_argument("--stats", action="store_true", help="print 'memory: N slots, M bytes' after every turn")
     p.add_argument("--max-new-tokens", type=_positive_int, default=48)
