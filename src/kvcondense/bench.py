@@ -122,17 +122,7 @@ def prefill(model, method: Method, text: TokenizedText, token_ids, chunk: int) -
 
 def snapshot(cache: EvictingCache) -> EvictingCache:
     """A copy of a one-row cache (decode steps grow a cache; each measurement starts from the same history)."""
-    copy = EvictingCache(len(cache.layers))
-    for dst, src in zip(copy.layers, cache.layers, strict=True):
-        dst.lazy_initialization(src.keys, src.values)
-        dst.keys, dst.values = src.keys.clone(), src.values.clone()
-    copy.seen = cache.seen
-    copy.slot_idx, copy.slot_expire, copy.slot_closer = (
-        cache.slot_idx.clone(),
-        cache.slot_expire.clone(),
-        cache.slot_closer.clone(),
-    )
-    return copy
+    return cache.clone()
 
 
 def measure_decode(model, variants: dict, token_ids, batch: int, steps: int, slack: int = 0) -> dict:

@@ -223,6 +223,18 @@ class EvictingCache(Cache):
         hit = torch.isin(self.slot_idx[row], logical)
         self.slot_expire[row, hit] = expire
 
+    def clone(self) -> EvictingCache:
+        """An independent copy (keys, values and slot metadata): one compressed context, several continuations."""
+        copy = EvictingCache(len(self.layers), self.rows)
+        for dst, src in zip(copy.layers, self.layers, strict=True):
+            if src.is_initialized:
+                dst.lazy_initialization(src.keys, src.values)
+                dst.keys, dst.values = src.keys.clone(), src.values.clone()
+        copy.seen = self.seen
+        copy.slot_idx, copy.slot_expire = self.slot_idx.clone(), self.slot_expire.clone()
+        copy.slot_closer = self.slot_closer.clone()
+        return copy
+
     def freeze(self) -> None:
         """Keep every stored key for every later query: a compressed context then queried with no further
         compression (the prefix and QA tasks; kvpress's setting). Without this a window's keys would go on

@@ -198,6 +198,9 @@ def _cmd_eval(args) -> int:
         baselines=() if args.baselines is None else tuple(args.baselines or MEMORY_BASELINES),
         kv_budgets=tuple(args.kv_budget or ()),
         export_tasks=args.export_tasks,
+        answer_tokens=args.answer_tokens,
+        needle_lengths=tuple(args.needle_lengths),
+        needle_depths=tuple(args.needle_depths),
     )
     _check_outputs(args)
     target = _results_path(args, f"eval-{cfg.task}", asdict(cfg)) if args.out_dir else None
@@ -437,9 +440,27 @@ def _eval_parser(sub) -> None:
     p.add_argument(
         "--task",
         default="perplexity",
-        choices=["perplexity", "continuation", "prefix"],
+        choices=["perplexity", "continuation", "prefix", "qa", "needle"],
         help="perplexity (default); continuation: generate after a compressed prefix (ROUGE-L, BERTScore); prefix: "
-        "score --new-tokens over a compressed --prefix-tokens context, with KL to full attention",
+        "score --new-tokens over a compressed --prefix-tokens context, with KL to full attention; qa: questions "
+        "over compressed contexts from --data FILE.jsonl; needle: a passkey hidden in held-out text",
+    )
+    p.add_argument(
+        "--answer-tokens", type=_positive_int, default=16, help="qa, needle: most tokens of a generated answer"
+    )
+    p.add_argument(
+        "--needle-lengths",
+        type=_positive_int,
+        nargs="+",
+        default=[512, 1024, 2048, 4096],
+        help="needle: context tokens",
+    )
+    p.add_argument(
+        "--needle-depths",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.25, 0.5, 0.75, 1.0],
+        help="needle: where the passkey sits (fraction of the context before it); --docs: contexts per cell",
     )
     p.add_argument(
         "--kv-budget",
@@ -448,7 +469,9 @@ def _eval_parser(sub) -> None:
         default=None,
         help="prefix: fraction of the context's KV kept, e.g. 0.5 0.25 0.125 (sets the ratio of methods that have one)",
     )
-    p.add_argument("--export-tasks", default=None, help="prefix: also write the windows' token ids (kvpress runner)")
+    p.add_argument(
+        "--export-tasks", default=None, help="prefix, qa, needle: also write the token ids (for the kvpress runner)"
+    )
     p.add_argument(
         "--prefix-tokens", type=_positive_int, default=512, help="continuation, prefix: tokens of the compressed prefix"
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,13 +24,13 @@ from .data import load_split
 from .errors import UsageError
 from .forward import incremental_forward, parallel_forward
 from .layout import IGNORE, Kind
-from .methods import Method, TokenizedText, build_method, check_params, override
+from .methods import Method, TokenizedText, build_method, check_params, override, tokenize
 from .metrics import BertScore
 from .models import DEFAULT_MODEL, add_special_tokens, load_model
 from .train import text_blocks
 from .verify import check_family, max_abs_diff
 
-TASKS = ("perplexity", "continuation", "memory", "prefix")
+TASKS = ("perplexity", "continuation", "memory", "prefix", "qa", "needle")
 
 
 @dataclass
@@ -85,6 +86,9 @@ class EvalConfig:
     baselines: tuple[str, ...] = ()
     kv_budgets: tuple[float, ...] = ()
     export_tasks: str | None = None
+    answer_tokens: int = 16
+    needle_lengths: tuple[int, ...] = (512, 1024, 2048, 4096)
+    needle_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 
     def __post_init__(self) -> None:
         if (self.checkpoint is None) == (self.method is None):
@@ -93,6 +97,8 @@ class EvalConfig:
             raise UsageError("--max-tokens and --block-tokens must be >= 2")
         if self.task not in TASKS:
             raise UsageError(f"unknown task {self.task!r}; choose one of {TASKS}")
+        if any(not 0 <= d <= 1 for d in self.needle_depths):
+            raise UsageError(f"--needle-depths are fractions in [0, 1], got {list(self.needle_depths)}")
         if min(self.prefix_tokens, self.new_tokens, self.docs) < 1:
             raise UsageError("--prefix-tokens, --new-tokens and --docs must be >= 1")
 
@@ -192,11 +198,16 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
     """Evaluate at every ratio of ``cfg``. Returns one JSON-ready dict per ratio (per method and t for memory)."""
     if cfg.task == "memory":
         return run_memory(cfg)
+    if cfg.task == "qa":
+        from .qa_task import read_qa
+
+        items = read_qa(cfg.data)  # bad data fails before the model is loaded
+        return run_budgets(cfg, *load_for_eval(cfg), qa_items=items)
     docs = load_split(cfg.data, cfg.split)  # bad data fails before the model is loaded
     model, tokenizer, base_method, token_ids, label = load_for_eval(cfg)
     check_family(model)
-    if cfg.task == "prefix":
-        return run_prefix(cfg, docs, model, tokenizer, base_method, token_ids, label)
+    if cfg.task in ("prefix", "needle"):
+        return run_budgets(cfg, model, tokenizer, base_method, token_ids, label, docs=docs)
     if cfg.task == "continuation":
         samples = continuation_samples(docs, tokenizer, cfg.prefix_tokens, cfg.new_tokens, cfg.docs)
         scorer = BertScore(cfg.bertscore_encoder) if cfg.bertscore else None
@@ -218,13 +229,23 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
     return results
 
 
-def run_prefix(cfg: EvalConfig, docs, model, tokenizer, base_method, token_ids, label) -> list[dict]:
-    """The prefix task (:mod:`kvcondense.prefix_task`) at every --kv-budget (or every ratio)."""
+def run_budgets(cfg: EvalConfig, model, tokenizer, base_method, token_ids, label, docs=None, qa_items=None):
+    """The prefix, qa and needle tasks (a compressed context, then read) at every --kv-budget (or ratio)."""
     from .prefix_task import budget_params, check_reachable, export_windows, prefix_task, prefix_windows
+    from .qa_task import export_qa, needle_grid, needle_items, qa_task
 
-    windows = prefix_windows(docs, tokenizer, cfg.prefix_tokens, cfg.new_tokens, cfg.docs)
-    if cfg.export_tasks:
-        export_windows(windows, cfg.export_tasks, f"{cfg.data}-{cfg.split}-P{cfg.prefix_tokens}-S{cfg.new_tokens}")
+    name = f"{Path(cfg.data).stem}-{cfg.split}"
+    if cfg.task == "prefix":
+        windows = prefix_windows(docs, tokenizer, cfg.prefix_tokens, cfg.new_tokens, cfg.docs)
+        contexts = [ctx for ctx, _ in windows]
+        if cfg.export_tasks:
+            export_windows(windows, cfg.export_tasks, f"{name}-P{cfg.prefix_tokens}-S{cfg.new_tokens}")
+    else:
+        if cfg.task == "needle":
+            qa_items = needle_items(docs, tokenizer, cfg.needle_lengths, cfg.needle_depths, cfg.docs, cfg.seed)
+        contexts = [tokenize(item.context, tokenizer) for item in qa_items]
+        if cfg.export_tasks:
+            export_qa(qa_items, tokenizer, cfg.export_tasks, f"{cfg.task}-{name}")
     has_ratio = "ratio" in base_method.params()
     points = [("kv_budget", b) for b in cfg.kv_budgets] or [
         ("ratio", r) for r in (cfg.ratios if has_ratio else cfg.ratios[:1])
@@ -237,10 +258,15 @@ def run_prefix(cfg: EvalConfig, docs, model, tokenizer, base_method, token_ids, 
         elif has_ratio:
             params = {**params, "ratio": value}
         method = build_method(base_method.name, **params)
-        check_reachable(method, token_ids, windows, value if kind == "kv_budget" else None)
-        res = {"method": method.name, "label": label, "params": method.params(), "task": "prefix", "kind": "prefix"}
+        check_reachable(method, token_ids, [(c, None) for c in contexts], value if kind == "kv_budget" else None)
+        res = {"method": method.name, "label": label, "params": method.params(), "task": cfg.task, "kind": cfg.task}
         res["kv_budget"] = value if kind == "kv_budget" else None
-        res.update(prefix_task(model, method, token_ids, windows, seed=cfg.seed))
+        if cfg.task == "prefix":
+            res.update(prefix_task(model, method, token_ids, windows, seed=cfg.seed))
+        else:
+            res.update(qa_task(model, tokenizer, method, token_ids, qa_items, cfg.answer_tokens, seed=cfg.seed))
+            if cfg.task == "needle":
+                res["grid"] = needle_grid(res["rows"])
         res["compression_ratio_kvpress"] = 1 - res["kv_kept"]  # kvpress's convention: the fraction pruned
         res["config"] = asdict(cfg)
         results.append(res)
@@ -310,6 +336,19 @@ def format_table(results: list[dict]) -> str:
                 f"{r['full_perplexity']:>8.3f} {r['kl_to_full']:>10.4f} {r['tokens_scored']:>7}"
             )
         rows.append(f"({results[0]['windows']} windows, {results[0]['seconds']} s for the first row)")
+        return "\n".join(rows)
+    if results and results[0].get("task") in ("qa", "needle"):
+        head = f"{'method':<28} {'budget':>6} {'KV kept':>8} {'accuracy':>8} {'options':>8} {'generate':>8}"
+        head += f" {'questions':>9}"
+        rows = [head, "-" * len(head)]
+        for r in results:
+            budget = "-" if r.get("kv_budget") is None else f"{r['kv_budget']:.3f}"
+            opt, gen = (f"{r[k]:.3f}" if k in r else "-" for k in ("accuracy_options", "accuracy_generate"))
+            rows.append(
+                f"{r['label']:<28} {budget:>6} {r['kv_kept']:>8.3f} {r['accuracy']:>8.3f} {opt:>8} {gen:>8} "
+                f"{r['questions']:>9}"
+            )
+        rows.append(f"({results[0]['contexts']} contexts, each compressed once; {results[0]['seconds']} s per row)")
         return "\n".join(rows)
     if results and results[0].get("task") == "continuation":
         head = f"{'method':<28} {'ratio':>5} {'KV kept':>8} {'ROUGE-L':>8} {'BERTScore':>9} {'docs':>5}"

@@ -1,0 +1,139 @@
+"""QA over a compressed context: the .jsonl format, one compression per context whatever its questions, option
+scoring equal to a plain full-context forward, the needle generator and grid, and the CLI."""
+
+import json
+
+import pytest
+import torch
+
+import kvcondense.qa_task as qa
+from kvcondense.cli import main
+from kvcondense.data import load_split
+from kvcondense.methods import build_method, tokenize
+from kvcondense.models import load_model
+
+LITERAL = [
+    {
+        "context": "Alice lives in Paris. Bob lives in Rome. The cat is black.",
+        "questions": [
+            {"question": "Where does Alice live?", "answer": "Paris", "options": ["Paris", "Rome"]},
+            {"question": "What colour is the cat?", "answer": "black"},
+        ],
+    },
+    {"context": "The meeting is on Tuesday in room 4.", "question": "Which room?", "answer": "room 4",
+     "options": ["room 4", "room 7", "room 9"]},
+]  # fmt: skip
+
+
+@pytest.fixture
+def qa_file(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(o) + "\n" for o in LITERAL))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return load_model(str(tiny_dir))
+
+
+def test_both_line_formats_are_read(qa_file):
+    items = qa.read_qa(qa_file)
+    assert [len(i.questions) for i in items] == [2, 1]
+    assert items[0].questions[0].options == ("Paris", "Rome") and items[0].questions[1].options == ()
+    assert items[1].questions[0].answer == "room 4"
+
+
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        ('{"question": "q", "answer": "a"}', '"context"'),
+        ('{"context": "c", "questions": []}', "non-empty list"),
+        ('{"context": "c", "question": "q"}', '"answer"'),
+        ('{"context": "c", "question": "q", "answer": "a", "options": ["b", "c"]}', "not one of its options"),
+        ('{"context": "c", "question": "q", "answer": "a", "options": ["a"]}', "one option"),
+    ],
+)
+def test_malformed_lines_name_the_line(tmp_path, line, match):
+    (f := tmp_path / "bad.jsonl").write_text(json.dumps(LITERAL[1]) + "\n" + line + "\n")
+    with pytest.raises(ValueError, match=match) as e:
+        qa.read_qa(f)
+    assert "bad.jsonl:2" in str(e.value)
+
+
+def test_every_context_is_compressed_once_whatever_its_questions(tiny, qa_file, monkeypatch):
+    model, tok = tiny
+    calls = []
+    real = qa.prefill
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(qa, "prefill", counting)
+    items = qa.read_qa(qa_file) * 3
+    res = qa_task = qa.qa_task(model, tok, build_method("streaming", ratio=0.5), {}, items)
+    assert len(calls) == len(items) == res["compressions"] and res["questions"] == 9
+    assert 0 <= qa_task["accuracy"] <= 1 and res["kv_kept"] == pytest.approx(0.5, abs=0.1)
+
+
+def test_option_scores_equal_a_plain_forward_and_leave_the_cache_alone(tiny, qa_file):
+    model, tok = tiny
+    item = qa.read_qa(qa_file)[0]
+    q = item.questions[0]
+    ctx = tokenize(item.context, tok)
+    layout, cache, _, _ = qa.prefill(model, build_method("full"), {}, ctx, chunk_tokens=512, seed=0)
+    cache.freeze()
+    before = int(cache.stored_slots()[0])
+    _, pick = qa.answer(model, tok, cache, len(layout), len(layout), q, 8)
+    assert int(cache.stored_slots()[0]) == before  # every option read a copy
+    prompt = tok(qa.PROMPT.format(question=q.question), add_special_tokens=False)["input_ids"]
+    scores = []
+    for option in q.options:
+        opt = tok(" " + option, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([ctx.ids.tolist() + prompt + opt])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+        start = ids.shape[1] - len(opt)
+        scores.append(float(logp[torch.arange(start - 1, ids.shape[1] - 1), torch.tensor(opt)].sum()))
+    assert pick == q.options[max(range(len(scores)), key=scores.__getitem__)]
+
+
+def test_normalised_exact_match():
+    assert qa.normalise("The  Room 4!") == qa.normalise("room 4") == "room 4"
+
+
+def test_needle_sits_at_its_depth_and_the_grid_counts_every_cell(tiny, sample_path):
+    model, tok = tiny
+    docs = load_split(str(sample_path), "train")
+    items = qa.needle_items(docs, tok, (128, 256), (0.0, 0.5, 1.0), per_cell=2, seed=0)
+    assert len(items) == 12
+    for item in items:
+        key = item.questions[0].answer
+        needle = f" The passkey is {key}. Remember it: {key}. "
+        at = item.context.index(needle)
+        hay = len(item.context) - len(needle)
+        assert abs(at / hay - item.tags["depth"]) < 0.1, (at, hay, item.tags)
+        assert item.questions[0].options and not item.questions[1].options
+        assert abs(len(tokenize(item.context, tok)) - item.tags["length"]) <= 8
+    res = qa.qa_task(model, tok, build_method("full"), {}, items[:4])
+    grid = qa.needle_grid(res["rows"])
+    assert sum(c["n"] for c in grid) == 8 and {c["mode"] for c in grid} == {"options", "generate"}
+
+
+def test_cli_qa_writes_accuracy_kv_kept_and_tasks(capsys, tiny_dir, qa_file, tmp_path):
+    out, tasks = tmp_path / "r.json", tmp_path / "t.json"
+    argv = ["eval", "--task", "qa", "--data", qa_file, "--method", "streaming", "--kv-budget", "0.5", "--model",
+            tiny_dir, "--json", out, "--export-tasks", tasks]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    row = json.loads(out.read_text())
+    assert row["kind"] == "qa" and row["questions"] == 3 and row["contexts"] == 2 and row["kv_budget"] == 0.5
+    exported = json.loads(tasks.read_text())
+    assert exported["task"] == "qa" and exported["items"][0]["questions"][0]["answer_index"] == 0
+    assert "options" not in exported["items"][0]["questions"][1]
+
+
+def test_cli_qa_bad_file_is_one_line(capsys, tiny_dir, tmp_path):
+    (f := tmp_path / "q.jsonl").write_text('{"context": "c"}\n')
+    assert main(["eval", "--task", "qa", "--data", str(f), "--method", "full", "--model", str(tiny_dir)]) == 2
+    assert "q.jsonl:1" in capsys.readouterr().err
