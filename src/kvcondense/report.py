@@ -21,6 +21,7 @@ from . import atomic
 from .checkpoint import ADAPTER
 from .data.episodes import CACHE_VERSION as EPISODES_VERSION
 from .errors import UsageError
+from .report_tasks import TASK_KINDS, task_markdown, task_plots
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -53,7 +54,7 @@ def write_json(path: str | Path, payload) -> None:
     atomic.write_json(path, payload)
 
 
-KINDS = ("memory", "perplexity", "continuation", "bench", "memory_by_turn")
+KINDS = ("memory", "perplexity", "continuation", "bench", "memory_by_turn", *TASK_KINDS)
 """What a result record reports; each kind has the fields its table and plot read (:func:`record_problem`)."""
 
 
@@ -69,6 +70,8 @@ def record_kind(r: dict) -> str | None:
     """The kind of a result record (one of :data:`KINDS`), or None when it reports no metric we know."""
     if r.get("task") == "memory":
         return "memory"
+    if r.get("kind") in TASK_KINDS:
+        return r["kind"]
     for key, kind in (
         ("contexts", "bench"),
         ("rouge_l", "continuation"),
@@ -123,6 +126,13 @@ _REQUIRED = {  # kind: (field, check, what it must be)
         ("t", _is_int, "an integer"),
         ("kv_mb", _is_number, "a number"),
     ),
+    "prefix": (
+        ("kv_kept", _is_number, "a number"),
+        ("perplexity", _is_number, "a number"),
+        ("kl_to_full", _is_number, "a number"),
+    ),
+    "qa": (("kv_kept", _is_number, "a number"), ("accuracy", _is_number, "a number")),
+    "needle": (("kv_kept", _is_number, "a number"), ("accuracy", _is_number, "a number")),
     "memory_by_turn": (
         ("memory_by_turn", lambda x: isinstance(x, list) and x and all(map(_is_number, x)), "a list of numbers"),
     ),
@@ -298,7 +308,8 @@ def memory_markdown(rows: list[dict]) -> list[str]:
 
 
 def markdown(records: list[dict]) -> str:
-    lines = memory_markdown([r for r in records if is_memory(r)])
+    lines = memory_markdown([r for r in records if is_memory(r)]) + task_markdown(records)
+    records = [r for r in records if r.get("kind") not in TASK_KINDS]
     ppl = [r for r in records if "perplexity" in r and not is_memory(r)]
     if ppl:
         lines += ["| method | ratio | KV kept (measured) | perplexity | tokens |", "|---|---|---|---|---|"]
@@ -346,7 +357,8 @@ def _save(fig, path: Path) -> Path:
 
 
 def plots(records: list[dict], out: Path) -> list[Path]:
-    made = []
+    made = task_plots(records, out, _save, plt)
+    records = [r for r in records if r.get("kind") not in TASK_KINDS]
     for (metric, data), rows in memory_groups([r for r in records if is_memory(r)]).items():
         names = list(dict.fromkeys(label(r) for r in rows))
         crowded = len(names) > 6  # then the legend goes beside the axes, not over the lines
