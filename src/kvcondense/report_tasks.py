@@ -86,14 +86,17 @@ def task_plots(records: list[dict], out: Path, save, plt) -> list[Path]:
         ("needle", "accuracy", "accuracy"),
     ):
         rows = [r for r in records if r.get("kind") == kind and isinstance(r.get(metric), int | float)]
+        if metric == "kl_to_full":  # full attention is 0 by definition: nothing to draw on a log axis
+            rows = [r for r in rows if r[metric] > 0]
         if not rows:
             continue
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(8, 4.5))
         names = sorted({task_label(r) for r in rows})
         for i, name in enumerate(names):
             pts = sorted((r["kv_kept"], r[metric]) for r in rows if task_label(r) == name)
-            style = ("-", "--", ":")[i // 10 % 3]
-            ax.plot(*zip(*pts, strict=True), marker="o", linestyle=style, label=name)
+            style = ("-", "--", ":")[i // 10 % 3]  # the colour cycle repeats after 10; the marker after 7
+            marker = "os^DvPX"[i % 7]
+            ax.plot(*zip(*pts, strict=True), marker=marker, linestyle=style, label=name)
         ax.set(xlabel="KV kept (measured fraction of the context)", ylabel=ylabel, title=f"{kind}: {ylabel} vs KV kept")
         if metric == "kl_to_full":
             ax.set_yscale("log")
