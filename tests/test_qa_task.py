@@ -137,3 +137,30 @@ def test_cli_qa_bad_file_is_one_line(capsys, tiny_dir, tmp_path):
     (f := tmp_path / "q.jsonl").write_text('{"context": "c"}\n')
     assert main(["eval", "--task", "qa", "--data", str(f), "--method", "full", "--model", str(tiny_dir)]) == 2
     assert "q.jsonl:1" in capsys.readouterr().err
+
+
+def test_episodes_with_options_are_asked_verbatim(tiny, tmp_path):
+    from kvcondense.data.episodes import Episode
+
+    ep = Episode(("The code for A is x.\n", "The code for B is y.\n"), "The code for A is", " x", (" x", " y"))
+    (item,) = qa.episodes_as_qa([ep, Episode(("c\n",), "q", " a")], limit=5)  # the one without options is left out
+    q = item.questions[0]
+    assert item.context == "The code for A is x.\nThe code for B is y.\n"
+    assert q.prompt() == "The code for A is" and q.option_text(" y") == " y"
+    model, tok = tiny
+    res = qa.qa_task(model, tok, build_method("full"), {}, [item])
+    assert res["questions"] == 1 and res["rows"][0]["prediction"] in (" x", " y")
+
+
+def test_cli_qa_on_built_in_recall_data(capsys, tiny_dir, tmp_path, monkeypatch):
+    from kvcondense.data import episodes
+    from kvcondense.data.episodes import Episode
+
+    ep = Episode(("The code for A is x.\n",) * 3, "The code for A is", " x", (" x", " y"))
+    monkeypatch.setattr(episodes, "load_episodes", lambda name, split, seed=0: [ep] * 4)
+    monkeypatch.setattr(episodes, "is_episode_data", lambda name: True)
+    out = tmp_path / "r.json"
+    argv = ["eval", "--task", "qa", "--data", "recall", "--method", "full", "--model", tiny_dir, "--episodes", "3",
+            "--json", out]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    assert json.loads(out.read_text())["questions"] == 3

@@ -186,7 +186,7 @@ def _cmd_eval(args) -> int:
         batch_size=1 if args.long_doc else args.batch_size,
         verify=args.verify,
         prefix_buckets=(256, 512, 1024, 2048, 4096, 8192, 16384) if args.long_doc else (),
-        task="memory" if is_episode_data(args.data) else args.task,
+        task="memory" if is_episode_data(args.data) and args.task == "perplexity" else args.task,
         prefix_tokens=args.prefix_tokens,
         new_tokens=args.new_tokens,
         docs=args.docs,
@@ -484,7 +484,12 @@ def _eval_parser(sub) -> None:
     p.add_argument(
         "--time-steps", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="memory: compressed chunks t to score"
     )
-    p.add_argument("--episodes", type=_positive_int, default=40, help="memory: episodes scored at every t")
+    p.add_argument(
+        "--episodes",
+        type=_positive_int,
+        default=40,
+        help="memory: episodes scored at every t; qa on episodes: episodes asked",
+    )
     p.add_argument(
         "--baselines",
         nargs="*",

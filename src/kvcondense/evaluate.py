@@ -199,9 +199,14 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
     if cfg.task == "memory":
         return run_memory(cfg)
     if cfg.task == "qa":
-        from .qa_task import read_qa
+        from .data.episodes import is_episode_data, load_episodes
+        from .qa_task import episodes_as_qa, read_qa
 
-        items = read_qa(cfg.data)  # bad data fails before the model is loaded
+        # bad data fails before the model is loaded
+        if is_episode_data(cfg.data):
+            items = episodes_as_qa(load_episodes(cfg.data, cfg.split), cfg.episodes)
+        else:
+            items = read_qa(cfg.data)
         return run_budgets(cfg, *load_for_eval(cfg), qa_items=items)
     docs = load_split(cfg.data, cfg.split)  # bad data fails before the model is loaded
     model, tokenizer, base_method, token_ids, label = load_for_eval(cfg)

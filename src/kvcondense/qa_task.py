@@ -39,9 +39,19 @@ PROMPT = "\n\nQuestion: {question}\nAnswer:"
 
 @dataclass(frozen=True)
 class Question:
+    """A question; ``raw``: the text is the whole prompt and the options are appended verbatim (an episode's
+    query such as "The code word for Athens is", with options " banana", ...), instead of the QA template."""
+
     question: str
     answer: str
     options: tuple[str, ...] = ()
+    raw: bool = False
+
+    def prompt(self) -> str:
+        return self.question if self.raw else PROMPT.format(question=self.question)
+
+    def option_text(self, option: str) -> str:
+        return option if self.raw else " " + option
 
 
 @dataclass(frozen=True)
@@ -87,6 +97,15 @@ def read_qa(path: str | Path) -> list[QAItem]:
     if not items:
         raise DataError(f"{path} holds no question")
     return items
+
+
+def episodes_as_qa(episodes, limit: int) -> list[QAItem]:
+    """Online episodes with options (``--data recall``, ``analogy``) as QA items: all their chunks are the context,
+    compressed at once; the query is the prompt and the options continue it verbatim."""
+    chosen = [e for e in episodes if e.options][:limit]
+    if not chosen:
+        raise DataError("--task qa on episodes needs episodes with options (recall, analogy, or a .jsonl with them)")
+    return [QAItem("".join(e.chunks), (Question(e.query, e.answer, tuple(e.options), raw=True),)) for e in chosen]
 
 
 def needle_items(docs, tokenizer, lengths: tuple[int, ...], depths: tuple[float, ...], per_cell: int, seed: int):
@@ -137,11 +156,11 @@ def _feed_text(model, cache: EvictingCache, ids: torch.Tensor, first: int, posit
 @torch.no_grad()
 def answer(model, tokenizer, cache: EvictingCache, first: int, position: int, q: Question, max_new_tokens: int):
     """(correct, prediction) for one question over a frozen compressed context (``cache`` is not modified)."""
-    prompt = torch.tensor(tokenizer(PROMPT.format(question=q.question), add_special_tokens=False)["input_ids"])
+    prompt = torch.tensor(tokenizer(q.prompt(), add_special_tokens=False)["input_ids"])
     if q.options:
         scores = []
         for option in q.options:
-            opt = torch.tensor(tokenizer(" " + option, add_special_tokens=False)["input_ids"])
+            opt = torch.tensor(tokenizer(q.option_text(option), add_special_tokens=False)["input_ids"])
             ids = torch.cat([prompt, opt])
             logp = torch.log_softmax(_feed_text(model, cache.clone(), ids, first, position).float(), -1)
             rows = torch.arange(len(prompt) - 1, len(ids) - 1)
@@ -216,9 +235,9 @@ def export_qa(items: list[QAItem], tokenizer, path: str | Path, name: str) -> No
     for item in items:
         qs = []
         for q in item.questions:
-            row = {"question": ids(PROMPT.format(question=q.question)), "answer": q.answer}
+            row = {"question": ids(q.prompt()), "answer": q.answer}
             if q.options:
-                row["options"] = [ids(" " + o) for o in q.options]
+                row["options"] = [ids(q.option_text(o)) for o in q.options]
                 row["answer_index"] = q.options.index(q.answer)
             qs.append(row)
         payload["items"].append({"context": tokenize(item.context, tokenizer).ids.tolist(), "questions": qs})
