@@ -1,6 +1,6 @@
 """The memory file (``kvcondense-memory/1``): a session's memory on disk, and the checks that make one safe to load.
 
-One safetensors file (no pickle), written atomically (a temp file beside it, then a rename), holding ``slot_idx``
+One safetensors file (no code loads from it), written atomically (temp file + rename), holding ``slot_idx``
 and ``slot_expire`` (int64, (1, slots): each stored slot's logical index and expiry), ``keys.<layer>`` and
 ``values.<layer>`` ((1, key/value heads, slots, head dim), float32, float16 or bfloat16; none while the memory is
 empty), and in the header's ``__metadata__["kvcondense"]`` JSON bookkeeping: ``format``, ``identity`` (the

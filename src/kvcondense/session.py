@@ -13,7 +13,7 @@ chunk's keys/values. Answering runs the input after the memory and then removes 
 
 A turn never runs past the model's context (``max_position_embeddings``): it is refused before it starts, and a
 turn that fails leaves the memory as it was. :meth:`MemorySession.save` and :meth:`MemorySession.load` use the
-memory file of :mod:`kvcondense.memory_file` (safetensors with JSON bookkeeping, no pickle), whose loading
+memory file of :mod:`kvcondense.memory_file` (safetensors with JSON bookkeeping: no code can be loaded), whose loading
 checks the untrusted file field by field and tensor by tensor first.
 """
 
