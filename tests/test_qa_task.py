@@ -124,9 +124,10 @@ def test_needle_sits_at_its_depth_and_the_grid_counts_every_cell(tiny, sample_pa
 def test_cli_qa_writes_accuracy_kv_kept_and_tasks(capsys, tiny_dir, qa_file, tmp_path):
     out, tasks = tmp_path / "r.json", tmp_path / "t.json"
     argv = ["eval", "--task", "qa", "--data", qa_file, "--method", "streaming", "--kv-budget", "0.5", "--model",
-            tiny_dir, "--json", out, "--export-tasks", tasks]  # fmt: skip
+            tiny_dir, "--json", out, "--export-tasks", tasks, "--reference"]  # fmt: skip
     assert main([str(a) for a in argv]) == 0
     row = json.loads(out.read_text())
+    assert 0 <= row["full_accuracy"] <= 1  # the same model with nothing compressed
     assert row["kind"] == "qa" and row["questions"] == 3 and row["contexts"] == 2 and row["kv_budget"] == 0.5
     exported = json.loads(tasks.read_text())
     assert exported["task"] == "qa" and exported["items"][0]["questions"][0]["answer_index"] == 0

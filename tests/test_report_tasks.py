@@ -27,7 +27,7 @@ def test_one_table_per_task_with_both_harnesses_and_plots(tmp_path):
     text = table.read_text()
     assert "| 0.250 | kvpress-kvzip (kvpress, masks only) | 0.250 |" in text
     assert text.index("kvpress-kvzip") < text.index("| 0.250 | streaming")  # sorted by KL within a budget
-    assert "Needle (passkey)" in text and "| 1.000 | full | 1.000 | 0.900 | 1.000 |" in text
+    assert "Needle (passkey)" in text and "| 1.000 | full | 1.000 | 0.900 | 1.000 | - | - |" in text
     assert {p.name for p in pngs} >= {"prefix_kl_to_full_vs_kv.png", "needle_grid_full_1_000.png"}
 
 

@@ -201,6 +201,7 @@ def _cmd_eval(args) -> int:
         answer_tokens=args.answer_tokens,
         needle_lengths=tuple(args.needle_lengths),
         needle_depths=tuple(args.needle_depths),
+        reference=args.reference,
     )
     _check_outputs(args)
     target = _results_path(args, f"eval-{cfg.task}", asdict(cfg)) if args.out_dir else None
@@ -471,6 +472,11 @@ def _eval_parser(sub) -> None:
     )
     p.add_argument(
         "--export-tasks", default=None, help="prefix, qa, needle: also write the token ids (for the kvpress runner)"
+    )
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="qa, needle: also score full attention with the same weights (what the checkpoint does uncompressed)",
     )
     p.add_argument(
         "--prefix-tokens", type=_positive_int, default=512, help="continuation, prefix: tokens of the compressed prefix"

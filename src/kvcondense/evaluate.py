@@ -89,6 +89,7 @@ class EvalConfig:
     answer_tokens: int = 16
     needle_lengths: tuple[int, ...] = (512, 1024, 2048, 4096)
     needle_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    reference: bool = False
 
     def __post_init__(self) -> None:
         if (self.checkpoint is None) == (self.method is None):
@@ -270,6 +271,9 @@ def run_budgets(cfg: EvalConfig, model, tokenizer, base_method, token_ids, label
             res.update(prefix_task(model, method, token_ids, windows, seed=cfg.seed))
         else:
             res.update(qa_task(model, tokenizer, method, token_ids, qa_items, cfg.answer_tokens, seed=cfg.seed))
+            if cfg.reference and method.name != "full":  # nothing compressed, the same weights (LoRA included)
+                full = qa_task(model, tokenizer, build_method("full"), token_ids, qa_items, cfg.answer_tokens)
+                res["full_accuracy"] = full["accuracy"]
             if cfg.task == "needle":
                 res["grid"] = needle_grid(res["rows"])
         res["compression_ratio_kvpress"] = 1 - res["kv_kept"]  # kvpress's convention: the fraction pruned

@@ -63,15 +63,17 @@ def task_markdown(records: list[dict]) -> list[str]:
             lines += [
                 f"{what}: accuracy (higher is better); the context is compressed once, before the questions",
                 "",
-                "| budget | method | KV kept (measured) | accuracy | by options | by generation | questions |",
-                "|---|---|---|---|---|---|---|",
+                "| budget | method | KV kept (measured) | accuracy | by options | by generation | same weights, full "
+                "| questions |",
+                "|---|---|---|---|---|---|---|---|",
             ]
             for r in sorted(rows, key=lambda r: (-(nearest_budget(r) or 0), -r.get("accuracy", 0))):
                 n = r.get("questions", r.get("n_questions"))
                 lines.append(
                     f"| {_fmt(nearest_budget(r), '.3f')} | {task_label(r)} | {_fmt(r.get('kv_kept'), '.3f')} | "
                     f"{_fmt(r.get('accuracy'), '.3f')} | {_fmt(r.get('accuracy_options'), '.3f')} | "
-                    f"{_fmt(r.get('accuracy_generate'), '.3f')} | {_fmt(n, 'd')} |"
+                    f"{_fmt(r.get('accuracy_generate'), '.3f')} | {_fmt(r.get('full_accuracy'), '.3f')} | "
+                    f"{_fmt(n, 'd')} |"
                 )
         lines.append("")
     return lines
