@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvcondense.layout import IGNORE, NEVER
-from kvcondense.methods import Sentinel, TokenizedText, tokenize
+from kvcondense.methods import Sentinel, TokenizedText, build_method, tokenize
 from kvcondense.methods.sentinel import select_spans, sentinel_layout
 
 L, R = 90, 91
@@ -94,3 +94,41 @@ def test_tokenize_maps_tokens_to_words_and_lines(tiny_dir):
             words[w] += tok.decode([t])
     assert [s.strip() for s in words.values()] == text.split()
     assert set(tt.line_ids.tolist()) == {0, 1}
+
+
+@pytest.mark.parametrize("kept", [0.5, 0.25, 0.125])
+def test_recent_placement_reaches_any_budget(kept):
+    """Activation Beacon's layout: sinks and a recent window raw, all older tokens condensed; the KV kept at the end
+    of a sequence is the budget, on any text (no line rule)."""
+    n = 1024
+    ids = torch.arange(n) % 90
+    text = TokenizedText(ids, torch.arange(n), torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.bool))
+    m = build_method("sentinel", ratio=1 - kept, placement="recent", sinks=4)
+    lay = m.layout(text, {"<CL>": 94, "<CR>": 95})
+    assert abs(lay.kept_slots() / n - kept) < 0.005
+    raw = lay.expire == NEVER
+    assert bool(raw[:4].all()) and bool(raw[-int(kept * n / 2) + 4 :].all())  # sinks and the recent window
+
+
+def test_recent_placement_is_equivalent_with_eviction():
+    from conftest import tiny_model
+
+    from kvcondense.forward import incremental_forward, parallel_forward
+
+    n = 120
+    g = torch.Generator().manual_seed(0)
+    text = TokenizedText(torch.randint(0, 90, (n,), generator=g), torch.arange(n), torch.zeros(n, dtype=torch.long),
+                         torch.zeros(n, dtype=torch.bool))  # fmt: skip
+    lay = build_method("sentinel", ratio=0.75, placement="recent").layout(text, {"<CL>": 94, "<CR>": 95})
+    model = tiny_model("llama")
+    with torch.no_grad():
+        parallel = parallel_forward(model, [lay]).logits[0]
+    incremental, stats = incremental_forward(model, lay, 7)
+    scored = lay.targets != -100
+    assert (parallel[scored] - incremental[scored]).abs().max() < 1e-4
+    assert stats.stored_slots == lay.kept_slots()
+
+
+def test_unknown_placement_is_refused():
+    with pytest.raises(ValueError, match="unknown placement"):
+        build_method("sentinel", placement="middle")

@@ -90,6 +90,13 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=None, help="ccm streaming: recent text tokens kept visible")
     p.add_argument("--sinks", type=int, default=None, help="ccm/streaming: initial tokens never evicted")
     p.add_argument("--slots", type=_positive_int, default=None, help="streaming/window: a fixed KV budget in slots")
+    p.add_argument(
+        "--placement",
+        choices=["lines", "recent"],
+        default=None,
+        help="sentinel: spans inside long lines (lines, the paper's) or sinks + recent window raw, all older text "
+        "condensed (recent, Activation Beacon's layout: reaches any budget)",
+    )
 
 
 def _method_params(args) -> dict:
@@ -104,6 +111,7 @@ def _method_params(args) -> dict:
         "window": getattr(args, "window", None),
         "sinks": getattr(args, "sinks", None),
         "slots": getattr(args, "slots", None),
+        "placement": getattr(args, "placement", None),
     }
     return {k: v for k, v in params.items() if v is not None}
 

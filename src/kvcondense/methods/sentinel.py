@@ -98,6 +98,22 @@ def sentinel_layout(
     )
 
 
+PLACEMENTS = ("lines", "recent")
+
+
+def recent_spans(n: int, kept: float, sinks: int) -> list[tuple[int, int]]:
+    """Token spans for the ``recent`` placement: ``sinks`` raw, then the older tokens split evenly into spans (2+
+    tokens each), then a raw recent window, so that sinks + window + one ``<CR>`` per span is about ``kept * n``."""
+    budget = max(1.0, kept * n - sinks)
+    window = int(budget / 2)
+    older = n - sinks - window
+    n_spans = min(max(1, round(budget - window)), older // 2)
+    if n_spans < 1:
+        return []
+    cuts = [sinks + round(i * older / n_spans) for i in range(n_spans + 1)]
+    return [(a, b - 1) for a, b in zip(cuts, cuts[1:], strict=False)]
+
+
 def word_spans_to_tokens(text: TokenizedText, word_spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Map (first_word, last_word) spans to contiguous (first_token, last_token) spans."""
     first, last = {}, {}
@@ -118,6 +134,11 @@ class Sentinel(Method):
         min_line_words: lines shorter than this get no spans (the authors use 30).
         cr_sees_prefix: let ``<CR>`` attend to the uncompressed prefix too (default off, as the authors).
         decode_span: span length, in tokens, used to compress generated text.
+        placement: ``lines`` (the paper's: random word spans inside lines of ``min_line_words``+ words) or
+            ``recent`` (Activation Beacon's layout, Zhang et al. 2024: the first ``sinks`` tokens and the most recent
+            tokens stay raw, everything older is tiled with token spans, each condensed into its ``<CR>``), which
+            reaches any budget on any text: half of the kept slots go to the recent window, half to the ``<CR>``s.
+        sinks: ``recent`` placement: initial tokens that stay raw (attention sinks).
     """
 
     name: ClassVar[str] = "sentinel"
@@ -128,14 +149,23 @@ class Sentinel(Method):
     min_line_words: int = 30
     cr_sees_prefix: bool = False
     decode_span: int = 8
+    placement: str = "lines"
+    sinks: int = 4
 
     def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise UsageError(f"unknown placement {self.placement!r}; choose one of {', '.join(PLACEMENTS)}")
+        if self.sinks < 0:
+            raise UsageError(f"sinks must be >= 0, got {self.sinks}")
         if not 0 < self.ratio < 1:
             raise UsageError(f"ratio must be in (0, 1), got {self.ratio}; pass e.g. --ratio 0.5")
         if self.max_span_words < 2:
             raise UsageError(f"max_span_words must be >= 2, got {self.max_span_words}")
 
     def layout(self, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:
+        if self.placement == "recent":
+            spans = recent_spans(len(text), 1 - self.ratio, self.sinks)
+            return sentinel_layout(text.ids, spans, token_ids[OPEN], token_ids[CLOSE], self.cr_sees_prefix)
         rng = random.Random(seed)
         word_spans = []
         lines: dict[int, list[int]] = {}
