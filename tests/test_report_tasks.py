@@ -31,6 +31,15 @@ def test_one_table_per_task_with_both_harnesses_and_plots(tmp_path):
     assert {p.name for p in pngs} >= {"prefix_kl_to_full_vs_kv.png", "needle_grid_full_1_000.png"}
 
 
+def test_kvpress_needle_rows_join_the_needle_table(tmp_path):
+    _, _, needle = rows()
+    peer = {"kind": "qa", "task_name": "needle-wiki-test", "method": "kvpress-snapkv", "harness": "kvpress-0.5.5",
+            "kept_nominal": 0.5, "kv_kept": 0.5, "accuracy": 0.33, "n_questions": 24}  # fmt: skip
+    (tmp_path / "r.json").write_text(json.dumps({"results": [needle, peer]}))
+    text = write_report([tmp_path], tmp_path / "out")[0].read_text()
+    assert "QA over" not in text and "| 0.500 | kvpress-snapkv (kvpress) | 0.500 | 0.330 |" in text
+
+
 def test_budget_of_a_row():
     ours, peer, needle = rows()
     assert nearest_budget(ours) == nearest_budget(peer) == 0.25

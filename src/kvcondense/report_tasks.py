@@ -13,6 +13,14 @@ TASK_KINDS = ("prefix", "qa", "needle")
 BUDGETS = (0.5, 0.25, 0.125)
 
 
+def task_kind(r: dict) -> str | None:
+    """prefix, qa or needle; the kvpress runner writes needle questions as qa rows of a task named needle-*."""
+    kind = r.get("kind")
+    if kind == "qa" and str(r.get("task_name", "")).startswith("needle"):
+        return "needle"
+    return kind
+
+
 def task_label(r: dict) -> str:
     name = r.get("label") or r["method"]
     if r.get("harness", "").startswith("kvpress"):
@@ -40,7 +48,7 @@ def task_markdown(records: list[dict]) -> list[str]:
     """Markdown tables: per task, rows grouped by budget (full attention first), then by quality."""
     lines: list[str] = []
     for kind in TASK_KINDS:
-        rows = [r for r in records if r.get("kind") == kind]
+        rows = [r for r in records if task_kind(r) == kind]
         if not rows:
             continue
         if kind == "prefix":
@@ -87,7 +95,7 @@ def task_plots(records: list[dict], out: Path, save, plt) -> list[Path]:
         ("qa", "accuracy", "accuracy"),
         ("needle", "accuracy", "accuracy"),
     ):
-        rows = [r for r in records if r.get("kind") == kind and isinstance(r.get(metric), int | float)]
+        rows = [r for r in records if task_kind(r) == kind and isinstance(r.get(metric), int | float)]
         if metric == "kl_to_full":  # full attention is 0 by definition: nothing to draw on a log axis
             rows = [r for r in rows if r[metric] > 0]
         if not rows:
