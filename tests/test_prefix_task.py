@@ -96,3 +96,19 @@ def test_cli_prefix_task_writes_results_and_tasks(capsys, tiny_dir, sample_path,
     exported = json.loads(tasks.read_text())
     assert exported["task"] == "prefix" and len(exported["windows"]) == 2
     assert len(exported["windows"][0]["context"]) == 96 and len(exported["windows"][0]["continuation"]) == 13
+
+
+def test_a_checkpoint_is_evaluated_at_its_trained_ratio(tiny_dir, sample_path, tmp_path):
+    """Without --ratio, a checkpoint is scored at the ratio it was trained for (was: always 0.5)."""
+    ck = tmp_path / "ck"
+    argv = ["train", "--method", "streaming", "--model", tiny_dir, "--data", sample_path, "--out", ck]
+    assert main([str(a) for a in argv]) == 2  # streaming is training-free: use a sentinel run instead
+    argv = ["train", "--method", "sentinel", "--placement", "recent", "--ratio", "0.75", "--model", tiny_dir,
+            "--data", sample_path, "--steps", "1", "--block-tokens", "64", "--out", ck]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    out = tmp_path / "r.json"
+    argv = ["eval", "--checkpoint", ck, "--task", "prefix", "--data", sample_path, "--split", "train",
+            "--prefix-tokens", "96", "--new-tokens", "8", "--docs", "2", "--json", out]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    row = json.loads(out.read_text())
+    assert row["params"]["ratio"] == 0.75 and row["kv_kept"] == pytest.approx(0.25, abs=0.03)

@@ -184,7 +184,7 @@ def _cmd_eval(args) -> int:
     cfg = EvalConfig(
         checkpoint=args.checkpoint,
         method=args.method,
-        ratios=args.ratio or [0.5],
+        ratios=tuple(args.ratio or ()),
         method_params=_method_params(args),
         model=args.model,
         data=args.data,
@@ -432,7 +432,13 @@ def _eval_parser(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint directory made by train")
     src.add_argument("--method", type=_method, help="evaluate a method without training (baselines, ablations)")
-    p.add_argument("--ratio", type=_ratio, nargs="+", default=None, help="one or more ratios (default 0.5)")
+    p.add_argument(
+        "--ratio",
+        type=_ratio,
+        nargs="+",
+        default=None,
+        help="one or more ratios (default: a checkpoint's trained ratio, else 0.5)",
+    )
     _add_method_flags(p)
     _add_common(p)
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])

@@ -40,7 +40,8 @@ class EvalConfig:
     Attributes:
         checkpoint: checkpoint directory (trained method), or None to evaluate ``method`` untrained.
         method: method name when no checkpoint is given (baselines, untrained ablations).
-        ratios: compression ratios to evaluate; each gives one result (methods without a ratio give one).
+        ratios: compression ratios to evaluate; each gives one result (methods without a ratio give one). Empty:
+            the method's own ratio (a checkpoint's trained one; 0.5 for an untrained method).
         method_params: other method hyperparameters (e.g. ``{"n_gist": 4}``); with a checkpoint they must agree
             with it.
         model: base model (default: the checkpoint's, or the embedded default).
@@ -64,7 +65,7 @@ class EvalConfig:
 
     checkpoint: str | None = None
     method: str | None = None
-    ratios: tuple[float, ...] = (0.5,)
+    ratios: tuple[float, ...] = ()
     method_params: dict = field(default_factory=dict)
     model: str | None = None
     data: str = "wiki"
@@ -221,7 +222,7 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
         chosen = scored_blocks(docs, tokenizer, cfg)
     results = []
     has_ratio = "ratio" in base_method.params()
-    for ratio in cfg.ratios if has_ratio else cfg.ratios[:1]:
+    for ratio in own_ratios(cfg, base_method):
         params = {**base_method.params(), "ratio": ratio} if has_ratio else base_method.params()
         method = build_method(base_method.name, **params)
         res = {"method": method.name, "label": label, "params": method.params(), "task": cfg.task}
@@ -233,6 +234,13 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
         res["config"] = asdict(cfg)
         results.append(res)
     return results
+
+
+def own_ratios(cfg: EvalConfig, method: Method) -> tuple:
+    """The ratios to evaluate: those asked for, else the method's own (None for a method without a ratio)."""
+    if "ratio" not in method.params():
+        return (None,)
+    return tuple(cfg.ratios) or (method.params()["ratio"],)
 
 
 def run_budgets(cfg: EvalConfig, model, tokenizer, base_method, token_ids, label, docs=None, qa_items=None):
@@ -253,9 +261,7 @@ def run_budgets(cfg: EvalConfig, model, tokenizer, base_method, token_ids, label
         if cfg.export_tasks:
             export_qa(qa_items, tokenizer, cfg.export_tasks, f"{cfg.task}-{name}")
     has_ratio = "ratio" in base_method.params()
-    points = [("kv_budget", b) for b in cfg.kv_budgets] or [
-        ("ratio", r) for r in (cfg.ratios if has_ratio else cfg.ratios[:1])
-    ]
+    points = [("kv_budget", b) for b in cfg.kv_budgets] or [("ratio", r) for r in own_ratios(cfg, base_method)]
     results = []
     for kind, value in points:
         params = base_method.params()
