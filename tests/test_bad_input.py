@@ -125,7 +125,9 @@ def test_out_that_is_a_file(capsys, tiny_dir, sample_path, tmp_path):
 
 def test_out_under_a_file(capsys, tiny_dir, sample_path, tmp_path):
     (f := tmp_path / "f").write_text("x")
-    fails_cleanly(capsys, *train_args(tiny_dir, sample_path, f / "ck"), match="cannot write", keep=(tmp_path,))
+    fails_cleanly(
+        capsys, *train_args(tiny_dir, sample_path, f / "ck"), match="is a file, not a folder", keep=(tmp_path,)
+    )
 
 
 # ------------------------------------------------------------------------------------------------- security: downloads

@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import check_writable
 from .errors import UsageError
 from .lora import LoraSettings, attach_lora, load_adapter_state
 from .meta import FORMAT, validate_meta
@@ -66,18 +67,13 @@ def check_output_dir(out: str | Path, overwrite: bool = False, resume: bool = Fa
                 f"--out {out} already holds a checkpoint; pass --resume to continue it, --overwrite to replace it, "
                 "or choose another --out"
             )
-    _check_writable(out.parent)
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CheckpointError(f"--out {out}: {parent} is a file, not a folder; choose another path")
+            break
+    check_writable(out.parent, "--out", folder=True)  # the folder that will hold it; out itself is made at the save
     return out
-
-
-def _check_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".kvcondense-probe.", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UsageError(f"cannot write to {folder} ({e.strerror}); choose a writable output path") from None
 
 
 def write_checkpoint(
