@@ -12,7 +12,7 @@ mkdir -p "$OUT/kvpress"
 $K eval --method full "${common[@]}" --export-tasks "$OUT/recall_tasks.json"
 $K eval --method streaming --kv-budget 0.5 0.25 "${common[@]}"
 for ck in ${CHECKPOINTS:-checkpoints/sentinel-r0.5}; do
-  $K eval --checkpoint "$ck" "${common[@]}"
+  $K eval --checkpoint "$ck" "${common[@]}" --reference   # also its weights with nothing compressed
 done
 benchmarks/peers/kvpress/.venv/bin/python benchmarks/peers/kvpress/run_presses.py \
   --tasks "$OUT/recall_tasks.json" --model "$(.venv/bin/python -c \
