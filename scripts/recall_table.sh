@@ -2,7 +2,7 @@
 # Fact recall over a compressed context, kvcondense and kvpress on the same token ids: the first
 # 30 held-out episodes of --data recall as one context each (16 facts compressed at once, question-agnostic, then one
 # 4-option question about one of them),
-# at 50 % and 25 % KV kept. Results in runs/recall/, report in runs/recall/report/. Needs `make peers`.
+# at 50, 25 and 12.5 % KV kept. Results in runs/recall/, report in runs/recall/report/. Needs `make peers`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 K=.venv/bin/kvcondense
@@ -10,13 +10,13 @@ OUT=runs/recall
 common=(--task qa --data recall --episodes 30 --out-dir "$OUT")
 mkdir -p "$OUT/kvpress"
 $K eval --method full "${common[@]}" --export-tasks "$OUT/recall_tasks.json"
-$K eval --method streaming --kv-budget 0.5 0.25 "${common[@]}"
+$K eval --method streaming --kv-budget 0.5 0.25 0.125 "${common[@]}"
 for ck in ${CHECKPOINTS:-checkpoints/sentinel-r0.5}; do
   $K eval --checkpoint "$ck" "${common[@]}" --reference   # also its weights with nothing compressed
 done
 benchmarks/peers/kvpress/.venv/bin/python benchmarks/peers/kvpress/run_presses.py \
   --tasks "$OUT/recall_tasks.json" --model "$(.venv/bin/python -c \
   'from kvcondense.models import resolve_model; print(resolve_model("smollm2-135m"))')" \
-  --presses ${PRESSES:-streaming_llm snapkv expected_attention kvzip} --kept 0.5 0.25 \
+  --presses ${PRESSES:-streaming_llm snapkv expected_attention kvzip} --kept 0.5 0.25 0.125 \
   --out "$OUT/kvpress/result.json"
 $K report "$OUT"
