@@ -94,7 +94,8 @@ def test_a_crafted_resume_state_runs_no_code(capsys, ck, tiny_dir, sample_path, 
 
 def test_no_code_loader_in_the_package():
     src = Path(__file__).parents[1] / "src"
-    hits = subprocess.run(["grep", "-rn", r"weights_only=False\|pickle", str(src)], capture_output=True, text=True)
+    pattern = r"weights_only=False\|pickle"
+    hits = subprocess.run(["grep", "-rn", "--include=*.py", pattern, str(src)], capture_output=True, text=True)
     assert hits.stdout == ""
 
 
