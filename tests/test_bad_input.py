@@ -523,3 +523,17 @@ def test_usage_error_is_the_one_type_the_cli_catches():
     from kvcondense import cli
 
     assert cli.USER_ERRORS == (UsageError,)
+
+
+def test_a_torn_result_is_computed_again_not_skipped(capsys, tiny_dir, sample_path, tmp_path):
+    argv = ["eval", "--method", "streaming", "--model", tiny_dir, "--data", sample_path, "--max-tokens", "32",
+            "--block-tokens", "16", "--out-dir", tmp_path / "runs"]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    (result,) = (tmp_path / "runs").rglob("result.json")
+    result.write_text(result.read_text()[:40])  # a write cut short
+    capsys.readouterr()
+    assert main([str(a) for a in argv]) == 0
+    assert "torn or unreadable; computing it again" in capsys.readouterr().err
+    assert json.loads(result.read_text())["results"][0]["method"] == "streaming"
+    assert main([str(a) for a in argv]) == 0  # now whole: skipped
+    assert "exists; skipping" in capsys.readouterr().out
