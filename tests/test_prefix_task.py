@@ -112,3 +112,14 @@ def test_a_checkpoint_is_evaluated_at_its_trained_ratio(tiny_dir, sample_path, t
     assert main([str(a) for a in argv]) == 0
     row = json.loads(out.read_text())
     assert row["params"]["ratio"] == 0.75 and row["kv_kept"] == pytest.approx(0.25, abs=0.03)
+
+
+def test_a_precomputed_reference_gives_the_same_result(setup):
+    from kvcondense.prefix_task import full_reference
+
+    model, _, windows = setup
+    method = build_method("streaming", ratio=0.5)
+    inline = prefix_task(model, method, {}, windows)
+    shared = prefix_task(model, method, {}, windows, reference=full_reference(model, {}, windows))
+    for key in ("perplexity", "full_perplexity", "kl_to_full", "kv_kept"):
+        assert shared[key] == pytest.approx(inline[key], rel=1e-9, abs=1e-12)

@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import check_writable
+from .atomic import check_writable, current_umask
 from .errors import UsageError
 from .lora import LoraSettings, attach_lora, load_adapter_state
 from .meta import FORMAT, validate_meta
@@ -122,8 +122,7 @@ def _reason(e: BaseException) -> str:
 
 def _make_readable(folder: Path) -> None:
     """mkdtemp makes 0700: give the folder the permissions any folder the user creates would get (umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
+    mask = current_umask()
     os.chmod(folder, 0o777 & ~mask)
     if (folder / RESUME).is_dir():
         os.chmod(folder / RESUME, 0o777 & ~mask)

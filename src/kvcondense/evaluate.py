@@ -245,7 +245,14 @@ def own_ratios(cfg: EvalConfig, method: Method) -> tuple:
 
 def run_budgets(cfg: EvalConfig, model, tokenizer, base_method, token_ids, label, docs=None, qa_items=None):
     """The prefix, qa and needle tasks (a compressed context, then read) at every --kv-budget (or ratio)."""
-    from .prefix_task import budget_params, check_reachable, export_windows, prefix_task, prefix_windows
+    from .prefix_task import (
+        budget_params,
+        check_reachable,
+        export_windows,
+        full_reference,
+        prefix_task,
+        prefix_windows,
+    )
     from .qa_task import export_qa, needle_grid, needle_items, qa_task
 
     name = f"{Path(cfg.data).stem}-{cfg.split}"
@@ -262,7 +269,7 @@ def run_budgets(cfg: EvalConfig, model, tokenizer, base_method, token_ids, label
             export_qa(qa_items, tokenizer, cfg.export_tasks, f"{cfg.task}-{name}")
     has_ratio = "ratio" in base_method.params()
     points = [("kv_budget", b) for b in cfg.kv_budgets] or [("ratio", r) for r in own_ratios(cfg, base_method)]
-    results = []
+    results, reference, full_accuracy = [], None, None  # the full-attention reference: once per model, not per point
     for kind, value in points:
         params = base_method.params()
         if kind == "kv_budget":
@@ -274,12 +281,16 @@ def run_budgets(cfg: EvalConfig, model, tokenizer, base_method, token_ids, label
         res = {"method": method.name, "label": label, "params": method.params(), "task": cfg.task, "kind": cfg.task}
         res["kv_budget"] = value if kind == "kv_budget" else None
         if cfg.task == "prefix":
-            res.update(prefix_task(model, method, token_ids, windows, seed=cfg.seed))
+            if reference is None and len(points) > 1:
+                reference = full_reference(model, token_ids, windows)
+            res.update(prefix_task(model, method, token_ids, windows, seed=cfg.seed, reference=reference))
         else:
             res.update(qa_task(model, tokenizer, method, token_ids, qa_items, cfg.answer_tokens, seed=cfg.seed))
             if cfg.reference and method.name != "full":  # nothing compressed, the same weights (LoRA included)
-                full = qa_task(model, tokenizer, build_method("full"), token_ids, qa_items, cfg.answer_tokens)
-                res["full_accuracy"] = full["accuracy"]
+                if full_accuracy is None:
+                    full = qa_task(model, tokenizer, build_method("full"), token_ids, qa_items, cfg.answer_tokens)
+                    full_accuracy = full["accuracy"]
+                res["full_accuracy"] = full_accuracy
             if cfg.task == "needle":
                 res["grid"] = needle_grid(res["rows"])
         res["compression_ratio_kvpress"] = 1 - res["kv_kept"]  # kvpress's convention: the fraction pruned

@@ -88,16 +88,34 @@ def check_reachable(method: Method, token_ids: dict, windows: list[Window], kv_b
         )
 
 
-def prefix_task(model, method: Method, token_ids: dict, windows: list[Window], seed: int = 0) -> dict:
+def full_reference(model, token_ids: dict, windows: list[Window]) -> list[torch.Tensor]:
+    """Log-probabilities (S, V) of every window with full attention on ``model``: the reference of
+    :func:`prefix_task`, computed once when several methods or budgets are scored on the same model."""
+    full = FullAttention()
+    return [score_after_prefix(model, full, token_ids, ctx, nxt)[0] for ctx, nxt in windows]
+
+
+def prefix_task(
+    model,
+    method: Method,
+    token_ids: dict,
+    windows: list[Window],
+    seed: int = 0,
+    reference: list[torch.Tensor] | None = None,
+) -> dict:
     """Perplexity of the scored tokens over the compressed cache, the same with full attention on the same model,
-    the mean KL(p_full || p_method) per token, and the KV kept (measured). Prints nothing; returns a dict."""
+    the mean KL(p_full || p_method) per token, and the KV kept (measured). Prints nothing; returns a dict.
+    ``reference``: :func:`full_reference` of the same model and windows, if already computed."""
     t0 = time.perf_counter()
     nll, nll_full, kl, n, kept, ctx_tokens = 0.0, 0.0, 0.0, 0, 0, 0
     full = FullAttention()
     for i, (context, following) in enumerate(tqdm(windows, desc=f"prefix {method.name}", leave=False)):
         targets = following[1:].unsqueeze(-1)
         logp, slots = score_after_prefix(model, method, token_ids, context, following, seed=seed + i)
-        logp_full, _ = score_after_prefix(model, full, token_ids, context, following, seed=seed + i)
+        if reference is not None:
+            logp_full = reference[i]
+        else:
+            logp_full, _ = score_after_prefix(model, full, token_ids, context, following)
         nll -= float(logp.gather(-1, targets).sum())
         nll_full -= float(logp_full.gather(-1, targets).sum())
         kl += float((logp_full.exp() * (logp_full - logp)).sum())
