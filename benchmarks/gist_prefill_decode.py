@@ -13,13 +13,9 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
-from kvcondense.cache import EvictingCache
 from kvcondense.data import load_split
-from kvcondense.forward import feed, incremental_forward, num_layers
-from kvcondense.layout import text_layout
-from kvcondense.methods import Gist, tokenize
+from kvcondense.engine import Stream, incremental_forward
+from kvcondense.methods import FullAttention, Gist, tokenize
 from kvcondense.models import add_special_tokens, load_model
 
 
@@ -28,15 +24,13 @@ def long_text(tok, n: int):
     return tokenize(docs[0].text, tok)[:n]
 
 
-def decode_ms(model, cache: EvictingCache, layout_piece, first: int, steps: int) -> float:
-    """Median time of one decode step (a single text token that never expires) on ``cache``."""
+def decode_ms(stream: Stream, steps: int) -> float:
+    """Median time of one engine decode step (token 100, laid out by the stream's method)."""
     times = []
-    with torch.no_grad():
-        for i in range(steps):
-            piece = layout_piece(first + i)
-            t = time.perf_counter()
-            feed(model, cache, piece, first + i)
-            times.append(time.perf_counter() - t)
+    for _ in range(steps):
+        t = time.perf_counter()
+        stream.step([100])
+        times.append(time.perf_counter() - t)
     return 1e3 * sorted(times)[len(times) // 2]
 
 
@@ -69,23 +63,16 @@ def main() -> None:
     print(f"peak / (final + one chunk) = {stats.peak_kv_bytes / bound:.3f} (target <= 1)")
 
     # -- decode step: compressed 4k document vs a full cache of the same stored length ---------------------------
-    layout = method.layout(long_text(tok, args.decode_context), ids)
-    cache = EvictingCache(num_layers(model))
-    _, stats = incremental_forward(model, layout, chunk_size=args.chunk, cache=cache)
-    n = len(layout)
-
-    def one_token(i):  # a generated text token at logical index i (its position is i too)
-        lay = text_layout(torch.tensor([100]))
-        lay.position_ids = torch.tensor([i])
-        return lay
-
-    compressed = decode_ms(model, cache, one_token, n, args.steps)
-    full_cache = EvictingCache(num_layers(model))
-    plain = text_layout(long_text(tok, stats.stored_slots).ids)
-    incremental_forward(model, plain, chunk_size=args.chunk, cache=full_cache)
-    full = decode_ms(model, full_cache, one_token, len(plain), args.steps)
+    stream = Stream(model, method, ids)
+    stream.prefill(long_text(tok, args.decode_context), chunk_tokens=args.chunk)
+    layout, stored = stream.layouts[0], int(stream.cache.stored_slots()[0])
+    compressed = decode_ms(stream, args.steps)
+    full_stream = Stream(model, FullAttention(), {})
+    plain = long_text(tok, stored)
+    full_stream.prefill(plain, chunk_tokens=args.chunk)
+    full = decode_ms(full_stream, args.steps)
     print(
-        f"decode step at a {layout.n_text}-token document compressed to {stats.stored_slots} slots: "
+        f"decode step at a {layout.n_text}-token document compressed to {stored} slots: "
         f"{compressed:.1f} ms; full cache of {len(plain)} tokens: {full:.1f} ms; "
         f"ratio {compressed / full:.3f} (target <= 1.10)"
     )

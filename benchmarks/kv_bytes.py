@@ -11,7 +11,7 @@ import argparse
 import torch
 
 from kvcondense.data import load_split
-from kvcondense.forward import incremental_forward
+from kvcondense.engine import incremental_forward
 from kvcondense.layout import Kind
 from kvcondense.methods import Sentinel, tokenize
 from kvcondense.models import add_special_tokens, load_model

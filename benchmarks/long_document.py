@@ -13,7 +13,7 @@ import argparse
 import time
 
 from kvcondense.data import load_split
-from kvcondense.forward import incremental_forward
+from kvcondense.engine import incremental_forward
 from kvcondense.methods import FullAttention, Sentinel, tokenize
 from kvcondense.models import add_special_tokens, load_model
 

@@ -12,9 +12,9 @@ import time
 
 import torch
 
-from kvcondense.cache import EvictingCache
 from kvcondense.data import load_split
-from kvcondense.forward import chunk_mask, feed, num_layers, parallel_forward
+from kvcondense.engine import Stream
+from kvcondense.forward import parallel_forward
 from kvcondense.lora import LoraSettings, attach_lora
 from kvcondense.masks import batch_visibility, to_attention_mask
 from kvcondense.methods import Sentinel, tokenize
@@ -68,29 +68,25 @@ def main() -> None:
     # -- decode step: mask against the cache + append + evict + policy vs the model call ---------------------------
     peft.eval()
     text = tokenize(" ".join(d.text for d in docs), tok)[: args.context]
-    layout = method.layout(text, ids, seed=0)
-    cache = EvictingCache(num_layers(peft))
-    with torch.no_grad():
-        for lo in range(0, len(layout), 256):
-            feed(peft, cache, layout.slice(lo, lo + 256), lo)
-            cache.evict(min(lo + 256, len(layout)))
-    policy = method.decode_policy(layout, ids)
-    steps, t_total, t_book = 24, 0.0, 0.0
-    with torch.no_grad():
-        for i in range(steps):
-            t0 = time.perf_counter()
-            piece = policy.step(100 + i)
-            for logical, expire in piece.updates:
-                cache.set_expire(0, logical, expire)
-            first = cache.seen
-            mask = chunk_mask(peft, cache, piece.layout, first)
-            t1 = time.perf_counter()
-            feed(peft, cache, piece.layout, first, mask)
-            t2 = time.perf_counter()
-            cache.evict(first + len(piece.layout))
-            t3 = time.perf_counter()
-            t_book += (t1 - t0) + (t3 - t2)
-            t_total += t3 - t0
+    stream = Stream(peft, method, ids)
+    stream.prefill(text, chunk_tokens=256)
+    cache, model_time = stream.cache, [0.0]
+
+    def started(*_):
+        model_time.append(time.perf_counter())
+
+    def finished(*_):
+        model_time[0] += time.perf_counter() - model_time.pop()
+
+    hooks = [peft.register_forward_pre_hook(started), peft.register_forward_hook(finished)]
+    steps, t_total = 24, 0.0
+    for i in range(steps):  # the engine's step: policy, expiry, mask, model, append, evict
+        t0 = time.perf_counter()
+        stream.step([100 + i])
+        t_total += time.perf_counter() - t0
+    for hook in hooks:
+        hook.remove()
+    t_book = t_total - model_time[0]
     t_model = t_total - t_book
     print(
         f"decode step ({args.context}-token context, {int(cache.stored_slots()[0])} slots stored): "

@@ -31,10 +31,8 @@ import time
 
 import torch
 
-from kvcondense.batch import _feed_ragged
-from kvcondense.cache import EvictingCache
 from kvcondense.data import load_split
-from kvcondense.generate import prefill
+from kvcondense.engine import Stream, generate_step
 from kvcondense.methods import FullAttention, build_method, tokenize
 from kvcondense.models import add_special_tokens, load_model
 
@@ -51,26 +49,19 @@ def prompts(tok, lengths: list[int]):
     return [text[i * stride : i * stride + n] for i, n in enumerate(lengths)]
 
 
-def decode_ragged(model, cache: EvictingCache, policies, logits, seen: list[int], steps: int):
-    """generate_batch's decode loop (EOS ignored). Returns (seconds for ``steps`` steps after one warm-up step,
-    per timed step: (longest piece, forward seconds, eviction seconds, slots freed))."""
-    seen, logits, trace = list(seen), list(logits), []
-    for _ in range(steps + 1):
-        t0 = time.perf_counter()
-        pieces = []
-        for b, policy in enumerate(policies):
-            pieces.append(policy.step(int(logits[b].argmax())))
-            for logical, expire in pieces[b].updates:
-                cache.set_expire(b, logical, expire)
-        out = _feed_ragged(model, cache, pieces, seen)
-        for b, piece in enumerate(pieces):
-            logits[b] = out[b, piece.next_row]
-            seen[b] += len(piece.layout)
+def decode_ragged(stream: Stream, logits: torch.Tensor, steps: int):
+    """generate_batch's decode loop through the engine (greedy, EOS ignored). Returns (seconds for ``steps`` steps
+    after one warm-up step, per timed step: (longest piece, seconds, slots freed))."""
+    trace, t0 = [], time.perf_counter()
+    before = int(stream.cache.stored_slots().sum())
+    for tokens in generate_step(stream, logits, steps + 1):
         t1 = time.perf_counter()
-        freed = cache.evict(torch.tensor(seen))
-        trace.append((max(len(p.layout) for p in pieces), t1 - t0, time.perf_counter() - t1, freed))
+        pieces = [p for p in stream.last_pieces if p is not None]
+        after = int(stream.cache.stored_slots().sum())
+        trace.append((max(len(p.layout) for p in pieces), t1 - t0, before + len(tokens) - after))
+        t0, before = time.perf_counter(), after
     trace = trace[1:]  # warm-up
-    return sum(f + e for _, f, e, _ in trace), trace
+    return sum(t for _, t, _ in trace), trace
 
 
 def decode_plain(model, cache, logits: torch.Tensor, steps: int) -> float:
@@ -85,14 +76,14 @@ def decode_plain(model, cache, logits: torch.Tensor, steps: int) -> float:
 
 
 def where_time_goes(trace) -> str:
-    """Mean forward time by piece length and the cost of compactions, from a ragged run's trace."""
+    """Mean step time by longest piece, and how many steps compacted the cache, from a ragged run's trace."""
     parts = []
     for n in sorted({n for n, *_ in trace}):
-        fwd = [f for m, f, _, _ in trace if m == n]
-        parts.append(f"{len(fwd)} steps of {n} token(s): {1e3 * sum(fwd) / len(fwd):.0f} ms")
-    evictions = [e for *_, e, freed in trace if freed]
-    if evictions:
-        parts.append(f"{len(evictions)} compactions: {1e3 * sum(evictions) / len(evictions):.0f} ms each")
+        times = [t for m, t, _ in trace if m == n]
+        parts.append(f"{len(times)} steps of {n} token(s): {1e3 * sum(times) / len(times):.0f} ms")
+    compacting = [t for _, t, freed in trace if freed > 0]
+    if compacting:
+        parts.append(f"{len(compacting)} steps freed slots: {1e3 * sum(compacting) / len(compacting):.0f} ms each")
     return "; ".join(parts)
 
 
@@ -119,20 +110,23 @@ def main() -> None:
     texts = prompts(tok, lengths)
 
     # -- ragged batch: rows prefilled alone, stacked with invalid padding slots ----------------------------------
-    rows = [prefill(model, method, ids, t, args.chunk, i)[:3] for i, t in enumerate(texts)]
-    ragged = EvictingCache.stack([c for _, c, _ in rows])
-    stored = ragged.stored_slots()
+    rows = [Stream(model, method, ids) for _ in texts]
+    row_logits = torch.stack(
+        [r.prefill(t, args.chunk, seed=i) for i, (r, t) in enumerate(zip(rows, texts, strict=False))]
+    )
+    ragged = Stream.stack(rows)
+    stored = ragged.cache.stored_slots()
     s = round(float(stored.float().mean()))
 
     # -- unpadded, same method: 8 copies of the row closest to the mean ------------------------------------------
     near = int((stored - s).abs().argmin())
-    same = EvictingCache.stack([rows[near][1]])
-    same.repeat_rows(ROWS)
+    same = Stream.stack([rows[near].clone() for _ in range(ROWS)])
 
     # -- unpadded, full attention, S = mean stored slots: our cache, and transformers' own -----------------------
     full_text = texts[-1][:s]
-    flat_layout, flat, flat_logits, _ = prefill(model, FullAttention(), {}, full_text, args.chunk, 0)
-    flat.repeat_rows(ROWS)
+    flat_row = Stream(model, FullAttention(), {})
+    flat_logits = flat_row.prefill(full_text, args.chunk)
+    flat = Stream.stack([flat_row.clone() for _ in range(ROWS)])
     plain = model(input_ids=full_text.ids[None], use_cache=True)
     plain.past_key_values.batch_repeat_interleave(ROWS)
     plain_logits = plain.logits[:, -1].repeat(ROWS, 1)
@@ -140,19 +134,12 @@ def main() -> None:
     times: dict[str, list[float]] = {"ragged": [], "same": [], "plain": [], "evicting": []}
     traces = {}
     for _ in range(args.repeats):
-        policies = [method.decode_policy(lay, ids, seed=i) for i, (lay, _, _) in enumerate(rows)]
-        seen, logits = [len(lay) for lay, _, _ in rows], [lg for _, _, lg in rows]
-        t, traces["ragged"] = decode_ragged(model, copy.deepcopy(ragged), policies, logits, seen, args.steps)
+        t, traces["ragged"] = decode_ragged(ragged.clone(), row_logits, args.steps)
         times["ragged"].append(t)
-        lay, _, lg = rows[near]
-        policies = [method.decode_policy(lay, ids, seed=near) for _ in range(ROWS)]
-        t, traces["same"] = decode_ragged(
-            model, copy.deepcopy(same), policies, [lg] * ROWS, [len(lay)] * ROWS, args.steps
-        )
+        t, traces["same"] = decode_ragged(same.clone(), row_logits[near].expand(ROWS, -1), args.steps)
         times["same"].append(t)
         times["plain"].append(decode_plain(model, copy.deepcopy(plain.past_key_values), plain_logits, args.steps))
-        policies = [FullAttention().decode_policy(flat_layout, {}) for _ in range(ROWS)]
-        t, _ = decode_ragged(model, copy.deepcopy(flat), policies, [flat_logits] * ROWS, [s] * ROWS, args.steps)
+        t, _ = decode_ragged(flat.clone(), flat_logits.expand(ROWS, -1), args.steps)
         times["evicting"].append(t)
 
     # -- report ------------------------------------------------------------------------------------------------
@@ -161,9 +148,10 @@ def main() -> None:
         f"{args.model}, {args.method} r={args.ratio}, {torch.get_num_threads()} thread(s), prompts {lengths[0]}.."
         f"{lengths[-1]} tokens, {args.steps} decode steps (warm-up excluded), best of {args.repeats}"
     )
+    width = ragged.cache.physical_length
     print(
-        f"ragged: stored slots per row {stored.tolist()} (mean S = {s}), physical width {ragged.physical_length}: "
-        f"{100 * (1 - int(stored.sum()) / (ROWS * ragged.physical_length)):.0f} % of the slots are padding"
+        f"ragged: stored slots per row {stored.tolist()} (mean S = {s}), physical width {width}: "
+        f"{100 * (1 - int(stored.sum()) / (ROWS * width)):.0f} % of the slots are padding"
     )
     labels = {
         "ragged": "ragged batch",

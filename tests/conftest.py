@@ -98,33 +98,30 @@ def sample_path() -> Path:
 
 
 def decode_with_policy(model, prompt, policy, tokens: list[int], slack: int = 0):
-    """Prefill ``prompt`` through an evicting cache, then feed ``tokens`` one decode step at a time through the
-    method's policy. Returns (final layout with the same expiry, incremental logits of each step's predicting
-    row, those rows' indices in the final layout, the cache, stored slots after each step)."""
-    from kvcondense.cache import EvictingCache
-    from kvcondense.forward import feed, incremental_forward
+    """Prefill ``prompt`` through the library's engine (one chunk, cut where the layout asks), then feed ``tokens``
+    one decode step at a time with ``policy`` (:meth:`kvcondense.engine.Stream.step`). Returns (final layout with
+    the same expiry, incremental logits of each step's predicting row, those rows' indices in the final layout,
+    the cache, stored slots after each step)."""
+    from kvcondense.engine import Stream
     from kvcondense.layout import concat
 
-    cache = EvictingCache(model.config.num_hidden_layers)
-    incremental_forward(model, prompt, chunk_size=len(prompt), cache=cache)  # in one chunk, but cut where asked
+    stream = Stream(model, None, {}, slack=slack, policy=policy)
+    stream.prefill(prompt, chunk_tokens=len(prompt))
     pieces, rows, got, slots = [prompt], [], [], []
     for token in tokens:
-        step = policy.step(token)
-        for logical, expire in step.updates:
-            cache.set_expire(0, logical, expire)
+        first = stream.seen[0]
+        step = stream.step([token])
+        piece = step.pieces[0]
+        for logical, expire in piece.updates:
             offset = 0
             for p in pieces:  # the final layout carries the same expiry
                 p.expire[torch.isin(torch.arange(offset, offset + len(p)), logical)] = expire
                 offset += len(p)
-        first = cache.seen
-        with torch.no_grad():
-            out = feed(model, cache, step.layout, first)
-        cache.evict(first + len(step.layout), slack=slack)
-        rows.append(first + step.next_row)
-        got.append(out[0, step.next_row])
-        pieces.append(step.layout)
-        slots.append(int(cache.stored_slots()[0]))
-    return concat(pieces), torch.stack(got), rows, cache, slots
+        rows.append(first + piece.next_row)
+        got.append(step.logits[0])
+        pieces.append(piece.layout)
+        slots.append(int(stream.cache.stored_slots()[0]))
+    return concat(pieces), torch.stack(got), rows, stream.cache, slots
 
 
 def save_tiny_encoder(path: Path) -> Path:

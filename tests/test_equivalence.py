@@ -6,7 +6,8 @@ import torch
 from conftest import decode_with_policy, tiny_model
 
 from kvcondense.cache import EvictingCache
-from kvcondense.forward import incremental_forward, parallel_forward
+from kvcondense.engine import incremental_forward
+from kvcondense.forward import parallel_forward
 from kvcondense.layout import IGNORE
 from kvcondense.methods import METHODS, TokenizedText, build_method
 

@@ -64,13 +64,13 @@ def test_malformed_lines_name_the_line(tmp_path, line, match):
 def test_every_context_is_compressed_once_whatever_its_questions(tiny, qa_file, monkeypatch):
     model, tok = tiny
     calls = []
-    real = qa.prefill
+    real = qa.Stream.prefill
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(qa, "prefill", counting)
+    monkeypatch.setattr(qa.Stream, "prefill", counting)
     items = qa.read_qa(qa_file) * 3
     res = qa_task = qa.qa_task(model, tok, build_method("streaming", ratio=0.5), {}, items)
     assert len(calls) == len(items) == res["compressions"] and res["questions"] == 9
@@ -82,7 +82,9 @@ def test_option_scores_equal_a_plain_forward_and_leave_the_cache_alone(tiny, qa_
     item = qa.read_qa(qa_file)[0]
     q = item.questions[0]
     ctx = tokenize(item.context, tok)
-    layout, cache, _, _ = qa.prefill(model, build_method("full"), {}, ctx, chunk_tokens=512, seed=0)
+    stream = qa.Stream(model, build_method("full"), {})
+    stream.prefill(ctx, chunk_tokens=512)
+    layout, cache = stream.layouts[0], stream.cache
     cache.freeze()
     before = int(cache.stored_slots()[0])
     _, pick = qa.answer(model, tok, cache, len(layout), len(layout), q, 8)

@@ -113,7 +113,8 @@ def test_recent_placement_reaches_any_budget(kept):
 def test_recent_placement_is_equivalent_with_eviction():
     from conftest import tiny_model
 
-    from kvcondense.forward import incremental_forward, parallel_forward
+    from kvcondense.engine import incremental_forward
+    from kvcondense.forward import parallel_forward
 
     n = 120
     g = torch.Generator().manual_seed(0)

@@ -7,8 +7,9 @@ out = generate(model, tokenizer, method, token_ids, "a long document ...", max_n
 
 from .cache import EvictingCache
 from .checkpoint import load_checkpoint
+from .engine import incremental_forward
 from .evaluate import EvalConfig, run_eval
-from .forward import incremental_forward, parallel_forward
+from .forward import parallel_forward
 from .layout import NEVER, Kind, Layout
 from .methods import METHODS, Method, build_method, tokenize
 from .models import add_special_tokens, load_model

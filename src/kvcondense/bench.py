@@ -18,11 +18,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .cache import EvictingCache
 from .data import load_corpus
+from .engine import Stream
 from .errors import UsageError
-from .forward import feed, incremental_forward, num_layers
-from .layout import Layout
 from .methods import FullAttention, Method, TokenizedText, build_method, tokenize
 
 
@@ -79,58 +77,49 @@ def context_text(tokenizer, data: str, n: int) -> TokenizedText:
 
 
 @torch.no_grad()
-def decode_step_ms(
-    model, cache: EvictingCache, method: Method, layout: Layout, token_ids, steps: int, slack: int = 0
-) -> float:
-    """Median wall time of one decode step over the cache's rows (the cache is left as it was grown)."""
-    policy = method.decode_policy(layout, token_ids)
-    rows, times = cache.rows, []
+def decode_step_ms(stream: Stream, steps: int) -> float:
+    """Median wall time of one decode step of ``stream`` (every row fed the same tokens: 100, 101, ...)."""
+    cuda = stream.model.device.type == "cuda"
+    times = []
     for i in range(steps):
-        step = policy.step(100 + i)
-        for logical, expire in step.updates:
-            for r in range(rows):
-                cache.set_expire(r, logical, expire)
-        first = cache.seen
-        if model.device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
-        feed(model, cache, step.layout, first, input_ids=step.layout.input_ids.expand(rows, -1))
-        cache.evict(first + len(step.layout), slack=slack)
-        if model.device.type == "cuda":
+        stream.step([100 + i])
+        if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return 1e3 * sorted(times)[len(times) // 2]
 
 
-def prefill(model, method: Method, text: TokenizedText, token_ids, chunk: int) -> tuple[EvictingCache, Layout, dict]:
-    layout = method.layout(text, token_ids, seed=0)
-    cache = EvictingCache(num_layers(model))
+@torch.no_grad()
+def prefill(model, method: Method, text: TokenizedText, token_ids, chunk: int) -> tuple[Stream, dict]:
+    """Prefill one row through the engine, timed. Returns the stream and what the cache held."""
+    stream = Stream(model, method, token_ids)
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    _, stats = incremental_forward(model, layout, chunk, cache=cache)
+    stream.prefill(text, chunk, seed=0)
     out = {
         "prefill_s": time.perf_counter() - t,
-        "kv_bytes": stats.kv_bytes,
-        "stored_slots": stats.stored_slots,
-        "peak_kv_bytes": stats.peak_kv_bytes,
+        "kv_bytes": stream.cache.kv_bytes(),
+        "stored_slots": int(stream.cache.stored_slots()[0]),
+        "peak_kv_bytes": stream.peak_kv_bytes,
     }
     if model.device.type == "cuda":
         out["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated()
-    return cache, layout, out
+    return stream, out
 
 
-def snapshot(cache: EvictingCache) -> EvictingCache:
-    """A copy of a one-row cache (decode steps grow a cache; each measurement starts from the same history)."""
-    return cache.clone()
-
-
-def measure_decode(model, variants: dict, token_ids, batch: int, steps: int, slack: int = 0) -> dict:
+def measure_decode(variants: dict[str, Stream], batch: int, steps: int, slack: int = 0) -> dict:
+    """Decode ``steps`` steps of ``batch`` identical rows from each prefilled stream (each from the same history:
+    the streams are cloned, not grown)."""
     out = {}
-    for name, (cache, layout, method) in variants.items():
-        c = snapshot(cache)
-        c.repeat_rows(batch)
-        ms = decode_step_ms(model, c, method, layout, token_ids, steps, slack)
+    for name, prefilled in variants.items():
+        stream = prefilled.clone()
+        stream.slack = slack
+        stream.repeat(batch)
+        ms = decode_step_ms(stream, steps)
         out[name] = {"decode_ms_per_step": ms, "decode_tokens_per_s": 1e3 * batch / ms}
     return out
 
@@ -187,12 +176,12 @@ def _load(cfg: BenchConfig, dtype: torch.dtype):
 
 def _measure_context(cfg: BenchConfig, model, method: Method, token_ids, context: int, text: TokenizedText) -> dict:
     """One context: prefill both ways, decode at every batch size, and the fixed-budget profile if asked."""
-    comp_cache, comp_layout, comp = prefill(model, method, text, token_ids, cfg.chunk)
+    comp_stream, comp = prefill(model, method, text, token_ids, cfg.chunk)
     comp["peak_rss_mb_after"] = peak_rss_mb()  # compressed first: its peak is not masked by the full run
     full_method = FullAttention()
-    full_cache, full_layout, full = prefill(model, full_method, text, token_ids, cfg.chunk)
+    full_stream, full = prefill(model, full_method, text, token_ids, cfg.chunk)
     full["peak_rss_mb_after"] = peak_rss_mb()
-    variants = {"compressed": (comp_cache, comp_layout, method), "full": (full_cache, full_layout, full_method)}
+    variants = {"compressed": comp_stream, "full": full_stream}
     row = {
         "context": context,
         "compressed": comp,
@@ -202,15 +191,15 @@ def _measure_context(cfg: BenchConfig, model, method: Method, token_ids, context
         "batches": [],
     }
     for batch in cfg.batches:
-        d = measure_decode(model, variants, token_ids, batch, cfg.decode_steps, cfg.slack)
+        d = measure_decode(variants, batch, cfg.decode_steps, cfg.slack)
         speedup = d["full"]["decode_ms_per_step"] / d["compressed"]["decode_ms_per_step"]
         row["batches"].append({"batch": batch, **d, "decode_speedup": speedup})
     if cfg.kv_budget_mb is not None:
-        row["fixed_budget"] = _fixed_budget(cfg, model, variants, token_ids, comp["kv_bytes"], full["kv_bytes"])
+        row["fixed_budget"] = _fixed_budget(cfg, variants, comp["kv_bytes"], full["kv_bytes"])
     return row
 
 
-def _fixed_budget(cfg: BenchConfig, model, variants: dict, token_ids, comp_bytes: int, full_bytes: int) -> dict:
+def _fixed_budget(cfg: BenchConfig, variants: dict, comp_bytes: int, full_bytes: int) -> dict:
     """The paper's profile: the largest batch each variant fits in ``cfg.kv_budget_mb`` and its decode throughput."""
     fits = budget_batches(cfg.kv_budget_mb, {"compressed": comp_bytes, "full": full_bytes}, cfg.max_batch)
     measured = {}
@@ -219,7 +208,7 @@ def _fixed_budget(cfg: BenchConfig, model, variants: dict, token_ids, comp_bytes
             measured[name] = {"batch": 0, "decode_tokens_per_s": 0.0}
             continue
         one = {name: variants[name]}
-        measured[name] = {"batch": b, **measure_decode(model, one, token_ids, b, cfg.decode_steps, cfg.slack)[name]}
+        measured[name] = {"batch": b, **measure_decode(one, b, cfg.decode_steps, cfg.slack)[name]}
     both = bool(fits["full"])
     return {
         "kv_budget_mb": cfg.kv_budget_mb,

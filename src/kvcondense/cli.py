@@ -38,6 +38,10 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _ratio_list(text: str) -> list[float]:
+    return [_ratio(part) for part in text.split(",") if part.strip()]
+
+
 def _int_at_least(low: int):
     """An argparse type: a whole number >= ``low``, or one line saying what was expected."""
 
@@ -96,6 +100,13 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
         help="sentinel: spans inside long lines (lines, the paper's) or sinks + recent window raw, all older text "
         "condensed (recent, Activation Beacon's layout: reaches any budget)",
     )
+    p.add_argument(
+        "--lora-scope",
+        choices=["all", "special"],
+        default=None,
+        help="sentinel: LoRA on every token (all, the paper's) or only on <CL>/<CR> (special: text runs the base "
+        "model exactly)",
+    )
 
 
 def _method_params(args) -> dict:
@@ -111,6 +122,7 @@ def _method_params(args) -> dict:
         "sinks": getattr(args, "sinks", None),
         "slots": getattr(args, "slots", None),
         "placement": getattr(args, "placement", None),
+        "lora_scope": getattr(args, "lora_scope", None),
     }
     return {k: v for k, v in params.items() if v is not None}
 
@@ -124,7 +136,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 # the user gave (and must agree with the stored run) from the ones it should take from the run itself
 TRAIN_FLAGS = (
     "model", "data", "batch_size", "grad_accum", "block_tokens", "lr", "schedule", "warmup_steps", "attention",
-    "seed", "save_every", "stage", "init_from", "objective", "kl_weight", "temperature",
+    "seed", "save_every", "stage", "init_from", "objective", "kl_weight", "temperature", "sample_ratios",
 )  # fmt: skip
 
 
@@ -409,6 +421,12 @@ def _train_parser(sub) -> None:
     )
     p.add_argument("--kl-weight", type=float, default=None, help="weight of the KL term (default 1.0)")
     p.add_argument("--temperature", type=float, default=None, help="KL temperature (default 1.0)")
+    p.add_argument(
+        "--sample-ratios",
+        type=_ratio_list,
+        default=None,
+        help="draw each block's ratio from these, e.g. 0.5,0.75,0.875 (one adapter for several KV budgets)",
+    )
     p.add_argument("--seed", type=int, default=None, help="seed for data order, spans and init (default 0)")
     p.add_argument(
         "--save-every",

@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 from .checkpoint import load_checkpoint
 from .continuation import continuation_quality, continuation_samples
 from .data import load_split
+from .engine import incremental_forward
 from .errors import UsageError
-from .forward import incremental_forward, parallel_forward
+from .forward import parallel_forward
 from .layout import IGNORE, Kind
 from .methods import Method, TokenizedText, build_method, check_params, override, tokenize
 from .metrics import BertScore

@@ -2,15 +2,14 @@
 
 - :func:`parallel_forward`: one pass over the whole sequence with the dense mask built from key expiry
   (training and fast evaluation);
-- :func:`incremental_forward`: chunk by chunk through an :class:`~kvcondense.cache.EvictingCache` that frees
-  expired keys after every chunk (inference).
+- :func:`feed`: one chunk through an :class:`~kvcondense.cache.EvictingCache` that frees expired keys after it
+  (inference; :mod:`kvcondense.engine` runs prompts and decoding on it, ``incremental_forward`` included).
 """
 
 from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
@@ -155,17 +154,6 @@ def parallel_forward(model, layouts: list[Layout], attention: str = "auto", **kw
         )
 
 
-@dataclass
-class IncrementalStats:
-    """What the evicting cache held while a layout was fed through it."""
-
-    logical_tokens: int
-    stored_slots: int
-    peak_slots: int
-    kv_bytes: int
-    peak_kv_bytes: int
-
-
 def chunk_mask(model, cache: EvictingCache, chunk: Layout, first: int) -> torch.Tensor:
     """The 4-D mask of a chunk (logical indices ``first..``) against every row's stored slots and itself.
 
@@ -228,27 +216,3 @@ def chunk_bounds(layout: Layout, chunk_size: int) -> list[tuple[int, int]]:
             bounds.append((lo, hi))
             lo = hi
     return bounds
-
-
-@torch.no_grad()
-def incremental_forward(
-    model, layout: Layout, chunk_size: int = 64, cache: EvictingCache | None = None
-) -> tuple[torch.Tensor, IncrementalStats]:
-    """Feed a layout chunk by chunk with real eviction. Returns logits (L, V) and the cache statistics.
-
-    Peak stored KV is bounded by the kept slots plus one chunk.
-    """
-    cache = cache if cache is not None else EvictingCache(num_layers(model))
-    logits, peak, peak_bytes = [], 0, 0
-    for lo, hi in chunk_bounds(layout, chunk_size):
-        logits.append(feed(model, cache, layout.slice(lo, hi), lo)[0])
-        peak, peak_bytes = max(peak, cache.physical_length), max(peak_bytes, cache.kv_bytes())
-        cache.evict(hi)
-    stats = IncrementalStats(
-        logical_tokens=cache.seen,
-        stored_slots=int(cache.stored_slots()[0]),
-        peak_slots=peak,
-        kv_bytes=cache.kv_bytes(),
-        peak_kv_bytes=peak_bytes,
-    )
-    return torch.cat(logits, 0), stats

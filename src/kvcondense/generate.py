@@ -8,14 +8,14 @@ they close); generated tokens are laid out by the method's decode policy and fre
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from .cache import EvictingCache
+from .engine import Sampling, Stream, generate_step
 from .errors import UsageError
-from .forward import chunk_bounds, feed, num_layers
 from .methods import Method, TokenizedText, tokenize
 
 
@@ -32,23 +32,6 @@ class Generation:
     kv_bytes_full: int
     peak_kv_bytes: int
     slots_per_step: list[int] = field(default_factory=list)
-
-
-def prefill(model, method: Method, token_ids: dict[str, int], text: TokenizedText, chunk_tokens: int, seed: int):
-    """Lay out a prompt and feed it in chunks, freeing what expires. Returns (layout, cache, logits of the row that
-    predicts the first new token, peak stored KV bytes)."""
-    layout = method.layout(text, token_ids, seed=seed)
-    cache = EvictingCache(num_layers(model))
-    predictors = torch.isin(layout.kinds, torch.tensor([int(k) for k in method.predict_from]))
-    last = int(torch.nonzero(predictors).max())
-    logits, peak = None, 0
-    for lo, hi in chunk_bounds(layout, chunk_tokens):
-        out = feed(model, cache, layout.slice(lo, hi), lo)
-        if lo <= last < hi:
-            logits = out[0, last - lo]
-        peak = max(peak, cache.kv_bytes())
-        cache.evict(hi)
-    return layout, cache, logits, peak
 
 
 def context_limit(model) -> int | None:
@@ -69,12 +52,19 @@ def generate(
     progress: bool = True,
     slack: int = 0,
     allow_long_context: bool = False,
+    sampling: Sampling | None = None,
+    stop: Sequence[str] = (),
+    streamer=None,
 ) -> Generation:
-    """Greedy generation from a compressed prompt (text, or already tokenized). Raises ValueError if the prompt is
-    empty or prompt plus output exceed the model's context. ``slack``: dead slots allowed to wait for a batched
-    compaction while decoding (see :meth:`EvictingCache.evict`); 0 frees every expired key at once.
-    ``allow_long_context`` lets positions run past the model's trained context (RoPE extrapolates; quality is
-    not what the model was trained for), which compression makes affordable in memory."""
+    """Generation from a compressed prompt (text, or already tokenized), greedy unless ``sampling`` says otherwise.
+
+    Raises :class:`UsageError` if the prompt is empty or prompt plus output exceed the model's context.
+    ``slack``: dead slots allowed to wait for a batched compaction while decoding (see
+    :meth:`EvictingCache.evict`); 0 frees every expired key at once. ``allow_long_context`` lets positions run past
+    the model's trained context (RoPE extrapolates; quality is not what the model was trained for), which
+    compression makes affordable in memory. Generation ends at end of sequence, after ``max_new_tokens``, or once
+    the text contains one of the ``stop`` strings (the text is cut before it). ``streamer``: an object with
+    ``put(token_ids)`` and ``end()`` (transformers' ``TextStreamer``), given each token as it comes."""
     text = tokenize(prompt, tokenizer) if isinstance(prompt, str) else prompt
     if len(text) == 0:
         raise UsageError("the prompt is empty; give some text")
@@ -84,36 +74,33 @@ def generate(
             f"prompt ({len(text)} tokens) plus --max-new-tokens ({max_new_tokens}) exceeds the model's context of "
             f"{limit} tokens; shorten the prompt, generate fewer tokens, or pass --allow-long-context"
         )
-    layout, cache, logits, peak = prefill(model, method, token_ids, text, chunk_tokens, seed)
-
-    policy = method.decode_policy(layout, token_ids, seed=seed)
-    eos = tokenizer.eos_token_id
-    new, slots = [], []
-    for _ in tqdm(range(max_new_tokens), desc="generate", disable=not progress, leave=False):
-        token = int(logits.argmax())
-        if token == eos:
-            break
+    stream = Stream(model, method, token_ids, slack=slack)
+    logits = stream.prefill(text, chunk_tokens, seed)
+    cache, new, slots = stream.cache, [], []
+    steps = generate_step(stream, logits, max_new_tokens, tokenizer.eos_token_id, sampling)
+    for (token,) in tqdm(steps, total=max_new_tokens, desc="generate", disable=not progress, leave=False):
         new.append(token)
-        step = policy.step(token)
-        for logical, expire in step.updates:
-            cache.set_expire(0, logical, expire)
-        first = cache.seen
-        out = feed(model, cache, step.layout, first)
-        logits = out[0, step.next_row]
-        peak = max(peak, cache.kv_bytes())
-        cache.evict(first + len(step.layout), slack=slack)
         slots.append(int(cache.stored_slots()[0]))
+        if streamer is not None:
+            streamer.put(torch.tensor([token]))
+        if stop and any(s in tokenizer.decode(new, skip_special_tokens=True) for s in stop):
+            break
+    if streamer is not None:
+        streamer.end()
+    text_out = tokenizer.decode(new, skip_special_tokens=True)
+    for s in stop:
+        text_out = text_out.split(s)[0]
     stored = int(cache.stored_slots()[0])
     per_slot = cache.kv_bytes() / max(stored, 1)
     return Generation(
-        text=tokenizer.decode(new, skip_special_tokens=True),
+        text=text_out,
         new_tokens=new,
         prompt_tokens=len(text),
         logical_tokens=cache.seen,
         stored_slots=stored,
         kv_bytes=cache.kv_bytes(),
         kv_bytes_full=int(per_slot * (len(text) + len(new))),
-        peak_kv_bytes=peak,
+        peak_kv_bytes=stream.peak_kv_bytes,
         slots_per_step=slots,
     )
 

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .cache import EvictingCache
+from .engine import incremental_forward
 from .errors import UsageError
-from .forward import incremental_forward, num_layers, parallel_forward
+from .forward import num_layers, parallel_forward
 from .layout import IGNORE, Layout, text_layout
 from .methods import EpisodeTokens, Method, build_method, tokenize_episode
 from .verify import max_abs_diff

@@ -22,9 +22,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic import write_json
+from .engine import Stream
 from .errors import UsageError
 from .forward import feed
-from .generate import prefill
 from .layout import text_layout
 from .methods import FullAttention, Method, TokenizedText, tokenize
 
@@ -55,7 +55,9 @@ def score_after_prefix(
 ) -> tuple[torch.Tensor, int]:
     """Log-probabilities (S, V) of ``following[1:]`` given the compressed ``context`` and ``following[:-1]``, and
     the slots the cache stored after the context."""
-    layout, cache, _, _ = prefill(model, method, token_ids, context, chunk_tokens=512, seed=seed)
+    stream = Stream(model, method, token_ids)
+    stream.prefill(context, chunk_tokens=512, seed=seed)
+    layout, cache = stream.layouts[0], stream.cache
     kept = int(cache.stored_slots().max())
     cache.freeze()
     piece = text_layout(following[:-1])

@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 
 from .cache import EvictingCache
 from .data.documents import DataError, jsonl_records
+from .engine import Stream, generate_step
 from .forward import feed
-from .generate import prefill
 from .layout import text_layout
-from .methods import Method, tokenize
+from .methods import Method, TextPolicy, tokenize
 
 PROMPT = "\n\nQuestion: {question}\nAnswer:"
 
@@ -167,16 +167,15 @@ def answer(model, tokenizer, cache: EvictingCache, first: int, position: int, q:
             scores.append(float(logp[rows, opt].sum()))
         pick = q.options[max(range(len(scores)), key=scores.__getitem__)]
         return pick == q.answer, pick
-    work, out = cache.clone(), []
+    work = cache.clone()
     logits = _feed_text(model, work, prompt, first, position)[-1]
     first, position = first + len(prompt), position + len(prompt)
-    for _ in range(max_new_tokens):
-        token = int(logits.argmax())
-        if token == tokenizer.eos_token_id or "\n" in tokenizer.decode([token]):
+    stream = Stream(model, None, {}, work, policy=TextPolicy(first, position), seen=first)
+    out = []
+    for (token,) in generate_step(stream, logits, max_new_tokens, tokenizer.eos_token_id):
+        if "\n" in tokenizer.decode([token]):
             break
         out.append(token)
-        logits = _feed_text(model, work, torch.tensor([token]), first, position)[-1]
-        first, position = first + 1, position + 1
     prediction = tokenizer.decode(out).strip()
     return normalise(prediction) == normalise(q.answer), prediction
 
@@ -189,7 +188,9 @@ def qa_task(
     rows, kept, ctx_tokens, compressions = [], 0, 0, 0
     for i, item in enumerate(tqdm(items, desc=f"qa {method.name}", leave=False)):
         context = tokenize(item.context, tokenizer)
-        layout, cache, _, _ = prefill(model, method, token_ids, context, chunk_tokens=512, seed=seed + i)
+        stream = Stream(model, method, token_ids)
+        stream.prefill(context, chunk_tokens=512, seed=seed + i)
+        layout, cache = stream.layouts[0], stream.cache
         compressions += 1  # once per context, whatever the number of its questions
         kept += int(cache.stored_slots().max())
         ctx_tokens += len(context)

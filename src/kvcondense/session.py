@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import EvictingCache
+from .engine import Stream, generate_step
 from .errors import UsageError
 from .forward import feed, num_layers
 from .generate import context_limit
@@ -43,9 +44,19 @@ from .memory_file import (  # noqa: F401  (re-exported: these lived here before)
     memory_identity,
     save_memory,
 )
-from .methods import Method
+from .methods import Method, StepPiece
 from .methods.baselines import FullAttention, NoContext, SlidingWindow
 from .methods.ccm import CCMConcat, MemoryWriter, Piece
+
+
+class TailPolicy:
+    """Answer tokens after a memory: plain text that takes the writer's next logical index and position."""
+
+    def __init__(self, writer: MemoryWriter | TextWriter):
+        self.writer = writer
+
+    def step(self, token: int) -> StepPiece:
+        return StepPiece(self.writer.tail(torch.tensor([token])), 0, [])
 
 
 class ContextFullError(UsageError):
@@ -295,14 +306,11 @@ class MemorySession:
         self.check_room(self.turn_end(tail_tokens=len(ids) + max_new_tokens), "this answer")
         with self._scratch():
             logits = self._run_tail(ids)[-1]
-            for _ in range(max_new_tokens):
-                token = int(logits.argmax())
-                if token == eos:
-                    break
+            stream = Stream(self.model, None, {}, self.cache, policy=TailPolicy(self.writer), seen=self.writer.next)
+            for (token,) in generate_step(stream, logits, max_new_tokens, eos):
                 new.append(token)
                 if stop and stop in self.tokenizer.decode([token]):
                     break
-                logits = self._run_tail(torch.tensor([token]))[-1]
         text = self.tokenizer.decode(new)
         return text.split(stop)[0] if stop else text
 

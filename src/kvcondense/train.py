@@ -9,6 +9,7 @@ runs on one CPU or under ``accelerate launch``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -80,6 +81,8 @@ class TrainConfig:
             every text prediction, see :mod:`kvcondense.distill`) or ``lm+kl`` (their sum, KL weighted).
         kl_weight: weight of the KL term (``kl`` and ``lm+kl``).
         temperature: softening of both distributions in the KL term.
+        sample_ratios: when given, each training block draws its compression ratio from these (one adapter for
+            several KV budgets, as Activation Beacon samples its ratio); empty: every block uses the method's ratio.
     """
 
     method: str = "sentinel"
@@ -105,6 +108,7 @@ class TrainConfig:
     objective: str = "lm"
     kl_weight: float = 1.0
     temperature: float = 1.0
+    sample_ratios: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -120,6 +124,9 @@ class TrainConfig:
             raise UsageError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         if self.kl_weight <= 0 or self.temperature <= 0:
             raise UsageError(f"--kl-weight and --temperature must be > 0, got {self.kl_weight}, {self.temperature}")
+        self.sample_ratios = [float(r) for r in self.sample_ratios]
+        if any(not 0 < r < 1 for r in self.sample_ratios):
+            raise UsageError(f"--sample-ratios must each be in (0, 1), got {self.sample_ratios}")
         for name in ("warmup_steps", "save_every"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
@@ -176,6 +183,13 @@ def lm_loss(logits: torch.Tensor, layouts: list[Layout], reduction: str = "mean"
     n = int((targets != IGNORE).sum())
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
     return (loss if reduction == "sum" else loss / max(n, 1)), n
+
+
+def block_layout(method: Method, cfg: TrainConfig, block, token_ids: dict[str, int], seed: int) -> Layout:
+    """One block's layout; with ``cfg.sample_ratios`` its ratio is drawn from them (fixed by ``seed``)."""
+    if cfg.sample_ratios:
+        method = dataclasses.replace(method, ratio=random.Random(seed).choice(cfg.sample_ratios))
+    return method.layout(block, token_ids, seed=seed)
 
 
 def objective_loss(model, layouts: list[Layout], cfg: TrainConfig, accelerator: Accelerator):
@@ -270,6 +284,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
 def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     out = Path(cfg.out)
     method = build_method(cfg.method, **cfg.method_params)
+    if cfg.sample_ratios and "ratio" not in method.params():
+        raise UsageError(f"--sample-ratios needs a method with a ratio; {cfg.method} has none")
     if not method.trainable:
         raise UsageError(f"method {method.name!r} is training-free; evaluate it directly with kvcondense eval")
     episodic = is_episode_data(cfg.data)
@@ -345,7 +361,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     while step < cfg.steps:
         for _ in range(cfg.grad_accum):
             epoch, batch = next(stream)
-            layouts = [method.layout(b, token_ids, seed=cfg.seed + 7919 * epoch + i) for i, b in batch]
+            layouts = [block_layout(method, cfg, b, token_ids, cfg.seed + 7919 * epoch + i) for i, b in batch]
             with accelerator.accumulate(model):
                 loss, parts = objective_loss(model, layouts, cfg, accelerator)
                 accelerator.backward(loss)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from .engine import incremental_forward
 from .errors import UsageError
-from .forward import incremental_forward, parallel_forward
+from .forward import parallel_forward
 from .layout import IGNORE, Layout
 from .masks import SUPPORTED_ATTN
 from .methods.sentinel import sentinel_layout

@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from ..layout import NEVER, Kind, Layout
+from ..layout import IGNORE, NEVER, Kind, Layout
 
 
 @dataclass
@@ -122,11 +123,60 @@ class Method(ABC):
         random choice (span placement, scattered keys) so that a given (text, seed) always gives one layout."""
 
     def decode_policy(self, prompt: Layout, token_ids: dict[str, int], seed: int = 0):
-        """How generated tokens are laid out after ``prompt`` (see :mod:`kvcondense.decode`). Default: kept."""
-        from ..decode import TextPolicy
-
-        return TextPolicy(prompt, lambda index: NEVER)
+        """The method's rule for generated tokens after ``prompt``: an object whose ``step(token)`` returns the
+        :class:`StepPiece` to feed (see :mod:`kvcondense.engine`). Default: every generated token is kept."""
+        return TextPolicy.after(prompt)
 
     def params(self) -> dict:
         """The hyperparameters, as saved in checkpoints and results."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+# ------------------------------------------------------------------------------------------- generated tokens
+@dataclass
+class StepPiece:
+    """One decode step of a method's policy: the layout piece to feed, the row whose logits predict the next
+    token, and expiry updates ``(logical indices, expire)`` for keys already stored."""
+
+    layout: Layout
+    next_row: int
+    updates: list[tuple[torch.Tensor, int]]
+
+
+def piece_layout(rows: list[dict]) -> Layout:
+    """A layout from row dicts with keys id, kind, pos, expire, start, closer."""
+    return Layout(
+        input_ids=torch.tensor([r["id"] for r in rows], dtype=torch.long),
+        kinds=torch.tensor([int(r["kind"]) for r in rows], dtype=torch.long),
+        position_ids=torch.tensor([r["pos"] for r in rows], dtype=torch.long),
+        expire=torch.tensor([r["expire"] for r in rows], dtype=torch.long),
+        start=torch.tensor([r["start"] for r in rows], dtype=torch.long),
+        closer_only=torch.tensor([r["closer"] for r in rows], dtype=torch.bool),
+        targets=torch.full((len(rows),), IGNORE, dtype=torch.long),
+    )
+
+
+class TextPolicy:
+    """Plain text tokens whose expiry is a function of their logical index (all the baselines), from logical index
+    ``index`` at position ``position`` on."""
+
+    def __init__(self, index: int, position: int, expiry: Callable[[int], int] = lambda index: NEVER):
+        self.index, self.n_text, self.expiry = index, position, expiry
+
+    @classmethod
+    def after(cls, prompt: Layout, expiry: Callable[[int], int] = lambda index: NEVER) -> TextPolicy:
+        """Text continuing ``prompt``: logical indices after its rows, positions after its text tokens."""
+        return cls(len(prompt), prompt.n_text, expiry)
+
+    def step(self, token: int) -> StepPiece:
+        row = {
+            "id": token,
+            "kind": Kind.TEXT,
+            "pos": self.n_text,
+            "expire": self.expiry(self.index),
+            "start": 0,
+            "closer": False,
+        }
+        self.index += 1
+        self.n_text += 1
+        return StepPiece(piece_layout([row]), 0, [])

@@ -13,10 +13,9 @@ from typing import ClassVar
 
 import torch
 
-from ..decode import TextPolicy
 from ..errors import UsageError
 from ..layout import IGNORE, NEVER, Layout, text_layout
-from .base import Method, TokenizedText
+from .base import Method, TextPolicy, TokenizedText
 
 
 def _check_ratio(ratio: float) -> None:
@@ -130,7 +129,7 @@ class LocalAttention(Method):
         return text_layout(text.ids, local_expiry(len(text), self.ratio))
 
     def decode_policy(self, prompt: Layout, token_ids: dict[str, int], seed: int = 0) -> TextPolicy:
-        return TextPolicy(prompt, lambda index: int(local_expiry(index + 1, self.ratio)[index]))
+        return TextPolicy.after(prompt, lambda index: int(local_expiry(index + 1, self.ratio)[index]))
 
 
 @dataclass
@@ -157,7 +156,7 @@ class ScatteredAttention(Method):
 
     def decode_policy(self, prompt: Layout, token_ids: dict[str, int], seed: int = 0) -> TextPolicy:
         rng = random.Random(seed + 1)
-        return TextPolicy(prompt, lambda index: index if rng.random() < self.ratio else NEVER)
+        return TextPolicy.after(prompt, lambda index: index if rng.random() < self.ratio else NEVER)
 
 
 @dataclass
@@ -201,4 +200,4 @@ class StreamingLLM(Method):
 
     def decode_policy(self, prompt: Layout, token_ids: dict[str, int], seed: int = 0) -> TextPolicy:
         window = self.window(len(prompt))  # the budget is fixed by the prompt
-        return TextPolicy(prompt, lambda index: NEVER if index < self.sinks else index + window)
+        return TextPolicy.after(prompt, lambda index: NEVER if index < self.sinks else index + window)

@@ -11,10 +11,9 @@ from typing import ClassVar
 
 import torch
 
-from ..decode import GistPolicy
 from ..errors import UsageError
 from ..layout import IGNORE, NEVER, Kind, Layout
-from .base import Method, TokenizedText
+from .base import Method, StepPiece, TokenizedText, piece_layout
 
 MAX_GIST_TOKENS = 8
 
@@ -103,3 +102,42 @@ def gist_layout(ids: torch.Tensor, after: list[int], gist_ids: list[int], bos_si
         closer_only=torch.zeros(n, dtype=torch.bool),
         targets=targets,
     )
+
+
+class GistPolicy:
+    """Gist tokens during generation: when the model emits ``g_1`` the rest of the block is forced, and the
+    finished sentence's regular tokens are freed at once (the paper's code keeps them until the end). A block is
+    also forced after ``max_sentence_tokens`` regular tokens."""
+
+    def __init__(self, prompt: Layout, gist_ids: list[int], max_sentence_tokens: int = 0, bos_sink: bool = False):
+        self.index = len(prompt)
+        self.gist_ids = gist_ids
+        self.max_sentence_tokens = max_sentence_tokens
+        # regular tokens of the prompt's unfinished sentence are still stored: they are freed with its block
+        tail = [i for i in range(len(prompt)) if prompt.expire[i] == NEVER and prompt.kinds[i] == Kind.TEXT]
+        self.sentence = [i for i in tail if not (bos_sink and i == 0)]
+        self.run = len(self.sentence)
+
+    def _block(self, rows: list[dict]) -> list[tuple[torch.Tensor, int]]:
+        first = self.index - len(rows)
+        for g in self.gist_ids:
+            rows.append({"id": g, "kind": Kind.GIST, "pos": self.index, "expire": NEVER, "start": 0, "closer": False})
+            self.index += 1
+        last = self.index - 1
+        for r, idx in zip(rows, range(first, last + 1), strict=False):
+            if idx in self.sentence:
+                r["expire"] = last
+        stored = [i for i in self.sentence if i < first]
+        self.sentence, self.run = [], 0
+        return [(torch.tensor(stored), last)] if stored else []
+
+    def step(self, token: int) -> StepPiece:
+        if token in self.gist_ids:  # the model closed the sentence: force the whole block
+            updates = self._block(rows := [])
+            return StepPiece(piece_layout(rows), len(rows) - 1, updates)
+        rows = [{"id": token, "kind": Kind.TEXT, "pos": self.index, "expire": NEVER, "start": 0, "closer": False}]
+        self.sentence.append(self.index)
+        self.index += 1
+        self.run += 1
+        updates = self._block(rows) if self.run == self.max_sentence_tokens else []
+        return StepPiece(piece_layout(rows), len(rows) - 1, updates)

@@ -12,10 +12,9 @@ from typing import ClassVar
 
 import torch
 
-from ..decode import SentinelPolicy
 from ..errors import UsageError
 from ..layout import NEVER, Kind, Layout, next_text_targets
-from .base import Method, TokenizedText
+from .base import Method, StepPiece, TokenizedText, piece_layout
 
 OPEN, CLOSE = "<CL>", "<CR>"
 
@@ -99,6 +98,7 @@ def sentinel_layout(
 
 
 PLACEMENTS = ("lines", "recent")
+LORA_SCOPES = ("all", "special")
 
 
 def recent_spans(n: int, kept: float, sinks: int) -> list[tuple[int, int]]:
@@ -124,6 +124,68 @@ def word_spans_to_tokens(text: TokenizedText, word_spans: list[tuple[int, int]])
     return [(first[a], last[b]) for a, b in word_spans if a in first and b in last and first[a] <= last[b]]
 
 
+class SentinelPolicy:
+    """Generated text is compressed in a fixed pattern: ``gap`` plain tokens, then a span of ``span`` tokens
+    wrapped in ``<CL> ... <CR>``. With ``gap = ((1 - r) * span - 1) / r`` the kept fraction is ``1 - r``."""
+
+    def __init__(
+        self, prompt: Layout, open_id: int, close_id: int, ratio: float, span: int = 8, cr_sees_prefix: bool = False
+    ):
+        self.index, self.n_text = len(prompt), prompt.n_text
+        self.open_id, self.close_id, self.span, self.cr_sees_prefix = open_id, close_id, span, cr_sees_prefix
+        self.gap = max(0, round(((1 - ratio) * span - 1) / ratio))
+        self.phase = 0  # position inside the current gap + span period
+        self.open_at = -1
+        self.members: list[int] = []
+
+    def step(self, token: int) -> StepPiece:
+        rows, updates, next_row = [], [], 0
+        in_span = self.phase >= self.gap
+        if self.phase == self.gap:  # open a span before this token
+            self.open_at = self.index
+            self.members = [self.index]
+            rows.append(
+                {
+                    "id": self.open_id,
+                    "kind": Kind.OPEN,
+                    "pos": max(self.n_text - 1, 0),
+                    "expire": NEVER,
+                    "start": self.index,
+                    "closer": True,
+                }
+            )
+            self.index += 1
+        next_row = len(rows)
+        rows.append({"id": token, "kind": Kind.TEXT, "pos": self.n_text, "expire": NEVER, "start": 0, "closer": False})
+        if in_span:
+            self.members.append(self.index)
+        self.index += 1
+        self.n_text += 1
+        self.phase += 1
+        if self.phase == self.gap + self.span:  # close the span after this token
+            cr = self.index
+            rows.append(
+                {
+                    "id": self.close_id,
+                    "kind": Kind.CLOSE,
+                    "pos": self.n_text - 1,
+                    "expire": NEVER,
+                    "start": 0 if self.cr_sees_prefix else self.open_at,
+                    "closer": False,
+                }
+            )
+            first_new = cr - len(rows) + 1
+            for r, idx in zip(rows, range(first_new, cr + 1), strict=True):
+                if idx in self.members:
+                    r["expire"] = cr
+            stored = [m for m in self.members if m < first_new]
+            if stored:
+                updates.append((torch.tensor(stored), cr))
+            self.index += 1
+            self.phase, self.members = 0, []
+        return StepPiece(piece_layout(rows), next_row, updates)
+
+
 @dataclass
 class Sentinel(Method):
     """Sentinel-token compression (Ren et al., EMNLP 2023): each span of the context collapses into its ``<CR>``.
@@ -139,6 +201,9 @@ class Sentinel(Method):
             tokens stay raw, everything older is tiled with token spans, each condensed into its ``<CR>``), which
             reaches any budget on any text: half of the kept slots go to the recent window, half to the ``<CR>``s.
         sinks: ``recent`` placement: initial tokens that stay raw (attention sinks).
+        lora_scope: where the LoRA update acts: ``all`` tokens (the paper's) or only the ``special`` ones
+            (``<CL>``/``<CR>``, a conditional LoRA as in CCM): text then runs the base model exactly, so with nothing
+            compressed the checkpoint *is* the base model, and only the condensing tokens are learned.
     """
 
     name: ClassVar[str] = "sentinel"
@@ -151,8 +216,15 @@ class Sentinel(Method):
     decode_span: int = 8
     placement: str = "lines"
     sinks: int = 4
+    lora_scope: str = "all"
+
+    @property
+    def lora_on(self) -> tuple[Kind, ...] | None:  # type: ignore[override]
+        return (Kind.OPEN, Kind.CLOSE) if self.lora_scope == "special" else None
 
     def __post_init__(self) -> None:
+        if self.lora_scope not in LORA_SCOPES:
+            raise UsageError(f"unknown lora_scope {self.lora_scope!r}; choose one of {', '.join(LORA_SCOPES)}")
         if self.placement not in PLACEMENTS:
             raise UsageError(f"unknown placement {self.placement!r}; choose one of {', '.join(PLACEMENTS)}")
         if self.sinks < 0:
