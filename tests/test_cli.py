@@ -270,9 +270,10 @@ def test_generate_prints_stats(capsys, trained):
             "16",
         ]
     )
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
     assert rc == 0
-    assert "logical tokens" in out and "stored slots" in out and "KV bytes" in out
+    assert "logical tokens" in captured.err and "stored slots" in captured.err and "KV bytes" in captured.err
+    assert "stored slots" not in captured.out  # stdout holds the text alone
 
 
 def test_long_context_needs_the_explicit_flag(capsys, trained):
@@ -302,7 +303,7 @@ def test_long_context_needs_the_explicit_flag(capsys, trained):
             "128",
         ]
     )
-    assert rc == 0 and "stored slots" in capsys.readouterr().out
+    assert rc == 0 and "stored slots" in capsys.readouterr().err
 
 
 def test_lora_rank_flags_shape_the_adapter(tiny_dir, sample_path, tmp_path, trained):

@@ -566,7 +566,13 @@ def _generate_parser(sub) -> None:
     group.add_argument("--prompt-file")
     p.add_argument("--max-new-tokens", type=_positive_int, default=64)
     p.add_argument("--prefill-chunk", type=_positive_int, default=64, help="prefill chunk size (tokens per forward)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed for span placement and sampling (default 0)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (default 0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1: off)")
+    p.add_argument("--stop", action="append", default=[], help="stop once the text contains this string (repeatable)")
+    p.add_argument("--stream", action="store_true", help="print the tokens as they are generated")
+    p.add_argument("--json", default=None, help="also write the text and the cache statistics to this JSON file")
     p.add_argument(
         "--allow-long-context",
         action="store_true",

@@ -8,12 +8,14 @@ they close); generated tokens are laid out by the method's decode policy and fre
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import check_writable, write_json
 from .engine import Sampling, Stream, generate_step
 from .errors import UsageError
 from .methods import Method, TokenizedText, tokenize
@@ -114,6 +116,9 @@ def generate_cli(args, prompt: str, method_params: dict) -> int:
 
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    Sampling(args.temperature, args.top_k, args.top_p, args.seed)  # bad sampling flags fail before the model loads
+    if args.json:
+        check_writable(args.json, "--json")
     if args.checkpoint:
         model, tokenizer, method, token_ids, _ = load_checkpoint(args.checkpoint, args.model)
         if args.method is not None and args.method != method.name:
@@ -128,6 +133,11 @@ def generate_cli(args, prompt: str, method_params: dict) -> int:
         method = build_method(args.method, ratio=args.ratio, **method_params)
         token_ids = add_special_tokens(model, tokenizer, method.special_tokens)
     check_family(model)
+    streamer = None
+    if args.stream:
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(tokenizer, skip_special_tokens=True)
     gen = generate(
         model,
         tokenizer,
@@ -138,12 +148,26 @@ def generate_cli(args, prompt: str, method_params: dict) -> int:
         args.prefill_chunk,
         args.seed,
         allow_long_context=args.allow_long_context,
+        sampling=Sampling(args.temperature, args.top_k, args.top_p, args.seed),
+        stop=args.stop,
+        streamer=streamer,
+        progress=not args.stream,
     )
-    print(gen.text)
-    print(
-        f"\n[{method.name}] logical tokens: {gen.logical_tokens}  stored slots: {gen.stored_slots}  "
+    if not args.stream:
+        print(gen.text, flush=True)
+    print(  # statistics go to stderr: stdout holds the text alone
+        f"[{method.name}] logical tokens: {gen.logical_tokens}  stored slots: {gen.stored_slots}  "
         f"KV bytes: {gen.kv_bytes:,} (full attention: {gen.kv_bytes_full:,}, "
-        f"{gen.kv_bytes / max(gen.kv_bytes_full, 1):.2f}x)  peak KV bytes: {gen.peak_kv_bytes:,}"
+        f"{gen.kv_bytes / max(gen.kv_bytes_full, 1):.2f}x)  peak KV bytes: {gen.peak_kv_bytes:,}",
+        file=sys.stderr,
     )
-    print(f"stored slots after each generated token: {' '.join(map(str, gen.slots_per_step))}")
+    print(f"stored slots after each generated token: {' '.join(map(str, gen.slots_per_step))}", file=sys.stderr)
+    if gen.kv_bytes > gen.kv_bytes_full:
+        print(
+            "note: the compressed cache is larger than full attention's here: the method's special tokens take "
+            "slots, and this prompt is too short for its spans to pay for them",
+            file=sys.stderr,
+        )
+    if args.json:
+        write_json(args.json, {"kind": "generate", "method": method.name, **asdict(gen)})
     return 0

@@ -1,0 +1,102 @@
+"""The decode engine: the one token loop, sampling, stop strings, streaming, clones."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_batch import TOKENS, Tok, prompt
+
+import kvcondense
+from kvcondense.engine import Sampling, Stream, generate_step
+from kvcondense.errors import UsageError
+from kvcondense.generate import generate
+from kvcondense.methods import build_method
+
+SRC = Path(kvcondense.__file__).parent
+
+
+def sentinel():
+    return build_method("sentinel", ratio=0.5, min_line_words=1, max_span_words=6)
+
+
+def test_one_decode_loop_in_the_library():
+    """Only the engine asks a method for its decode policy or steps one; decode.py is gone."""
+    assert not (SRC / "decode.py").exists()
+    for path in SRC.rglob("*.py"):
+        text = path.read_text()
+        if path.name == "engine.py" or path.parent.name == "methods":
+            continue
+        assert not re.search(r"\.decode_policy\(|policy\.step\(|policies\[", text), path
+        assert "feed_ragged" not in text, path
+
+
+def test_sampling_is_reproducible_with_a_seed_and_varies_without_it():
+    model = tiny_model("llama")
+    p = prompt(40, 1)
+
+    def run(seed, temperature=1.5):
+        sampling = Sampling(temperature=temperature, top_k=50, top_p=0.95, seed=seed)
+        return generate(model, Tok(), sentinel(), TOKENS, p, 16, 16, progress=False, sampling=sampling).new_tokens
+
+    assert run(1) == run(1)
+    assert len({tuple(run(s)) for s in range(4)}) > 1  # different seeds draw different text
+    greedy = generate(model, Tok(), sentinel(), TOKENS, p, 16, 16, progress=False).new_tokens
+    assert run(7, temperature=0.0) == greedy  # temperature 0 is greedy, whatever the seed
+
+
+def test_top_k_one_is_greedy():
+    model = tiny_model("llama")
+    p = prompt(30, 2)
+    greedy = generate(model, Tok(), sentinel(), TOKENS, p, 12, 16, progress=False).new_tokens
+    top1 = Sampling(temperature=2.0, top_k=1, seed=3)
+    assert generate(model, Tok(), sentinel(), TOKENS, p, 12, 16, progress=False, sampling=top1).new_tokens == greedy
+
+
+@pytest.mark.parametrize("bad", [{"temperature": -1}, {"top_k": -2}, {"top_p": 0}, {"top_p": 1.5}])
+def test_bad_sampling_settings_are_one_line(bad):
+    with pytest.raises(UsageError):
+        Sampling(**bad)
+
+
+def test_stop_strings_cut_the_text_and_the_streamer_sees_every_token():
+    model = tiny_model("llama")
+    p = prompt(30, 3)
+    full = generate(model, Tok(), sentinel(), TOKENS, p, 12, 16, progress=False)
+    stop = str(full.new_tokens[4])  # Tok decodes ids as space-separated numbers
+
+    class Streamer:
+        def __init__(self):
+            self.got, self.ended = [], False
+
+        def put(self, ids):
+            self.got += ids.tolist()
+
+        def end(self):
+            self.ended = True
+
+    streamer = Streamer()
+    cut = generate(model, Tok(), sentinel(), TOKENS, p, 12, 16, progress=False, stop=[stop], streamer=streamer)
+    first = next(i for i, t in enumerate(full.new_tokens) if stop in str(t))
+    assert cut.new_tokens == full.new_tokens[: first + 1]
+    assert stop not in cut.text and streamer.got == cut.new_tokens and streamer.ended
+
+
+def test_a_clone_continues_like_the_original_and_leaves_it_alone():
+    model = tiny_model("llama")
+    stream = Stream(model, sentinel(), TOKENS)
+    logits = stream.prefill(prompt(40, 4), chunk_tokens=16)
+    twin = stream.clone()
+    a = list(generate_step(stream, logits, 10))
+    b = list(generate_step(twin, logits, 10))
+    assert a == b and stream.seen == twin.seen
+    assert torch.equal(stream.cache.stored_slots(), twin.cache.stored_slots())
+
+
+def test_the_step_refuses_a_wrong_number_of_tokens():
+    model = tiny_model("llama")
+    stream = Stream(model, sentinel(), TOKENS)
+    stream.prefill(prompt(20, 5), chunk_tokens=16)
+    with pytest.raises(ValueError, match="2 tokens for 1 rows"):
+        stream.step([1, 2])
