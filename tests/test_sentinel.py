@@ -133,3 +133,80 @@ def test_recent_placement_is_equivalent_with_eviction():
 def test_unknown_placement_is_refused():
     with pytest.raises(ValueError, match="unknown placement"):
         build_method("sentinel", placement="middle")
+
+
+# --------------------------------------------------------------------------- lora_scope and sampled ratios (training)
+def _random_lora(model, method, seed=0):
+    from kvcondense.lora import LoraSettings, attach_lora
+
+    peft = attach_lora(model, LoraSettings(r=4), [94, 95], method.lora_on)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained-looking update (B starts at zero)
+    return peft
+
+
+def _text(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 90, (n,), generator=g)
+    return TokenizedText(ids, torch.arange(n), torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("scope", ["special", "all"])
+def test_lora_scope_special_leaves_text_on_the_base_model(scope):
+    """With LoRA only on <CL>/<CR>, plain text runs the base model exactly (nothing compressed = the base model);
+    with LoRA on every token it does not; either way the compressed layout is changed by the adapter."""
+    from conftest import tiny_model
+
+    from kvcondense.forward import parallel_forward
+    from kvcondense.layout import text_layout
+
+    method = build_method("sentinel", placement="recent", ratio=0.5, lora_scope=scope)
+    assert method.lora_on == ((1, 2) if scope == "special" else None)
+    model = _random_lora(tiny_model("llama"), method)
+    text = _text(48)
+    plain = text_layout(text.ids)
+    with torch.no_grad():
+        adapted = parallel_forward(model, [plain]).logits
+        with model.disable_adapter():
+            base = parallel_forward(model, [plain]).logits
+        lay = method.layout(text, {"<CL>": 94, "<CR>": 95})
+        comp = parallel_forward(model, [lay]).logits
+        with model.disable_adapter():
+            comp_base = parallel_forward(model, [lay]).logits
+    assert torch.equal(adapted, base) == (scope == "special")
+    assert not torch.allclose(comp, comp_base)
+
+
+def test_unknown_lora_scope_is_refused():
+    from kvcondense.errors import UsageError
+
+    with pytest.raises(UsageError, match="lora_scope"):
+        build_method("sentinel", lora_scope="text")
+
+
+def test_sampled_ratios_vary_by_block_and_repeat_by_seed():
+    from kvcondense.train import TrainConfig, block_layout
+
+    method = build_method("sentinel", placement="recent", ratio=0.5)
+    cfg = TrainConfig(sample_ratios=[0.5, 0.75, 0.875])
+    text, ids = _text(256), {"<CL>": 94, "<CR>": 95}
+    kept = [block_layout(method, cfg, text, ids, seed).kept_slots() / 256 for seed in range(12)]
+    assert len({round(k, 2) for k in kept}) == 3  # all three budgets drawn
+    assert kept == [block_layout(method, cfg, text, ids, seed).kept_slots() / 256 for seed in range(12)]
+    assert {round(k * 8) / 8 for k in kept} == {0.5, 0.25, 0.125}
+    fixed = TrainConfig()
+    assert {block_layout(method, fixed, text, ids, s).kept_slots() for s in range(4)} == {
+        method.layout(text, ids).kept_slots()
+    }
+
+
+@pytest.mark.parametrize("ratios", [[0.5, 1.0], [0.0]])
+def test_sampled_ratios_outside_the_range_are_refused(ratios):
+    from kvcondense.errors import UsageError
+    from kvcondense.train import TrainConfig
+
+    with pytest.raises(UsageError, match="sample-ratios"):
+        TrainConfig(sample_ratios=ratios)
