@@ -1,17 +1,18 @@
-# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv with the pinned dependencies.
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv with the exact versions of
+# requirements.lock (pyproject.toml states ranges; the lock is what these commands install and CI tests).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test demo lint clean
+.PHONY: setup test demo lint clean lock test-latest
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: this version's CPU wheel lies on the machine's disk; an unpinned torch pulls CUDA.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c requirements.lock -e '.[dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -28,6 +29,20 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# Rewrite requirements.lock from .venv (after a deliberate upgrade there, and a passing make test).
+lock: setup
+	{ sed -n '1,2p' requirements.lock; $(BIN)/python -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+
+# The newest versions pyproject.toml allows (torch stays at the CPU wheel), in their own venv: not run by CI.
+test-latest:
+	rm -rf .venv-latest
+	$(PY) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install -q --upgrade pip
+	.venv-latest/bin/python -m pip install -q torch==2.13.0
+	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
+	.venv-latest/bin/python -m pytest -q -k 'not installed_versions_are_the_locked'
 
 # The kvpress peer runner's own venv (benchmarks/peers/kvpress/README.md): kvpress 0.5.5 needs transformers<5.3.
 PEERS_DIR := benchmarks/peers/kvpress

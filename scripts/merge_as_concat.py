@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import math
 
-from kvcondense.checkpoint import load_checkpoint
 from kvcondense.data.episodes import load_episodes
+from kvcondense.loader import load_checkpoint
 from kvcondense.memory_eval import score_episodes
 from kvcondense.methods import build_method, tokenize_episode
 
@@ -24,7 +24,8 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=30)
     ap.add_argument("--t", type=int, nargs="+", default=[1, 2, 4])
     args = ap.parse_args()
-    model, tok, merge, token_ids, _ = load_checkpoint(args.checkpoint, None)
+    got = load_checkpoint(args.checkpoint)
+    model, tok, merge, token_ids = got.model, got.tokenizer, got.method, got.token_ids
     if merge.name != "ccm-merge":
         raise SystemExit(f"{args.checkpoint} holds {merge.name}, not ccm-merge; give a ccm-merge checkpoint")
     episodes = [e for e in load_episodes("chitchat", "test", 0) if len(e.chunks) >= 16][: args.episodes]

@@ -164,9 +164,9 @@ def test_stage_rows_trains_only_the_gist_rows(tiny_dir, sample_path, tmp_path):
     assert trained and all("trainable_tokens_delta" in name for name in trained)
     adapter = load_file(str(tmp_path / "ck" / "adapter.safetensors"))
     assert not any("lora_" in k for k in adapter)  # LoRA is untouched (B = 0): only the rows are stored
-    from kvcondense.checkpoint import load_checkpoint
+    from kvcondense.loader import load_checkpoint
 
-    model = load_checkpoint(cfg.out, merge_lora=False)[0]  # loads with its LoRA at the identity init
+    model = load_checkpoint(cfg.out, merge_lora=False).model  # loads with its LoRA at the identity init
     assert all(p.abs().max() == 0 for n, p in model.named_parameters() if "lora_B" in n)
     rows = [v for k, v in adapter.items() if "trainable_tokens_delta" in k]
     assert rows and rows[0].shape[0] == 2

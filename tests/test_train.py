@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from kvcondense import checkpoint as ckpt
-from kvcondense.checkpoint import load_checkpoint, read_log, read_meta, write_checkpoint
+from kvcondense.checkpoint import read_log, read_meta, write_checkpoint
 from kvcondense.data import load_split
 from kvcondense.evaluate import perplexity
 from kvcondense.forward import parallel_forward
+from kvcondense.loader import load_checkpoint
 from kvcondense.lora import adapter_state
 from kvcondense.methods import build_method
 from kvcondense.train import TrainConfig, checkpoint_meta, prepare_model, text_blocks, train
@@ -41,7 +42,8 @@ def test_training_lowers_the_loss(tiny_dir, sample_path, tmp_path):
     model.eval()
     before = perplexity(model, method, blocks, token_ids, 4, seed=99)["perplexity"]
     train(cfg)
-    model, tok, method, token_ids, meta = load_checkpoint(cfg.out)
+    got = load_checkpoint(cfg.out)
+    model, tok, method, token_ids, meta = got.model, got.tokenizer, got.method, got.token_ids, got.meta
     after = perplexity(model, method, blocks, token_ids, 4, seed=99)["perplexity"]
     assert after < 0.9 * before, (before, after)
     assert meta["training"]["steps_done"] == 40
@@ -63,7 +65,7 @@ def test_checkpoint_round_trip_is_exact(tiny_dir, sample_path, tmp_path):
         expected = parallel_forward(model, [layout]).logits
     write_checkpoint(cfg.out, checkpoint_meta(cfg, method, token_ids, identity, 0), adapter_state(model), [])
     for merge_lora in (False, True):  # the peft model as trained, and LoRA + rows folded into the weights
-        loaded, *_ = load_checkpoint(cfg.out, merge_lora=merge_lora)
+        loaded = load_checkpoint(cfg.out, merge_lora=merge_lora).model
         assert any("lora_" in name for name, _ in loaded.named_parameters()) != merge_lora
         with torch.no_grad():
             got = parallel_forward(loaded, [layout]).logits

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .data import load_corpus
 from .engine import Stream
 from .errors import UsageError
-from .methods import FullAttention, Method, TokenizedText, build_method, tokenize
+from .methods import FullAttention, Method, TokenizedText, tokenize
 
 
 @dataclass
@@ -163,15 +163,12 @@ def run_bench(cfg: BenchConfig) -> dict:
 
 def _load(cfg: BenchConfig, dtype: torch.dtype):
     """(model, tokenizer, method at ``cfg.ratio``, token ids): a trained checkpoint's, or the base model's."""
-    from .checkpoint import load_checkpoint
-    from .models import DEFAULT_MODEL, add_special_tokens, load_model
+    from .loader import load
 
-    if cfg.checkpoint:
-        model, tokenizer, method, token_ids, _ = load_checkpoint(cfg.checkpoint, cfg.model, dtype=dtype)
-        return model, tokenizer, build_method(method.name, **{**method.params(), "ratio": cfg.ratio}), token_ids
-    model, tokenizer = load_model(cfg.model or DEFAULT_MODEL, dtype=dtype)
-    method = build_method(cfg.method, ratio=cfg.ratio)
-    return model, tokenizer, method, add_special_tokens(model, tokenizer, method.special_tokens)
+    method = None if cfg.checkpoint else cfg.method
+    params = {"ratio": cfg.ratio} if cfg.ratio is not None else {}
+    got = load(cfg.checkpoint, method, params, cfg.model, dtype=dtype)
+    return got.model, got.tokenizer, got.method, got.token_ids
 
 
 def _measure_context(cfg: BenchConfig, model, method: Method, token_ids, context: int, text: TokenizedText) -> dict:

@@ -28,10 +28,8 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import check_writable, current_umask
 from .errors import UsageError
-from .lora import LoraSettings, attach_lora, load_adapter_state
 from .meta import FORMAT, validate_meta
 from .methods import Method, build_method
-from .models import add_special_tokens, load_model, model_identity
 from .state_io import load_state, save_state
 
 META = "kvcondense.json"
@@ -252,43 +250,3 @@ def method_from_meta(meta: dict) -> Method:
         return build_method(meta["method"]["name"], **params)
     except TypeError as e:  # a parameter of the wrong type reached the dataclass
         raise CheckpointError(f"method parameters {params} of the checkpoint are invalid ({e})") from None
-
-
-def load_checkpoint(path: str | Path, model_name: str | None = None, merge_lora: bool = True, **model_kwargs):
-    """Load a checkpoint onto its base model. Returns (model, tokenizer, method, token_ids, meta).
-
-    ``model_name`` overrides where the base model is loaded from; its weights must still be the ones the
-    checkpoint was trained on, or this raises :class:`CheckpointError`.
-
-    ``merge_lora``: when the LoRA acts on every token (every method but CCM), fold it and the new token rows into
-    the base weights once, so that inference runs the plain model (the same function up to float rounding,
-    without the adapter's extra matmuls in every projection at every step). Conditional LoRA (CCM) stays a peft
-    model either way: its gate depends on each token. False keeps the peft model (to inspect or train it).
-    """
-    meta = read_meta(path)
-    if not (Path(path) / ADAPTER).is_file():  # e.g. a committed run whose weights were left out for size
-        command = meta.get("command") or "the training command in its kvcondense.json"
-        raise CheckpointError(f"checkpoint {path} holds no {ADAPTER} (only its config and log); remake it: {command}")
-    method = method_from_meta(meta)
-    adapter = read_adapter(path)  # a damaged file fails before the model loads
-    base = meta["base_model"]
-    model, tokenizer = load_model(model_name or base["name"], **model_kwargs)
-    ident = model_identity(model, model_name or base["name"])
-    if (ident["model_type"], ident["fingerprint"]) != (base["model_type"], base["fingerprint"]):
-        raise CheckpointError(
-            f"checkpoint {path} was trained on {base['name']} ({base['model_type']}, weights {base['fingerprint']}), "
-            f"not on {ident['name']} ({ident['model_type']}, weights {ident['fingerprint']}); "
-            "load it with the model it was trained on"
-        )
-    token_ids = add_special_tokens(model, tokenizer, method.special_tokens)
-    if token_ids != meta["special_tokens"]:
-        raise CheckpointError(f"special token ids {token_ids} differ from the checkpoint's {meta['special_tokens']}")
-    model = attach_lora(model, LoraSettings(**meta["lora"]), list(token_ids.values()), method.lora_on)
-    stage = meta["training"].get("stage")
-    load_adapter_state(
-        model, adapter, full=stage == "full", rows_only=stage == "rows", source=str(Path(path) / ADAPTER)
-    )
-    model.eval()
-    if merge_lora and method.lora_on is None:
-        model = model.merge_and_unload()
-    return model, tokenizer, method, token_ids, meta

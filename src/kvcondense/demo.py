@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .bench import BenchConfig, run_bench
-from .checkpoint import load_checkpoint
 from .data import load_split
 from .evaluate import EvalConfig, run_eval
 from .generate import generate
+from .loader import load
 from .methods import build_method, tokenize
 from .models import DEFAULT_MODEL, add_special_tokens, load_model
 from .report import result_file, write_json, write_report
@@ -129,8 +129,8 @@ def side_by_side(model_name: str, data: str, checkpoints: Path, ratio: float, bu
     full = generate(model, tokenizer, build_method("full"), {}, prompt, budget.show_new, progress=False)
     ck = checkpoints / f"sentinel-r{ratio}"
     if (ck / "kvcondense.json").exists():
-        model, tokenizer, method, token_ids, _ = load_checkpoint(ck, model_name)
-        method = build_method("sentinel", **{**method.params(), "ratio": ratio})
+        got = load(ck, params={"ratio": ratio}, model=model_name)
+        model, tokenizer, method, token_ids = got.model, got.tokenizer, got.method, got.token_ids
         name = "trained sentinel"
     else:
         method = build_method("sentinel", ratio=ratio)

@@ -13,3 +13,18 @@ class UsageError(ValueError):
 
     A ``ValueError`` so that code catching the broad type keeps working; the CLI catches only this class.
     """
+
+
+def optional(module: str, extra: str = "eval"):
+    """Import an optional dependency, or say in one line which extra installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module.split(".")[0]:
+            raise  # the library is there but broken: its own traceback
+        raise UsageError(
+            f"this needs {module.split('.')[0]}, which kvcondense installs with its [{extra}] extra: "
+            f"pip install 'kvcondense[{extra}]'"
+        ) from None

@@ -18,16 +18,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint
 from .continuation import continuation_quality, continuation_samples
 from .data import load_split
 from .engine import incremental_forward
 from .errors import UsageError
 from .forward import parallel_forward
 from .layout import IGNORE, Kind
-from .methods import Method, TokenizedText, build_method, check_params, override, tokenize
+from .loader import load
+from .methods import Method, TokenizedText, build_method, tokenize
 from .metrics import BertScore
-from .models import DEFAULT_MODEL, add_special_tokens, load_model
 from .train import text_blocks
 from .verify import check_family, max_abs_diff
 
@@ -107,18 +106,10 @@ class EvalConfig:
 
 
 def load_for_eval(cfg: EvalConfig):
-    """(model, tokenizer, method, token_ids, label) for a checkpoint or for an untrained method."""
-    if cfg.checkpoint is not None:
-        model, tokenizer, method, token_ids, meta = load_checkpoint(cfg.checkpoint, cfg.model)
-        # inference-time parameters the checkpoint does not fix (CCM streaming: --window, --sinks) apply on top
-        method = override(method, cfg.method_params, f"checkpoint {cfg.checkpoint}")
-        return model, tokenizer, method, token_ids, f"{method.name} (trained)"
-    check_params(cfg.method, cfg.method_params)
-    model, tokenizer = load_model(cfg.model or DEFAULT_MODEL)
-    method = build_method(cfg.method, **cfg.method_params)
-    token_ids = add_special_tokens(model, tokenizer, method.special_tokens)
-    label = f"{method.name} (untrained tokens)" if method.special_tokens else method.name
-    return model, tokenizer, method, token_ids, label
+    """(model, tokenizer, method, token_ids, label) for a checkpoint or for an untrained method (see
+    :func:`kvcondense.loader.load` for which parameters may be set on a checkpoint)."""
+    got = load(cfg.checkpoint, cfg.method, cfg.method_params, cfg.model)
+    return got.model, got.tokenizer, got.method, got.token_ids, got.label
 
 
 @torch.no_grad()

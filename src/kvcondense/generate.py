@@ -109,9 +109,7 @@ def generate(
 
 def generate_cli(args, prompt: str, method_params: dict) -> int:
     """``kvcondense generate``: print the continuation and the cache statistics."""
-    from .checkpoint import load_checkpoint
-    from .methods import build_method, check_params, override
-    from .models import DEFAULT_MODEL, add_special_tokens, load_model
+    from .loader import load
     from .verify import check_family
 
     if args.max_new_tokens < 1:
@@ -119,19 +117,9 @@ def generate_cli(args, prompt: str, method_params: dict) -> int:
     Sampling(args.temperature, args.top_k, args.top_p, args.seed)  # bad sampling flags fail before the model loads
     if args.json:
         check_writable(args.json, "--json")
-    if args.checkpoint:
-        model, tokenizer, method, token_ids, _ = load_checkpoint(args.checkpoint, args.model)
-        if args.method is not None and args.method != method.name:
-            raise UsageError(f"checkpoint {args.checkpoint} is a {method.name} checkpoint, not {args.method}")
-        typed = {**method_params, **({"ratio": args.ratio} if args.ratio is not None else {})}
-        method = override(method, typed, f"checkpoint {args.checkpoint}")
-    else:
-        if args.method is None:
-            raise UsageError("give --checkpoint DIR, or --method M to generate with an untrained method")
-        check_params(args.method, {"ratio": args.ratio, **method_params})
-        model, tokenizer = load_model(args.model or DEFAULT_MODEL)
-        method = build_method(args.method, ratio=args.ratio, **method_params)
-        token_ids = add_special_tokens(model, tokenizer, method.special_tokens)
+    typed = {**method_params, "ratio": args.ratio}
+    got = load(args.checkpoint, args.method, typed, args.model)
+    model, tokenizer, method, token_ids = got.model, got.tokenizer, got.method, got.token_ids
     check_family(model)
     streamer = None
     if args.stream:

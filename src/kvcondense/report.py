@@ -15,11 +15,10 @@ import io
 import json
 from pathlib import Path
 
-import matplotlib
-
 from . import atomic
 from .checkpoint import ADAPTER
 from .data.episodes import CACHE_VERSION as EPISODES_VERSION
+from .errors import optional
 from .report_records import (  # noqa: F401  (re-exported: these lived here before)
     KINDS,
     MAX_RESULT_BYTES,
@@ -32,8 +31,12 @@ from .report_records import (  # noqa: F401  (re-exported: these lived here befo
 )
 from .report_tasks import TASK_KINDS, task_markdown, task_plots
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend (an optional dependency: the [eval] extra)."""
+    matplotlib = optional("matplotlib")
+    matplotlib.use("Agg")  # files only, no display
+    return optional("matplotlib.pyplot")
 
 
 def run_name(kind: str, config: dict) -> str:
@@ -146,11 +149,12 @@ def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
     return atomic.write_bytes(path, buf.getvalue())
 
 
 def plots(records: list[dict], out: Path) -> list[Path]:
+    plt = _pyplot()
     made = task_plots(records, out, _save, plt)
     records = [r for r in records if r.get("kind") not in TASK_KINDS]
     for (metric, data), rows in memory_groups([r for r in records if is_memory(r)]).items():

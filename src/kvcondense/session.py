@@ -171,10 +171,10 @@ class MemorySession:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, model_name: str | None = None) -> MemorySession:
-        from .checkpoint import load_checkpoint
+        from .loader import load_checkpoint
 
-        model, tokenizer, method, token_ids, _ = load_checkpoint(path, model_name)
-        return cls(model, tokenizer, method, token_ids, name=str(path))
+        got = load_checkpoint(path, model_name)
+        return cls(got.model, got.tokenizer, got.method, got.token_ids, name=str(path))
 
     # -- memory -----------------------------------------------------------------------------------------------------
     @property
