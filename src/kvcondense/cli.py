@@ -619,6 +619,25 @@ def _demo_parser(sub) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a checkpoint as a peft adapter or a plain merged model, with a model card")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory made by train")
+    p.add_argument("--to", nargs=2, required=True, metavar=("FORMAT", "DIR"), help="peft DIR or merged DIR (new)")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    from .atomic import check_writable
+    from .export import export
+
+    fmt, out = args.to
+    if Path(out).exists():
+        raise UsageError(f"--to {fmt} {out} exists; give a new folder (an export never replaces one)")
+    check_writable(Path(out).parent / f".{Path(out).name}.probe", f"--to {fmt}")  # the folder that will hold it
+    print(f"exported to {export(args.checkpoint, fmt, out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="kvcondense", description="Learned context compression for Hugging Face causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -630,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
         _bench_parser,
         _report_parser,
         _demo_parser,
+        _export_parser,
     ):
         add(sub)
     return parser

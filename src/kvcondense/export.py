@@ -1,0 +1,120 @@
+"""Export a checkpoint to the formats the user's stack already loads, each with a model card.
+
+    kvcondense export --checkpoint checkpoints/sentinel-r0.5 --to peft exported/sentinel-peft
+    kvcondense export --checkpoint checkpoints/sentinel-r0.5 --to merged exported/sentinel-merged
+
+- ``peft``: ``adapter_config.json`` + ``adapter_model.safetensors`` (the LoRA and the new token rows, peft's own
+  names) + the tokenizer with the added tokens: ``PeftModel.from_pretrained(base, DIR)`` on the base model resized
+  to the tokenizer gives kvcondense's logits.
+- ``merged``: a plain Hugging Face model folder (LoRA and rows folded into the weights):
+  ``AutoModelForCausalLM.from_pretrained(DIR)``.
+
+Either way the special tokens only compress when the layout puts them in and the cache frees what they condense:
+run the exported model through kvcondense (``--model DIR`` for a merged export) to get the compression. A method
+whose LoRA acts only on its own tokens (CCM, sentinel ``--lora-scope special``) cannot be expressed in a stock
+model or in stock peft (the per-token gate is kvcondense's), so its export is refused rather than silently wrong.
+Written atomically: a temp folder beside ``DIR``, renamed at the end; an existing ``DIR`` is never replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from .checkpoint import method_from_meta, read_meta
+from .errors import UsageError
+
+FORMATS = ("peft", "merged")
+
+
+def model_card(meta: dict, fmt: str, source: str) -> str:
+    """A README.md for an export: method, parameters, base model, data, steps, and how to load it."""
+    training, method, base = meta["training"], meta["method"], meta["base_model"]
+    steps, objective = training.get("steps_done", training["steps"]), training.get("objective", "lm")
+    shape = f"batch {training['batch_size']} x {training['block_tokens']} tokens, lr {training['lr']}"
+    params = ", ".join(f"{k}={v}" for k, v in method["params"].items())
+    load = {
+        "peft": (
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\nfrom peft import PeftModel\n\n"
+            "tok = AutoTokenizer.from_pretrained(DIR)\nbase = AutoModelForCausalLM.from_pretrained(BASE)\n"
+            "base.resize_token_embeddings(len(tok))\nmodel = PeftModel.from_pretrained(base, DIR)"
+        ),
+        "merged": "from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained(DIR)",
+    }[fmt]
+    return f"""---
+library_name: {"peft" if fmt == "peft" else "transformers"}
+tags: [kvcondense, kv-cache-compression, {method["name"]}]
+license: apache-2.0
+---
+
+# kvcondense {method["name"]} ({fmt} export)
+
+Exported from the kvcondense checkpoint `{source}` with `kvcondense export --to {fmt}`.
+
+| | |
+|---|---|
+| method | `{method["name"]}` ({params}) |
+| special tokens | {", ".join(f"`{t}` = {i}" for t, i in meta["special_tokens"].items())} |
+| base model | `{base["name"]}` ({base["model_type"]}, weights {base["fingerprint"]}) |
+| training | {steps} steps, objective `{objective}`, data `{training["data"]}`, {shape} |
+| LoRA | r = {meta["lora"]["r"]}, alpha = {meta["lora"]["alpha"]} |
+| command | `{meta.get("command") or "see kvcondense.json"}` |
+
+## Load
+
+```python
+{load}
+```
+
+The weights alone do not compress: the method's layout inserts the special tokens and kvcondense's evicting
+cache frees the keys and values they condense. Run it through kvcondense to get the compression, e.g.
+`kvcondense generate --checkpoint {source} ...`. Results of this checkpoint: the kvcondense README's tables.
+"""
+
+
+def export(checkpoint: str | Path, fmt: str, out: str | Path) -> Path:
+    """Write ``checkpoint`` to ``out`` as ``fmt`` (``peft`` or ``merged``). Returns ``out``."""
+    from .loader import load_checkpoint
+
+    out = Path(out)
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if out.exists():
+        raise UsageError(f"--to {fmt} {out} exists; give a new folder (an export never replaces one)")
+    meta = read_meta(checkpoint)
+    method = method_from_meta(meta)
+    if method.lora_on is not None:
+        raise UsageError(
+            f"{checkpoint} is a {method.name} checkpoint whose LoRA acts only on its special tokens: stock peft and "
+            "plain models apply LoRA to every token, so they would give wrong logits; load it with kvcondense"
+        )
+    stage = meta["training"].get("stage", "lora")
+    if fmt == "peft" and stage == "full":
+        raise UsageError(f"{checkpoint} trained every weight (stage full), not a LoRA; export it --to merged")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        loaded = load_checkpoint(checkpoint, merge_lora=fmt == "merged")
+        model = loaded.model
+        if fmt == "peft":
+            model.peft_config["default"].base_model_name_or_path = meta["base_model"]["name"]
+        if fmt == "peft":  # the new rows travel as peft's trainable tokens; not the whole resized embedding
+            model.save_pretrained(tmp, save_embedding_layers=False)
+        else:
+            model.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(meta, fmt, str(checkpoint)))
+        (tmp / "kvcondense_source.json").write_text(json.dumps(meta, indent=2) + "\n")  # what it came from
+        tmp.chmod(0o777 & ~_umask())
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _umask() -> int:
+    from .atomic import current_umask
+
+    return current_umask()
