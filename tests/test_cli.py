@@ -356,3 +356,35 @@ def test_checkpoint_without_its_weights(capsys, trained, tmp_path):
     shutil.copytree(trained, bare)
     (bare / "adapter.safetensors").unlink()
     one_line_error(capsys, "eval", "--checkpoint", bare, "--max-tokens", "32", match="holds no adapter.safetensors")
+
+
+def test_method_flags_come_from_the_method_fields(monkeypatch):
+    """Adding a method is one class and one registry line: its fields become flags of train, eval and generate."""
+    from dataclasses import dataclass
+
+    from kvcondense import cli
+    from kvcondense.layout import text_layout
+    from kvcondense.methods import METHODS, Method, param
+
+    @dataclass
+    class Toy(Method):
+        name = "toy"
+        stride: int = param(3, "keep every stride-th token")
+        strict: bool = param(False, "refuse odd strides")
+
+        def layout(self, text, token_ids, seed=0):
+            return text_layout(text.ids)
+
+    monkeypatch.setitem(METHODS, "toy", Toy)
+    parser = cli.build_parser()
+    for command in ("train", "eval", "generate"):
+        args = parser.parse_args([command, "--method", "toy", "--stride", "5", "--strict", *_required(command)])
+        assert cli._method_params(args) == {"stride": 5, "strict": True}
+    args = parser.parse_args(["eval", "--method", "toy"])
+    assert cli._method_params(args) == {}  # nothing typed: the method's defaults apply
+    for f in __import__("dataclasses").fields(METHODS["sentinel"]):  # every real field has a flag too
+        assert f.name == "ratio" or f.name in vars(parser.parse_args(["eval", "--method", "sentinel"]))
+
+
+def _required(command):
+    return {"train": ["--out", "x"], "eval": [], "generate": ["--prompt", "p"]}[command]

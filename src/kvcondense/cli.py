@@ -14,6 +14,7 @@ A mistake of the user's (bad flag, missing file, wrong model) ends with one line
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import warnings
@@ -67,64 +68,49 @@ def _method(text: str) -> str:
     return text
 
 
+def _method_fields() -> dict[str, tuple[dataclasses.Field, list[str]]]:
+    """Every method hyperparameter but the ratio (each command gives that its own flag), with the methods that
+    have it: the flags come from the method dataclasses, so a new field is a new flag with no edit here."""
+    fields: dict[str, tuple[dataclasses.Field, list[str]]] = {}
+    for name, cls in METHODS.items():
+        for f in dataclasses.fields(cls):
+            if f.name != "ratio":
+                fields.setdefault(f.name, (f, []))[1].append(name)
+    return fields
+
+
+def _field_type(f: dataclasses.Field):
+    """The parse type of a field from its annotation (``int``, ``float | None``, ...)."""
+    kinds = {"int": int, "float": float, "str": str, "bool": bool}
+    if isinstance(f.type, type):
+        return f.type
+    names = [part.strip() for part in str(f.type).split("|")]  # "float | None" (postponed annotations)
+    return next(kinds[n] for n in names if n in kinds)
+
+
 def _add_method_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--gist-tokens", type=_positive_int, default=None, help="gist: tokens per sentence, 1..8 (default 4)"
-    )
-    p.add_argument(
-        "--max-sentence-tokens",
-        type=_positive_int,
-        default=None,
-        help="gist: force a gist block after this many regular tokens without a sentence end (default 128)",
-    )
-    p.add_argument("--bos-sink", action="store_true", help="gist: keep the first token visible as an attention sink")
-    p.add_argument(
-        "--comp-tokens", type=_positive_int, default=None, help="ccm: <COMP> tokens per chunk, 1..8 (default 4)"
-    )
-    p.add_argument(
-        "--chunk-tokens", type=_positive_int, default=None, help="ccm: plain text is cut into chunks of N tokens"
-    )
-    p.add_argument(
-        "--no-recurrent",
-        action="store_true",
-        help="ccm: compress each chunk without seeing the memory (Gisting-online)",
-    )
-    p.add_argument("--ema", type=float, default=None, help="ccm-merge: a constant update rate instead of 1/t")
-    p.add_argument("--window", type=int, default=None, help="ccm streaming: recent text tokens kept visible")
-    p.add_argument("--sinks", type=int, default=None, help="ccm/streaming: initial tokens never evicted")
-    p.add_argument("--slots", type=_positive_int, default=None, help="streaming/window: a fixed KV budget in slots")
-    p.add_argument(
-        "--placement",
-        choices=["lines", "recent"],
-        default=None,
-        help="sentinel: spans inside long lines (lines, the paper's) or sinks + recent window raw, all older text "
-        "condensed (recent, Activation Beacon's layout: reaches any budget)",
-    )
-    p.add_argument(
-        "--lora-scope",
-        choices=["all", "special"],
-        default=None,
-        help="sentinel: LoRA on every token (all, the paper's) or only on <CL>/<CR> (special: text runs the base "
-        "model exactly)",
-    )
+    for name, (f, methods) in _method_fields().items():
+        meta = f.metadata
+        flag = meta.get("flag") or "--" + name.replace("_", "-")
+        defaults = {m: getattr(METHODS[m], name, f.default) for m in methods}
+        help_text = f"{', '.join(methods)}: {meta.get('help', name)}"
+        if _field_type(f) is bool:  # --x turns on a default-off switch, --no-x turns off a default-on one
+            p.add_argument(flag, dest=name, action="store_const", const=not f.default, default=None, help=help_text)
+            continue
+        shown = ", ".join(f"{m} {d}" for m, d in defaults.items()) if len(set(defaults.values())) > 1 else f.default
+        p.add_argument(
+            flag,
+            dest=name,
+            type=_field_type(f),
+            choices=meta.get("choices"),
+            default=None,
+            help=f"{help_text} (default {shown})",
+        )
 
 
 def _method_params(args) -> dict:
-    params = {
-        "n_gist": getattr(args, "gist_tokens", None),
-        "max_sentence_tokens": getattr(args, "max_sentence_tokens", None),
-        "bos_sink": getattr(args, "bos_sink", False) or None,
-        "comp_tokens": getattr(args, "comp_tokens", None),
-        "chunk_tokens": getattr(args, "chunk_tokens", None),
-        "recurrent": False if getattr(args, "no_recurrent", False) else None,
-        "ema_rate": getattr(args, "ema", None),
-        "window": getattr(args, "window", None),
-        "sinks": getattr(args, "sinks", None),
-        "slots": getattr(args, "slots", None),
-        "placement": getattr(args, "placement", None),
-        "lora_scope": getattr(args, "lora_scope", None),
-    }
-    return {k: v for k, v in params.items() if v is not None}
+    """The method hyperparameters typed on the command line (None: not typed)."""
+    return {name: getattr(args, name) for name in _method_fields() if getattr(args, name, None) is not None}
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -146,7 +132,7 @@ def _cmd_train(args) -> int:
     given = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
     if args.grad_checkpointing:
         given["grad_checkpointing"] = True
-    params = {"ratio": args.ratio, "cr_sees_prefix": args.cr_sees_prefix or None, **_method_params(args)}
+    params = {"ratio": args.ratio, **_method_params(args)}
     params = {k: v for k, v in params.items() if v is not None}
     if args.resume and Path(args.out, "kvcondense.json").is_file():
         # the run's own settings, with the typed flags on top: train() refuses any that contradicts the run
@@ -384,7 +370,6 @@ def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a method's LoRA and token rows; writes a checkpoint")
     p.add_argument("--method", type=_method, required=True)
     p.add_argument("--ratio", type=_ratio, default=None, help="compression ratio in (0, 1) (default 0.5)")
-    p.add_argument("--cr-sees-prefix", action="store_true", help="sentinel: <CR> also attends to the prefix")
     _add_method_flags(p)
     p.add_argument(
         "--stage",

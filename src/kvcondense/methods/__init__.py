@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import UsageError
-from .base import Method, StepPiece, TextPolicy, TokenizedText, tokenize
+from .base import Method, StepPiece, TextPolicy, TokenizedText, param, tokenize
 from .baselines import FullAttention, LocalAttention, NoContext, ScatteredAttention, SlidingWindow, StreamingLLM
 from .ccm import CCMConcat, CCMMerge, EpisodeTokens, tokenize_episode
 from .gist import Gist
@@ -58,6 +58,7 @@ def override(method: Method, params: dict, source: str) -> Method:
 
 
 __all__ = [
+    "param",
     "StepPiece",
     "TextPolicy",
     "METHODS",

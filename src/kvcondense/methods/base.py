@@ -99,6 +99,12 @@ def sentence_ends(text: str) -> list[int]:
     return [m.end() for m in _BOUNDARY.finditer(text)]
 
 
+def param(default, help: str, flag: str | None = None, choices: tuple | None = None):
+    """A method hyperparameter: a dataclass field whose metadata makes its command-line flag (help text, a flag
+    name other than ``--field-name``, choices). Every method field becomes a flag of train, eval and generate."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+
+
 @dataclass
 class Method(ABC):
     """Base class of every compression method and baseline.

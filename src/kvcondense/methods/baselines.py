@@ -15,7 +15,7 @@ import torch
 
 from ..errors import UsageError
 from ..layout import IGNORE, NEVER, Layout, text_layout
-from .base import Method, TextPolicy, TokenizedText
+from .base import Method, TextPolicy, TokenizedText, param
 
 
 def _check_ratio(ratio: float) -> None:
@@ -87,8 +87,8 @@ class SlidingWindow(Method):
     trainable: ClassVar[bool] = False
     episodic: ClassVar[bool] = True
     plain_text: ClassVar[bool] = False
-    slots: int = 32
-    sinks: int = 4
+    slots: int = param(32, "a fixed KV budget in slots")
+    sinks: int = param(4, "initial tokens never evicted")
 
     def __post_init__(self) -> None:
         if self.slots < 1 or not 0 <= self.sinks <= self.slots:
@@ -120,7 +120,7 @@ class LocalAttention(Method):
     """
 
     name: ClassVar[str] = "local"
-    ratio: float = 0.5
+    ratio: float = param(0.5, "compression ratio in (0, 1)")
 
     def __post_init__(self) -> None:
         _check_ratio(self.ratio)
@@ -142,7 +142,7 @@ class ScatteredAttention(Method):
     """
 
     name: ClassVar[str] = "scattered"
-    ratio: float = 0.5
+    ratio: float = param(0.5, "compression ratio in (0, 1)")
 
     def __post_init__(self) -> None:
         _check_ratio(self.ratio)
@@ -174,9 +174,9 @@ class StreamingLLM(Method):
 
     name: ClassVar[str] = "streaming"
     trainable: ClassVar[bool] = False
-    ratio: float = 0.5
-    sinks: int = 4
-    slots: int | None = None
+    ratio: float = param(0.5, "compression ratio in (0, 1)")
+    sinks: int = param(4, "initial tokens never evicted")
+    slots: int | None = param(None, "a fixed KV budget in slots instead of the ratio")
 
     def __post_init__(self) -> None:
         _check_ratio(self.ratio)

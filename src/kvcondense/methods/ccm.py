@@ -18,7 +18,7 @@ from ..data.episodes import truncation
 from ..errors import UsageError
 from ..layout import IGNORE, NEVER, Kind, Layout, concat, next_text_targets
 from ..merge import MixRules, merge_rates, merge_weights
-from .base import Method, TokenizedText
+from .base import Method, TokenizedText, param
 
 MAX_COMP_TOKENS = 8
 
@@ -86,11 +86,13 @@ class CCMConcat(Method):
     episodic: ClassVar[bool] = True
     inference_params: ClassVar[tuple[str, ...]] = ("window", "sinks")  # streaming is chosen at inference
     merge: ClassVar[bool] = False
-    comp_tokens: int = 4
-    recurrent: bool = True
-    chunk_tokens: int = 64
-    window: int = 0
-    sinks: int = 0
+    comp_tokens: int = param(4, "<COMP> tokens per chunk, 1..8")
+    recurrent: bool = param(
+        True, "compress each chunk without seeing the memory (Gisting-online)", flag="--no-recurrent"
+    )
+    chunk_tokens: int = param(64, "plain text is cut into chunks of N tokens")
+    window: int = param(0, "streaming: recent text tokens kept visible")
+    sinks: int = param(0, "initial tokens never evicted")
 
     def __post_init__(self) -> None:
         if not 1 <= self.comp_tokens <= MAX_COMP_TOKENS:
@@ -144,7 +146,7 @@ class CCMMerge(CCMConcat):
 
     name: ClassVar[str] = "ccm-merge"
     merge: ClassVar[bool] = True
-    ema_rate: float | None = None
+    ema_rate: float | None = param(None, "a constant memory update rate instead of 1/t", flag="--ema")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import UsageError
 from ..layout import IGNORE, NEVER, Kind, Layout
-from .base import Method, StepPiece, TokenizedText, piece_layout
+from .base import Method, StepPiece, TokenizedText, param, piece_layout
 
 MAX_GIST_TOKENS = 8
 
@@ -37,9 +37,9 @@ class Gist(Method):
 
     name: ClassVar[str] = "gist"
     predict_from: ClassVar[tuple[Kind, ...]] = (Kind.TEXT, Kind.GIST)
-    n_gist: int = 4
-    max_sentence_tokens: int = 128
-    bos_sink: bool = False
+    n_gist: int = param(4, "gist tokens per sentence, 1..8", flag="--gist-tokens")
+    max_sentence_tokens: int = param(128, "force a gist block after this many regular tokens without a sentence end")
+    bos_sink: bool = param(False, "keep the first token visible as an attention sink")
 
     def __post_init__(self) -> None:
         if not 1 <= self.n_gist <= MAX_GIST_TOKENS:

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import UsageError
 from ..layout import NEVER, Kind, Layout, next_text_targets
-from .base import Method, StepPiece, TokenizedText, piece_layout
+from .base import Method, StepPiece, TokenizedText, param, piece_layout
 
 OPEN, CLOSE = "<CL>", "<CR>"
 
@@ -209,14 +209,21 @@ class Sentinel(Method):
     name: ClassVar[str] = "sentinel"
     special_tokens: ClassVar[tuple[str, ...]] = (OPEN, CLOSE)
 
-    ratio: float = 0.5
-    max_span_words: int = 25
-    min_line_words: int = 30
-    cr_sees_prefix: bool = False
-    decode_span: int = 8
-    placement: str = "lines"
-    sinks: int = 4
-    lora_scope: str = "all"
+    ratio: float = param(0.5, "compression ratio in (0, 1)")
+    max_span_words: int = param(25, "longest span, in words (lines placement)")
+    min_line_words: int = param(30, "lines shorter than this get no spans (lines placement)")
+    cr_sees_prefix: bool = param(False, "<CR> also attends to the uncompressed prefix")
+    decode_span: int = param(8, "span length, in tokens, for compressing generated text")
+    placement: str = param(
+        "lines",
+        "spans inside long lines (lines, the paper's) or sinks + recent window raw and all older text condensed "
+        "(recent, Activation Beacon's layout: reaches any budget)",
+        choices=PLACEMENTS,
+    )
+    sinks: int = param(4, "initial tokens never evicted (recent placement; streaming; window; ccm streaming)")
+    lora_scope: str = param(
+        "all", "LoRA on every token (all, the paper's) or only on <CL>/<CR> (special)", choices=LORA_SCOPES
+    )
 
     @property
     def lora_on(self) -> tuple[Kind, ...] | None:  # type: ignore[override]
