@@ -8,6 +8,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
+from kvcondense.engine import incremental_forward
+from kvcondense.forward import parallel_forward
+from kvcondense.layout import IGNORE
+from kvcondense.lora import LoraSettings, attach_lora
+from kvcondense.methods import EpisodeTokens, TokenizedText
+
 DATA = Path(__file__).parent / "data"
 VOCAB = 100
 
@@ -146,3 +152,52 @@ def save_tiny_encoder(path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_encoder(tmp_path_factory) -> Path:
     return save_tiny_encoder(tmp_path_factory.mktemp("bert") / "encoder")
+
+
+# ---------------------------------------------------------------- shared test helpers (imported by test files)
+COMP = {f"<COMP_{i}>": 90 + i for i in range(8)}
+
+
+def lora_model(family: str, method, n: int = 2):
+    """A tiny model with conditional LoRA whose B matrices are random, so the gate visibly matters."""
+    model = attach_lora(tiny_model(family), LoraSettings(r=4), list(COMP.values())[:n], method.lora_on)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    return model.eval()
+
+
+def episode(seed=0, chunks=4) -> EpisodeTokens:
+    g = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(0, 90, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g) for _ in range(chunks)]
+    return EpisodeTokens(ids, torch.randint(0, 90, (3,), generator=g), torch.randint(0, 90, (6,), generator=g))
+
+
+def assert_equivalent(model, layout, chunk):
+    with torch.no_grad():
+        parallel = parallel_forward(model, [layout]).logits[0]
+    incremental, stats = incremental_forward(model, layout, chunk)
+    scored = layout.targets != IGNORE
+    diff = (parallel[scored] - incremental[scored]).abs().max().item()
+    assert diff < 1e-4, f"max abs diff {diff:.2e} (chunk {chunk})"
+    assert stats.stored_slots == layout.kept_slots()
+    return stats
+
+
+TOKENS = {"<CL>": 94, "<CR>": 95, **{f"<GIST_{i}>": 96 + i for i in range(4)}}
+
+
+class Tok:
+    """Enough of a tokenizer for generate(): prompts are given as TokenizedText."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(map(str, ids))
+
+
+def prompt(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 90, (n,), generator=g)
+    return TokenizedText(ids, torch.arange(n), torch.zeros(n, dtype=torch.long), torch.rand(n, generator=g) < 0.15)

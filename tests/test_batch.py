@@ -2,28 +2,11 @@
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import COMP, TOKENS, Tok, prompt, tiny_model
 
 from kvcondense.batch import generate_batch
 from kvcondense.generate import generate
-from kvcondense.methods import TokenizedText, build_method
-
-TOKENS = {"<CL>": 94, "<CR>": 95, **{f"<GIST_{i}>": 96 + i for i in range(4)}}
-
-
-class Tok:
-    """Enough of a tokenizer for generate(): prompts are given as TokenizedText."""
-
-    eos_token_id = None
-
-    def decode(self, ids, skip_special_tokens=False):
-        return " ".join(map(str, ids))
-
-
-def prompt(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 90, (n,), generator=g)
-    return TokenizedText(ids, torch.arange(n), torch.zeros(n, dtype=torch.long), torch.rand(n, generator=g) < 0.15)
+from kvcondense.methods import build_method
 
 
 @pytest.mark.parametrize("method", ["sentinel", "gist", "local", "streaming", "full"])
@@ -49,7 +32,6 @@ def test_rows_beyond_the_context_are_refused():
 def ccm_model(method):
     """A tiny Llama with weights large enough that greedy decoding varies, and conditional LoRA whose random B
     matrices change the COMP (and SUM) tokens' keys and values."""
-    from test_ccm import COMP
 
     from kvcondense.lora import LoraSettings, attach_lora
 

@@ -3,17 +3,13 @@ parallel training forward with the recursive online inference, for concat and me
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_equivalence import assert_equivalent
+from conftest import COMP, assert_equivalent, episode, lora_model
 
 from kvcondense.forward import parallel_forward
 from kvcondense.layout import IGNORE, NEVER, Kind
-from kvcondense.lora import LoraSettings, attach_lora
 from kvcondense.masks import layout_visibility
 from kvcondense.merge import merge_rates, merge_weights
-from kvcondense.methods import EpisodeTokens, TokenizedText, build_method
-
-COMP = {f"<COMP_{i}>": 90 + i for i in range(8)}
+from kvcondense.methods import TokenizedText, build_method
 
 
 def small(method: str, **params):
@@ -95,22 +91,6 @@ def test_merge_weights_running_mean_and_ema():
 def test_comp_tokens_out_of_range(n):
     with pytest.raises(ValueError, match="comp tokens must be in 1..8"):
         build_method("ccm-merge", comp_tokens=n)
-
-
-def lora_model(family: str, method, n: int = 2):
-    """A tiny model with conditional LoRA whose B matrices are random, so the gate visibly matters."""
-    model = attach_lora(tiny_model(family), LoraSettings(r=4), list(COMP.values())[:n], method.lora_on)
-    torch.manual_seed(1)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.5)
-    return model.eval()
-
-
-def episode(seed=0, chunks=4) -> EpisodeTokens:
-    g = torch.Generator().manual_seed(seed)
-    ids = [torch.randint(0, 90, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g) for _ in range(chunks)]
-    return EpisodeTokens(ids, torch.randint(0, 90, (3,), generator=g), torch.randint(0, 90, (6,), generator=g))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])

@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_batch import TOKENS, Tok, prompt
+from conftest import TOKENS, Tok, prompt, tiny_model
 
 import kvcondense
 from kvcondense.engine import Sampling, Stream, generate_step

@@ -3,7 +3,7 @@ for every method, on a RoPE model (Llama, Qwen2) and on one with learned absolut
 
 import pytest
 import torch
-from conftest import decode_with_policy, tiny_model
+from conftest import assert_equivalent, decode_with_policy, tiny_model
 
 from kvcondense.cache import EvictingCache
 from kvcondense.engine import incremental_forward
@@ -25,17 +25,6 @@ def text(n=90, seed=0):
     # one long "line" of single-token words so that sentinel spans are placed; a sentence ends every ~8 tokens
     ends = torch.rand(n, generator=g) < 0.12
     return TokenizedText(ids, torch.arange(n), torch.zeros(n, dtype=torch.long), ends)
-
-
-def assert_equivalent(model, layout, chunk):
-    with torch.no_grad():
-        parallel = parallel_forward(model, [layout]).logits[0]
-    incremental, stats = incremental_forward(model, layout, chunk)
-    scored = layout.targets != IGNORE
-    diff = (parallel[scored] - incremental[scored]).abs().max().item()
-    assert diff < 1e-4, f"max abs diff {diff:.2e} (chunk {chunk})"
-    assert stats.stored_slots == layout.kept_slots()
-    return stats
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])

@@ -5,8 +5,7 @@ are checked here on every machine; the CUDA test also runs the backward and the 
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_ccm import COMP, episode, lora_model
+from conftest import COMP, episode, lora_model, tiny_model
 
 from kvcondense.forward import FLEX_MIN_TOKENS, choose_attention, parallel_forward
 from kvcondense.methods import TokenizedText, build_method

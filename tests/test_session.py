@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from test_ccm import COMP, episode, lora_model
+from conftest import COMP, episode, lora_model
 
 from kvcondense.errors import UsageError
 from kvcondense.forward import parallel_forward

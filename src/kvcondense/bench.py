@@ -93,7 +93,7 @@ def decode_step_ms(stream: Stream, steps: int) -> float:
 
 
 @torch.no_grad()
-def prefill(model, method: Method, text: TokenizedText, token_ids, chunk: int) -> tuple[Stream, dict]:
+def timed_prefill(model, method: Method, text: TokenizedText, token_ids, chunk: int) -> tuple[Stream, dict]:
     """Prefill one row through the engine, timed. Returns the stream and what the cache held."""
     stream = Stream(model, method, token_ids)
     if model.device.type == "cuda":
@@ -173,10 +173,10 @@ def _load(cfg: BenchConfig, dtype: torch.dtype):
 
 def _measure_context(cfg: BenchConfig, model, method: Method, token_ids, context: int, text: TokenizedText) -> dict:
     """One context: prefill both ways, decode at every batch size, and the fixed-budget profile if asked."""
-    comp_stream, comp = prefill(model, method, text, token_ids, cfg.chunk)
+    comp_stream, comp = timed_prefill(model, method, text, token_ids, cfg.chunk)
     comp["peak_rss_mb_after"] = peak_rss_mb()  # compressed first: its peak is not masked by the full run
     full_method = FullAttention()
-    full_stream, full = prefill(model, full_method, text, token_ids, cfg.chunk)
+    full_stream, full = timed_prefill(model, full_method, text, token_ids, cfg.chunk)
     full["peak_rss_mb_after"] = peak_rss_mb()
     variants = {"compressed": comp_stream, "full": full_stream}
     row = {

@@ -18,7 +18,7 @@ Key ``k`` is visible to query ``q`` iff ``k <= q``, ``q <= expire[k]``, ``k >= s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import IntEnum
 
 import torch
@@ -64,9 +64,14 @@ class Layout:
     targets: torch.Tensor
     meta: dict = field(default_factory=dict)
 
+    @classmethod
+    def tensor_fields(cls) -> tuple[str, ...]:
+        """The per-token tensor fields, in order (every field but ``meta``): the one list of them."""
+        return tuple(f.name for f in fields(cls) if f.name != "meta")
+
     def __post_init__(self) -> None:
         n = self.input_ids.shape
-        for name in ("kinds", "position_ids", "expire", "start", "closer_only", "targets"):
+        for name in self.tensor_fields()[1:]:
             if getattr(self, name).shape != n:
                 raise ValueError(f"Layout.{name} has shape {tuple(getattr(self, name).shape)}, expected {tuple(n)}")
 
@@ -89,13 +94,7 @@ class Layout:
 
     def slice(self, lo: int, hi: int) -> Layout:
         """Positions ``lo..hi-1`` of this layout, with indices kept absolute (used to feed a cache in chunks)."""
-        return Layout(
-            **{
-                k: getattr(self, k)[lo:hi]
-                for k in ("input_ids", "kinds", "position_ids", "expire", "start", "closer_only", "targets")
-            },
-            meta=dict(self.meta),
-        )
+        return Layout(**{k: getattr(self, k)[lo:hi] for k in self.tensor_fields()}, meta=dict(self.meta))
 
 
 def text_layout(input_ids: torch.Tensor, expire: torch.Tensor | None = None) -> Layout:
@@ -130,7 +129,7 @@ def next_text_targets(input_ids: torch.Tensor, kinds: torch.Tensor) -> torch.Ten
 
 def concat(layouts: list[Layout]) -> Layout:
     """Join layouts whose indices are already absolute (a prompt layout followed by decode pieces)."""
-    names = ("input_ids", "kinds", "position_ids", "expire", "start", "closer_only", "targets")
+    names = Layout.tensor_fields()
     meta: dict = {}
     for x in layouts:  # absolute-index annotations (merge rules, cuts) add up
         for key, value in x.meta.items():

@@ -15,6 +15,13 @@ from .layout import Layout
 SUPPORTED_ATTN = ("sdpa", "eager", "flex_attention")
 
 
+def visible(q, k, q_start, k_expire, k_closer_only):
+    """The visibility rule, elementwise on broadcastable tensors (SPEC section 0), written once: key ``k`` is
+    visible to query ``q`` iff ``k <= q <= expire[k]``, ``k >= start[q]`` and, for a closer-only key, ``q`` is
+    ``k`` itself or the query at its expiry. Both the dense masks and flex_attention's ``mask_mod`` call it."""
+    return (k <= q) & (q <= k_expire) & (k >= q_start) & (~k_closer_only | (q == k) | (q == k_expire))
+
+
 def visibility(
     q_idx: torch.Tensor,
     q_start: torch.Tensor,
@@ -34,12 +41,13 @@ def visibility(
     Returns:
         Bool tensor (..., Lq, Lk), True where the query attends to the key.
     """
-    q = q_idx.unsqueeze(-1)
-    k = k_idx.unsqueeze(-2)
-    exp = k_expire.unsqueeze(-2)
-    vis = (k <= q) & (q <= exp) & (k >= q_start.unsqueeze(-1))
-    closer = k_closer_only.unsqueeze(-2)
-    return vis & (~closer | (q == k) | (q == exp))
+    return visible(
+        q_idx.unsqueeze(-1),
+        k_idx.unsqueeze(-2),
+        q_start.unsqueeze(-1),
+        k_expire.unsqueeze(-2),
+        k_closer_only.unsqueeze(-2),
+    )
 
 
 def layout_visibility(layout: Layout) -> torch.Tensor:
@@ -85,8 +93,7 @@ def block_mask(layouts: list[Layout], length: int | None = None, block_size: int
     expire, start, closer, pad = spec["expire"], spec["start"], spec["closer"], spec["pad"]
 
     def mask_mod(b, h, q, k):
-        exp = expire[b, k]
-        vis = (k <= q) & (q <= exp) & (k >= start[b, q]) & (~closer[b, k] | (q == k) | (q == exp))
+        vis = visible(q, k, start[b, q], expire[b, k], closer[b, k])
         return (vis & ~pad[b, q]) | (pad[b, q] & (q == k))
 
     return create_block_mask(mask_mod, len(layouts), None, length, length, device=device, BLOCK_SIZE=block_size)
