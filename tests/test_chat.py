@@ -163,8 +163,8 @@ def test_accuracy_on_icl_episodes(capsys, ccm_checkpoints, tiny_dir, dialogues, 
         out,
     )
     assert rc == 0, err
-    row = json.loads(out.read_text())
-    assert row["metric"] == "accuracy" and 0 <= row["accuracy"] <= 1 and row["kv_slots"] == 2
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["kind"] == "memory" and row["metric"] == "accuracy" and 0 <= row["accuracy"] <= 1 and row["kv_slots"] == 2
 
 
 def test_bad_ccm_input(capsys, tiny_dir, dialogues, tmp_path):
@@ -232,7 +232,7 @@ def test_streaming_eval_applies_window_and_sinks_to_a_checkpoint(
     ]
     rc, err = run(capsys, *argv)
     assert rc == 0, err
-    row = json.loads(out.read_text())
+    (row,) = json.loads(out.read_text())["results"]
     assert row["params"]["window"] == 24 and row["params"]["sinks"] == 2
     assert row["verify"]["max_abs_diff"] < 1e-4
 

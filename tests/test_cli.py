@@ -226,7 +226,8 @@ def test_eval_json_and_verify(capsys, trained, sample_path, tmp_path):
         ]
     )
     assert rc == 0
-    res = json.loads(out.read_text())
+    (res,) = json.loads(out.read_text())["results"]
+    assert res["kind"] == "perplexity"
     for key in ("perplexity", "tokens_scored", "compression_ratio", "kv_bytes", "config"):
         assert key in res
     assert res["verify"]["max_abs_diff"] < 1e-4

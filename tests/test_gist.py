@@ -227,7 +227,7 @@ def test_checkpoint_gist_count_must_agree_with_flags(capsys, tiny_dir, sample_pa
     )
     import json
 
-    res = json.loads((tmp_path / "r.json").read_text())
+    (res,) = json.loads((tmp_path / "r.json").read_text())["results"]
     assert rc == 0 and res["R_c"] > 1 and "perplexity_with_special_targets" in res
     rc = main(["train", "--method", "gist", "--gist-tokens", "9", "--out", str(tmp_path / "x")])
     assert rc == 2 and "gist tokens must be in 1..8" in capsys.readouterr().err
@@ -265,7 +265,7 @@ def test_long_document_mode_reports_perplexity_against_prefix(capsys, tiny_dir, 
             str(tmp_path / "r.json"),
         ]
     )
-    res = json.loads((tmp_path / "r.json").read_text())
+    (res,) = json.loads((tmp_path / "r.json").read_text())["results"]
     buckets = [b for b in res["perplexity_by_prefix"] if b["tokens"]]
     assert rc == 0 and [b["prefix_upto"] for b in buckets][:2] == [256, 512]
     assert sum(b["tokens"] for b in res["perplexity_by_prefix"]) == res["tokens_scored"]

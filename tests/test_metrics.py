@@ -62,7 +62,7 @@ def test_continuation_task_scores_generations(tiny_encoder, tiny_dir, sample_pat
             str(out),
         ]
     )
-    res = json.loads(out.read_text())
-    assert rc == 0 and res["documents"] == 2
+    (res,) = json.loads(out.read_text())["results"]
+    assert rc == 0 and res["kind"] == "continuation" and res["documents"] == 2
     assert 0 <= res["rouge_l"] <= 1 and 0 < res["bertscore_f1"] <= 1
     assert 0 < res["kv_kept_generation"] < 1

@@ -110,7 +110,7 @@ def test_a_checkpoint_is_evaluated_at_its_trained_ratio(tiny_dir, sample_path, t
     argv = ["eval", "--checkpoint", ck, "--task", "prefix", "--data", sample_path, "--split", "train",
             "--prefix-tokens", "96", "--new-tokens", "8", "--docs", "2", "--json", out]  # fmt: skip
     assert main([str(a) for a in argv]) == 0
-    row = json.loads(out.read_text())
+    (row,) = json.loads(out.read_text())["results"]
     assert row["params"]["ratio"] == 0.75 and row["kv_kept"] == pytest.approx(0.25, abs=0.03)
 
 

@@ -128,7 +128,7 @@ def test_cli_qa_writes_accuracy_kv_kept_and_tasks(capsys, tiny_dir, qa_file, tmp
     argv = ["eval", "--task", "qa", "--data", qa_file, "--method", "streaming", "--kv-budget", "0.5", "--model",
             tiny_dir, "--json", out, "--export-tasks", tasks, "--reference"]  # fmt: skip
     assert main([str(a) for a in argv]) == 0
-    row = json.loads(out.read_text())
+    (row,) = json.loads(out.read_text())["results"]
     assert 0 <= row["full_accuracy"] <= 1  # the same model with nothing compressed
     assert row["kind"] == "qa" and row["questions"] == 3 and row["contexts"] == 2 and row["kv_budget"] == 0.5
     exported = json.loads(tasks.read_text())
@@ -166,4 +166,4 @@ def test_cli_qa_on_built_in_recall_data(capsys, tiny_dir, tmp_path, monkeypatch)
     argv = ["eval", "--task", "qa", "--data", "recall", "--method", "full", "--model", tiny_dir, "--episodes", "3",
             "--json", out]  # fmt: skip
     assert main([str(a) for a in argv]) == 0
-    assert json.loads(out.read_text())["questions"] == 3
+    assert json.loads(out.read_text())["results"][0]["questions"] == 3

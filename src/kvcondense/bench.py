@@ -158,7 +158,14 @@ def run_bench(cfg: BenchConfig) -> dict:
         "device": "cuda" if cuda else "cpu",
         "dtype": str(dtype).removeprefix("torch."),
     }
-    return {**summary, "method": method.name, "params": method.params(), "contexts": results, "config": asdict(cfg)}
+    return {
+        "kind": "bench",
+        **summary,
+        "method": method.name,
+        "params": method.params(),
+        "contexts": results,
+        "config": asdict(cfg),
+    }
 
 
 def _load(cfg: BenchConfig, dtype: torch.dtype):

@@ -216,8 +216,8 @@ def _cmd_eval(args) -> int:
     print(format_table(results))
     if target is not None:
         _write_json(target, {"results": results})
-    if args.json:
-        _write_json(args.json, results[0] if len(results) == 1 else {"results": results})
+    if args.json:  # always one shape: {"results": [record, ...]}, each record with its "kind"
+        _write_json(args.json, {"results": results})
     return 0
 
 

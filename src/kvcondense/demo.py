@@ -170,7 +170,9 @@ def ccm_chat(checkpoints: Path, out: Path, model_name: str | None, turns: int = 
         reply = session.answer(episode.query, max_new_tokens=24)
         lines.append(f"  {name}: slots after each turn {slots}; last-turn perplexity {math.exp(nll / n):.1f}")
         lines.append(f"    reply from memory: {reply.strip()!r}")
-        records.append({"method": session.method.name, "label": name, "memory_by_turn": by_turn})
+        records.append(
+            {"kind": "memory_by_turn", "method": session.method.name, "label": name, "memory_by_turn": by_turn}
+        )
     lines.append(f"    the real last turn: {episode.answer.strip()!r}")
     write_json(out / "ccm-chat" / "result.json", {"results": records})
     return "\n".join(lines)

@@ -217,7 +217,7 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
     for ratio in own_ratios(cfg, base_method):
         params = {**base_method.params(), "ratio": ratio} if has_ratio else base_method.params()
         method = build_method(base_method.name, **params)
-        res = {"method": method.name, "label": label, "params": method.params(), "task": cfg.task}
+        res = {"method": method.name, "label": label, "params": method.params(), "task": cfg.task, "kind": cfg.task}
         if cfg.task == "continuation":
             res.update(continuation_quality(model, tokenizer, method, token_ids, samples, cfg.new_tokens, scorer))
         else:

@@ -147,6 +147,7 @@ def run_memory_eval(
                 "label": label,
                 "params": m.params(),
                 "task": "memory",
+                "kind": "memory",
                 "metric": task,
                 "t": t,
                 **({"other_memory": True} if other else {}),

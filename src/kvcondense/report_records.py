@@ -29,10 +29,10 @@ def _is_int(x) -> bool:
 
 def record_kind(r: dict) -> str | None:
     """The kind of a result record (one of :data:`KINDS`), or None when it reports no metric we know."""
-    if r.get("task") == "memory":
-        return "memory"
-    if r.get("kind") in TASK_KINDS:
+    if r.get("kind") in KINDS:  # every record written by this version says what it is
         return r["kind"]
+    if r.get("task") == "memory":  # results written before records carried "kind"
+        return "memory"
     for key, kind in (
         ("contexts", "bench"),
         ("rouge_l", "continuation"),
