@@ -164,7 +164,9 @@ def test_accuracy_on_icl_episodes(capsys, ccm_checkpoints, tiny_dir, dialogues, 
     )
     assert rc == 0, err
     (row,) = json.loads(out.read_text())["results"]
-    assert row["kind"] == "memory" and row["metric"] == "accuracy" and 0 <= row["accuracy"] <= 1 and row["kv_slots"] == 2
+    assert (
+        row["kind"] == "memory" and row["metric"] == "accuracy" and 0 <= row["accuracy"] <= 1 and row["kv_slots"] == 2
+    )
 
 
 def test_bad_ccm_input(capsys, tiny_dir, dialogues, tmp_path):

@@ -53,6 +53,8 @@ class BenchConfig:
     kv_budget_mb: float | None = None
     max_batch: int = 64
     slack: int = 64
+    device: str | None = None
+    dtype: str | None = None
 
     def __post_init__(self) -> None:
         if min(self.contexts) < 8 or min(self.batches) < 1 or self.decode_steps < 1:
@@ -139,11 +141,10 @@ def budget_batches(budget_mb: float, per_row: dict[str, int], cap: int) -> dict[
 
 def run_bench(cfg: BenchConfig) -> dict:
     """Measure every context and batch of ``cfg``. Returns a JSON-ready dict (see the module docstring)."""
-    cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if cuda else torch.float32
-    model, tokenizer, method, token_ids = _load(cfg, dtype)
-    if cuda:
-        model = model.to("cuda")
+    from .loader import placement
+
+    device, dtype = placement(cfg.device, cfg.dtype)
+    model, tokenizer, method, token_ids = _load(cfg, device, dtype)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and max(cfg.contexts) + cfg.decode_steps * 2 > limit:
         raise UsageError(f"--context {max(cfg.contexts)} is longer than the model's context of {limit} tokens")
@@ -155,7 +156,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     summary = {
         "decode_speedup": last["batches"][-1]["decode_speedup"],
         "kv_ratio": last["kv_ratio"],
-        "device": "cuda" if cuda else "cpu",
+        "device": device.type,
         "dtype": str(dtype).removeprefix("torch."),
     }
     return {
@@ -168,13 +169,13 @@ def run_bench(cfg: BenchConfig) -> dict:
     }
 
 
-def _load(cfg: BenchConfig, dtype: torch.dtype):
+def _load(cfg: BenchConfig, device: torch.device, dtype: torch.dtype):
     """(model, tokenizer, method at ``cfg.ratio``, token ids): a trained checkpoint's, or the base model's."""
     from .loader import load
 
     method = None if cfg.checkpoint else cfg.method
     params = {"ratio": cfg.ratio} if cfg.ratio is not None else {}
-    got = load(cfg.checkpoint, method, params, cfg.model, dtype=dtype)
+    got = load(cfg.checkpoint, method, params, cfg.model, device=device, dtype=dtype)
     return got.model, got.tokenizer, got.method, got.token_ids
 
 

@@ -114,8 +114,23 @@ def _method_params(args) -> dict:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help=f"registered name or local HF directory (default {DEFAULT_MODEL})")
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"registered name, local HF directory, or Hub id (org/name, from the local HF cache) "
+        f"(default {DEFAULT_MODEL})",
+    )
     p.add_argument("--data", default="wiki", help="built-in corpus (wiki) or .txt/.jsonl file or folder")
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is there, else cpu)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="weights and activations (default: bfloat16 on a GPU, float32 on the CPU)",
+    )
 
 
 # train flags stored in TrainConfig: argparse leaves them None unless typed, so a resumed run can tell which ones
@@ -181,6 +196,8 @@ def _cmd_eval(args) -> int:
     cfg = EvalConfig(
         checkpoint=args.checkpoint,
         method=args.method,
+        device=args.device,
+        dtype=args.dtype,
         ratios=tuple(args.ratio or ()),
         method_params=_method_params(args),
         model=args.model,
@@ -230,7 +247,7 @@ def _cmd_chat(args) -> int:
 
         check_writable(args.save, "--save")
         check_save_path(args.save)
-    session = MemorySession.from_checkpoint(args.checkpoint, args.model)
+    session = MemorySession.from_checkpoint(args.checkpoint, args.model, device=args.device, dtype=args.dtype)
     if args.load:
         session.load(args.load)
     interactive = sys.stdin.isatty()
@@ -287,6 +304,8 @@ def _cmd_bench(args) -> int:
         kv_budget_mb=args.kv_budget_mb,
         max_batch=args.max_batch,
         slack=args.slack,
+        device=args.device,
+        dtype=args.dtype,
     )
     _check_outputs(args)
     target = _results_path(args, "bench", asdict(cfg)) if args.out_dir else None
@@ -523,6 +542,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("--json", help="write the results as JSON to this file")
     p.add_argument("--out-dir", default=None, help="write result.json under a directory named from the config")
     p.add_argument("--force", action="store_true", help="with --out-dir: redo a result that exists")
+    _add_device(p)
     p.set_defaults(func=_cmd_eval)
 
 
@@ -536,6 +556,7 @@ def _chat_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=_positive_int, default=48)
     p.add_argument("--load", default=None, help="start from a memory file saved by --save")
     p.add_argument("--save", default=None, help="write the memory to this file at the end")
+    _add_device(p)
     p.set_defaults(func=_cmd_chat)
 
 
@@ -563,6 +584,7 @@ def _generate_parser(sub) -> None:
         action="store_true",
         help="let the prompt run past the model's trained context (positions extrapolate; use with care)",
     )
+    _add_device(p)
     p.set_defaults(func=_cmd_generate)
 
 
@@ -582,6 +604,7 @@ def _bench_parser(sub) -> None:
     p.add_argument("--json", help="write the results as JSON to this file")
     p.add_argument("--out-dir", default=None, help="write result.json under a directory named from the config")
     p.add_argument("--force", action="store_true", help="with --out-dir: redo a result that exists")
+    _add_device(p)
     p.set_defaults(func=_cmd_bench)
 
 

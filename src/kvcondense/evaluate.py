@@ -65,6 +65,8 @@ class EvalConfig:
 
     checkpoint: str | None = None
     method: str | None = None
+    device: str | None = None
+    dtype: str | None = None
     ratios: tuple[float, ...] = ()
     method_params: dict = field(default_factory=dict)
     model: str | None = None
@@ -108,7 +110,7 @@ class EvalConfig:
 def load_for_eval(cfg: EvalConfig):
     """(model, tokenizer, method, token_ids, label) for a checkpoint or for an untrained method (see
     :func:`kvcondense.loader.load` for which parameters may be set on a checkpoint)."""
-    got = load(cfg.checkpoint, cfg.method, cfg.method_params, cfg.model)
+    got = load(cfg.checkpoint, cfg.method, cfg.method_params, cfg.model, device=cfg.device, dtype=cfg.dtype)
     return got.model, got.tokenizer, got.method, got.token_ids, got.label
 
 
@@ -134,7 +136,7 @@ def perplexity(
     nll, n_scored, nll_all, n_all, kept, n_text, n_special = 0.0, 0, 0.0, 0, 0, 0, 0
     for lo in tqdm(range(0, len(blocks), batch_size), desc=f"eval {method.name}", leave=False):
         layouts = [method.layout(b, token_ids, seed=seed + lo + i) for i, b in enumerate(blocks[lo : lo + batch_size])]
-        logits = parallel_forward(model, layouts).logits
+        logits = parallel_forward(model, layouts).logits.float().cpu()  # scored on the CPU, whatever the device
         for b, lay in enumerate(layouts):
             scored = lay.targets != IGNORE
             losses = F.cross_entropy(logits[b, : len(lay)][scored].float(), lay.targets[scored], reduction="none")

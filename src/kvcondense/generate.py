@@ -118,7 +118,7 @@ def generate_cli(args, prompt: str, method_params: dict) -> int:
     if args.json:
         check_writable(args.json, "--json")
     typed = {**method_params, "ratio": args.ratio}
-    got = load(args.checkpoint, args.method, typed, args.model)
+    got = load(args.checkpoint, args.method, typed, args.model, device=args.device, dtype=args.dtype)
     model, tokenizer, method, token_ids = got.model, got.tokenizer, got.method, got.token_ids
     check_family(model)
     streamer = None

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .checkpoint import ADAPTER, CheckpointError, method_from_meta, read_adapter, read_meta
 from .errors import UsageError
 from .lora import LoraSettings, attach_lora, load_adapter_state
@@ -84,15 +86,46 @@ def load_checkpoint(path: str | Path, model_name: str | None = None, merge_lora:
     return Loaded(model, tokenizer, method, token_ids, f"{method.name} (trained)", meta)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def placement(device: str | None = None, dtype: str | torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
+    """Where and in what precision to run: by default CUDA in bfloat16 when a GPU is there, else CPU in float32."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r} is not a device; give cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} asked for, but torch sees no CUDA GPU here; use --device cpu")
+    if dtype is None:
+        dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    return dev, dtype
+
+
 def load(
     checkpoint: str | Path | None = None,
     method: str | None = None,
     params: dict | None = None,
     model: str | None = None,
-    **model_kwargs,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> Loaded:
     """A checkpoint (``checkpoint``) or an untrained method (``method``) on ``model`` (default: the checkpoint's
-    base model, else the default model), with the user's ``params`` applied by the rules above."""
+    base model, else the default model), with the user's ``params`` applied by the rules above, on ``device`` in
+    ``dtype`` (see :func:`placement`)."""
+    dev, dt = placement(device, dtype)
+    got = _load(checkpoint, method, params, model, dtype=dt)
+    got.model = got.model.to(dev)
+    return got
+
+
+def _load(checkpoint, method, params, model, **model_kwargs) -> Loaded:
     params = {k: v for k, v in (params or {}).items() if v is not None}
     if checkpoint is not None:
         trained = method_from_meta(read_meta(checkpoint))  # flags are checked before the model loads

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -88,11 +89,34 @@ def resolve_model(name_or_path: str) -> Path:
                 _convert_default(name_or_path, DEFAULT_MODELS[name_or_path], target)
         return target
     path = Path(name_or_path)
+    if not (path / "config.json").exists() and not path.exists() and HUB_ID.fullmatch(name_or_path):
+        return hub_snapshot(name_or_path)
     if not (path / "config.json").exists():
         raise ModelError(
-            f"model {name_or_path!r} is neither a registered name ({', '.join(DEFAULT_MODELS)}) nor a local "
-            "Hugging Face model directory with a config.json"
+            f"model {name_or_path!r} is neither a registered name ({', '.join(DEFAULT_MODELS)}), a Hugging Face "
+            "Hub id (org/name) nor a local model directory with a config.json"
         )
+    return path
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local Hugging Face cache's snapshot of a Hub model (``HF_HOME``/``HF_HUB_CACHE`` apply). kvcondense
+    downloads no weights at run time: a model that is not cached is one line saying how to fetch it."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = Path(snapshot_download(repo_id, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise ModelError(
+            f"model {repo_id} is not in the local Hugging Face cache; kvcondense downloads no weights itself: "
+            f"fetch it once with `hf download {repo_id}` (or give a local model directory)"
+        ) from None
+    if not (path / "config.json").exists():
+        raise ModelError(f"the cached snapshot of {repo_id} ({path}) has no config.json; fetch it again")
     return path
 
 

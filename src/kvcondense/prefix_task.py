@@ -63,7 +63,7 @@ def score_after_prefix(
     piece = text_layout(following[:-1])
     piece.position_ids += int(layout.position_ids.max()) + 1  # positions go on after the compressed context
     logits = feed(model, cache, piece, len(layout))  # (1, S, V); logical indices go on after the layout's
-    return torch.log_softmax(logits[0].float(), dim=-1), kept
+    return torch.log_softmax(logits[0].float(), dim=-1).cpu(), kept
 
 
 def budget_params(method_name: str, params: dict, kv_budget: float | None) -> dict:

@@ -162,7 +162,7 @@ def answer(model, tokenizer, cache: EvictingCache, first: int, position: int, q:
         for option in q.options:
             opt = torch.tensor(tokenizer(q.option_text(option), add_special_tokens=False)["input_ids"])
             ids = torch.cat([prompt, opt])
-            logp = torch.log_softmax(_feed_text(model, cache.clone(), ids, first, position).float(), -1)
+            logp = torch.log_softmax(_feed_text(model, cache.clone(), ids, first, position).float(), -1).cpu()
             rows = torch.arange(len(prompt) - 1, len(ids) - 1)
             scores.append(float(logp[rows, opt].sum()))
         pick = q.options[max(range(len(scores)), key=scores.__getitem__)]

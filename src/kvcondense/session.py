@@ -170,10 +170,12 @@ class MemorySession:
         self._geometry: list[tuple[int, int, int]] | None = None
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, model_name: str | None = None) -> MemorySession:
-        from .loader import load_checkpoint
+    def from_checkpoint(
+        cls, path: str | Path, model_name: str | None = None, device: str | None = None, dtype: str | None = None
+    ) -> MemorySession:
+        from .loader import load
 
-        got = load_checkpoint(path, model_name)
+        got = load(path, model=model_name, device=device, dtype=dtype)
         return cls(got.model, got.tokenizer, got.method, got.token_ids, name=str(path))
 
     # -- memory -----------------------------------------------------------------------------------------------------
@@ -295,7 +297,7 @@ class MemorySession:
         with self._scratch():
             logits = self._run_tail(torch.cat([q, a]))
         pred = logits[len(q) - 1 : -1].float()
-        return float(F.cross_entropy(pred, a, reduction="sum")), len(a)
+        return float(F.cross_entropy(pred, a.to(pred.device), reduction="sum")), len(a)
 
     @torch.no_grad()
     def answer(self, query: str, max_new_tokens: int = 64, stop: str = "\n") -> str:
