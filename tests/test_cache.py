@@ -72,3 +72,25 @@ def test_packed_gqa_attention_equals_sdpa(q):
     got, _ = ALL_ATTENTION_FUNCTIONS[PACKED_SDPA](module, query, key, value, mask, scaling=0.3)
     assert got.shape == want.shape == (3, q, 4, 8)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_state_dict_round_trip_and_snapshot_restore():
+    """The cache owns its state: from_state(state_dict()) decodes like the original; restore() undoes a step."""
+    from conftest import TOKENS, prompt, tiny_model
+
+    from kvcondense.engine import Stream, generate_step
+    from kvcondense.methods import build_method
+
+    model = tiny_model("llama")
+    method = build_method("sentinel", ratio=0.5, placement="recent")
+    stream = Stream(model, method, TOKENS)
+    logits = stream.prefill(prompt(40, 1), chunk_tokens=16)
+    state = {k: v.clone() for k, v in stream.cache.state_dict().items()}
+    rebuilt = EvictingCache.from_state(state, model.config.num_hidden_layers, stream.cache.seen)
+    twin = Stream(model, method, TOKENS, rebuilt, policy=stream.clone().policies[0], seen=stream.seen[0])
+    snap = stream.cache.snapshot()
+    before = {k: v.clone() for k, v in stream.cache.state_dict().items()}
+    assert list(generate_step(stream, logits, 6)) == list(generate_step(twin, logits, 6))
+    stream.cache.restore(snap)
+    after = stream.cache.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -235,6 +235,45 @@ class EvictingCache(Cache):
         copy.slot_closer = self.slot_closer.clone()
         return copy
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The stored keys/values (``keys.<layer>``, ``values.<layer>``: (B, H, S, D)) and slot metadata
+        (``slot_idx``, ``slot_expire``, ``slot_closer``: (B, S)) as tensors; ``seen`` is :attr:`seen`."""
+        state = {"slot_idx": self.slot_idx, "slot_expire": self.slot_expire, "slot_closer": self.slot_closer}
+        for i, layer in enumerate(self.layers):
+            if layer.is_initialized:
+                state[f"keys.{i}"], state[f"values.{i}"] = layer.keys, layer.values
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], num_layers: int, seen: int, device=None, dtype=None):
+        """A cache holding ``state`` (see :meth:`state_dict`), keys/values moved to ``device`` and ``dtype``."""
+        rows = state["slot_idx"].shape[0]
+        cache = cls(num_layers, rows)
+        cache.slot_idx, cache.slot_expire = state["slot_idx"].long(), state["slot_expire"].long()
+        closer = state.get("slot_closer")
+        cache.slot_closer = torch.zeros_like(cache.slot_idx, dtype=torch.bool) if closer is None else closer.bool()
+        cache.seen = seen
+        for i, layer in enumerate(cache.layers):
+            if f"keys.{i}" in state and cache.physical_length:
+                keys, values = state[f"keys.{i}"].to(device, dtype), state[f"values.{i}"].to(device, dtype)
+                layer.lazy_initialization(keys, values)
+                layer.keys, layer.values = keys, values
+        return cache
+
+    def snapshot(self) -> tuple:
+        """A cheap handle to put this cache back later with :meth:`restore`: the key/value buffers are shared,
+        not copied (a layer only writes past its used slots or into a fresh buffer), the slot metadata copied."""
+        layers = [(la.is_initialized, la._keys, la._values, la._used) for la in self.layers]
+        return layers, (self.slot_idx.clone(), self.slot_expire.clone(), self.slot_closer.clone()), self.seen
+
+    def restore(self, snapshot: tuple) -> None:
+        """Put the cache back exactly as it was at :meth:`snapshot`."""
+        layers, slots, seen = snapshot
+        for layer, (initialized, keys, values, used) in zip(self.layers, layers, strict=True):
+            layer.is_initialized, layer._keys, layer._values, layer._used = initialized, keys, values, used
+        self.slot_idx, self.slot_expire, self.slot_closer = (t.clone() for t in slots)
+        self.seen = seen
+
     def freeze(self) -> None:
         """Keep every stored key for every later query: a compressed context then queried with no further
         compression (the prefix and QA tasks; kvpress's setting). Without this a window's keys would go on

@@ -56,10 +56,7 @@ def save_memory(session: MemorySession, path: str | Path) -> Path:
     :meth:`MemorySession.save <kvcondense.session.MemorySession.save>`)."""
     path = check_save_path(path)
     cache = session.cache
-    tensors = {"slot_idx": cache.slot_idx, "slot_expire": cache.slot_expire}
-    for i, layer in enumerate(cache.layers):
-        if layer.is_initialized:
-            tensors[f"keys.{i}"], tensors[f"values.{i}"] = layer.keys, layer.values
+    tensors = {k: v for k, v in cache.state_dict().items() if k != "slot_closer"}  # memory slots are never closers
     info = {"format": FORMAT, "identity": session.identity, "writer": session.writer.state(), "seen": cache.seen}
     data = save_safetensors(
         {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={"kvcondense": json.dumps(info)}
@@ -76,16 +73,8 @@ def load_memory(session: MemorySession, path: str | Path) -> tuple[EvictingCache
     :meth:`MemorySession.load <kvcondense.session.MemorySession.load>`); nothing of ``session`` is changed."""
     path = Path(path)
     info, tensors = read_memory_file(session, path)
-    cache = EvictingCache(num_layers(session.model))
-    cache.slot_idx, cache.slot_expire = tensors["slot_idx"], tensors["slot_expire"]
-    cache.slot_closer = torch.zeros_like(cache.slot_idx, dtype=torch.bool)
-    cache.seen = info["seen"]
-    device, dtype = session.model.device, session.model.dtype
-    for i, layer in enumerate(cache.layers):
-        if f"keys.{i}" in tensors and cache.physical_length:
-            keys, values = tensors[f"keys.{i}"].to(device, dtype), tensors[f"values.{i}"].to(device, dtype)
-            layer.lazy_initialization(keys, values)
-            layer.keys, layer.values = keys, values
+    model = session.model
+    cache = EvictingCache.from_state(tensors, num_layers(model), info["seen"], model.device, model.dtype)
     return cache, info["writer"]
 
 

@@ -138,13 +138,11 @@ def make_writer(method: Method, token_ids: dict[str, int]) -> MemoryWriter | Tex
 
 @dataclass
 class _Snapshot:
-    """Everything a turn may change, to put back when it fails. Key/value buffers are shared, not copied: the
-    cache only ever writes past a layer's used slots or into a fresh buffer (:class:`EvictingLayer`)."""
+    """Everything a turn may change, to put back when it fails: the cache object, its state
+    (:meth:`EvictingCache.snapshot`) and the writer's."""
 
     cache: EvictingCache
-    layers: list[tuple]
-    slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-    seen: int
+    state: tuple
     writer: dict
 
 
@@ -259,18 +257,12 @@ class MemorySession:
             raise
 
     def _snapshot(self) -> _Snapshot:
-        cache = self.cache
-        layers = [(la.is_initialized, la._keys, la._values, la._used) for la in cache.layers]
-        slots = (cache.slot_idx.clone(), cache.slot_expire.clone(), cache.slot_closer.clone())
-        return _Snapshot(cache, layers, slots, cache.seen, copy.deepcopy(self.writer.state()))
+        return _Snapshot(self.cache, self.cache.snapshot(), copy.deepcopy(self.writer.state()))
 
     def _restore(self, snap: _Snapshot) -> None:
         """Put the memory back exactly as it was at ``snap`` (after a failed turn, or after an answer)."""
         self.cache = snap.cache
-        for layer, (initialized, keys, values, used) in zip(snap.cache.layers, snap.layers, strict=True):
-            layer.is_initialized, layer._keys, layer._values, layer._used = initialized, keys, values, used
-        self.cache.slot_idx, self.cache.slot_expire, self.cache.slot_closer = (t.clone() for t in snap.slots)
-        self.cache.seen = snap.seen
+        self.cache.restore(snap.state)
         self.writer.restore(copy.deepcopy(snap.writer))
 
     @contextmanager
