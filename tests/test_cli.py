@@ -389,3 +389,17 @@ def test_method_flags_come_from_the_method_fields(monkeypatch):
 
 def _required(command):
     return {"train": ["--out", "x"], "eval": [], "generate": ["--prompt", "p"]}[command]
+
+
+def test_quiet_silences_bars_and_notices_and_verbose_is_accepted(tiny_dir, sample_path, capsys):
+    args = ["eval", "--method", "streaming", "--ratio", "0.5", "--model", str(tiny_dir), "--data", str(sample_path)]
+    args += ["--split", "train", "--max-tokens", "64", "--block-tokens", "32"]
+    assert main(["-q", *args]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.err == "" and "streaming" in quiet.out
+    assert main(args) == 0
+    assert "eval streaming" in capsys.readouterr().err  # the progress bar, by default
+    assert main(["--verbose", *args]) == 0
+    with pytest.raises(SystemExit) as exit_:
+        main(["-q", "eval", "--method", "streaming", "--ratio", "2"])
+    assert exit_.value.code == 2 and "ratio" in capsys.readouterr().err  # errors still show

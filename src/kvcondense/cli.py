@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -138,6 +140,7 @@ def _add_device(p: argparse.ArgumentParser) -> None:
 TRAIN_FLAGS = (
     "model", "data", "batch_size", "grad_accum", "block_tokens", "lr", "schedule", "warmup_steps", "attention",
     "seed", "save_every", "stage", "init_from", "objective", "kl_weight", "temperature", "sample_ratios",
+    "max_grad_norm",
 )  # fmt: skip
 
 
@@ -426,6 +429,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--kl-weight", type=float, default=None, help="weight of the KL term (default 1.0)")
     p.add_argument("--temperature", type=float, default=None, help="KL temperature (default 1.0)")
     p.add_argument(
+        "--max-grad-norm", type=float, default=None, help="clip the gradient norm to this (default 1.0; 0: off)"
+    )
+    p.add_argument(
         "--sample-ratios",
         type=_ratio_list,
         default=None,
@@ -648,6 +654,9 @@ def _cmd_export(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="kvcondense", description="Learned context compression for Hugging Face causal LMs.")
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("-v", "--verbose", action="store_true", help="debug lines, and transformers' own messages")
+    noise.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (
         _train_parser,
@@ -663,16 +672,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Stderr(logging.Handler):
+    """kvcondense's log lines on whatever ``sys.stderr`` is at the time (tests swap it), message only."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
+def _logging(verbose: bool, quiet: bool) -> None:
+    """--quiet: errors only, no progress bars; default: kvcondense's notices and bars, transformers' errors;
+    --verbose: debug lines and transformers' own messages and bars too."""
+    from transformers.utils import logging as hf_logging
+
+    root = logging.getLogger("kvcondense")
+    if not any(isinstance(h, _Stderr) for h in root.handlers):
+        root.addHandler(_Stderr())
+    root.propagate = False
+    root.setLevel(logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO)
+    if verbose:
+        hf_logging.set_verbosity_info()
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.set_verbosity_error()  # our own progress bars and messages are enough
+        hf_logging.disable_progress_bar()
+
+
+@contextmanager
+def _no_progress_bars():
+    """--quiet: every tqdm bar is created disabled while the command runs (put back after)."""
+    from tqdm import std
+
+    init = std.tqdm.__init__
+
+    def disabled(self, *args, **kwargs):
+        init(self, *args, **{**kwargs, "disable": True})
+
+    std.tqdm.__init__ = disabled
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = init
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # our own progress bars and messages are enough
-    hf_logging.disable_progress_bar()
+    _logging(args.verbose, args.quiet)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft calls a deprecated name
     try:
-        return args.func(args)
+        with _no_progress_bars() if args.quiet else nullcontext():
+            return args.func(args)
     except USER_ERRORS as e:
         print(f"kvcondense {args.command}: error: {e}", file=sys.stderr)
         return 2

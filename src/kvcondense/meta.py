@@ -39,6 +39,8 @@ _TRAINING_OPTIONAL = {
     "objective": str,
     "kl_weight": _NUMBER,
     "temperature": _NUMBER,
+    "max_grad_norm": _NUMBER,
+    "sample_ratios": list,
 }
 
 

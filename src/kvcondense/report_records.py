@@ -9,7 +9,7 @@ file below some folders, naming the files it cannot use. Tables and plots are in
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from pathlib import Path
 
 from .errors import UsageError
@@ -173,7 +173,7 @@ def read_result(path: str | Path) -> dict | None:
 
 
 def _stderr(line: str) -> None:
-    print(line, file=sys.stderr)
+    logging.getLogger(__name__).warning(line)
 
 
 def load_results(dirs: list[str | Path], warn=None) -> list[dict]:

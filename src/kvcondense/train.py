@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import random
 import secrets
@@ -49,6 +50,7 @@ from .methods import EpisodeTokens, Method, TokenizedText, build_method, tokeniz
 from .models import DEFAULT_MODEL, add_special_tokens, load_model, model_identity
 
 OBJECTIVES = ("lm", "kl", "lm+kl")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -81,6 +83,7 @@ class TrainConfig:
             every text prediction, see :mod:`kvcondense.distill`) or ``lm+kl`` (their sum, KL weighted).
         kl_weight: weight of the KL term (``kl`` and ``lm+kl``).
         temperature: softening of both distributions in the KL term.
+        max_grad_norm: clip the gradients' global norm to this before each optimizer step (0: no clipping).
         sample_ratios: when given, each training block draws its compression ratio from these (one adapter for
             several KV budgets, as Activation Beacon samples its ratio); empty: every block uses the method's ratio.
     """
@@ -108,6 +111,7 @@ class TrainConfig:
     objective: str = "lm"
     kl_weight: float = 1.0
     temperature: float = 1.0
+    max_grad_norm: float = 1.0
     sample_ratios: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -122,6 +126,8 @@ class TrainConfig:
             raise UsageError(f"lr must be > 0, got {self.lr}")
         if self.objective not in OBJECTIVES:
             raise UsageError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.max_grad_norm < 0:
+            raise UsageError(f"--max-grad-norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
         if self.kl_weight <= 0 or self.temperature <= 0:
             raise UsageError(f"--kl-weight and --temperature must be > 0, got {self.kl_weight}, {self.temperature}")
         self.sample_ratios = [float(r) for r in self.sample_ratios]
@@ -277,7 +283,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
     check_output_dir(out, overwrite=overwrite, resume=resume)
     with exclusive(lock, f"checkpoint {out}"):
         if recover(out) is not None:
-            print(f"recovered the newest complete checkpoint of {out} (a save was interrupted)", file=sys.stderr)
+            logger.warning(f"recovered the newest complete checkpoint of {out} (a save was interrupted)")
         return _train(cfg, resume, overwrite)
 
 
@@ -330,10 +336,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
         step, log = state["step"], read_log(out)
         torch.set_rng_state(state["torch_rng"])
         if step >= cfg.steps and accelerator.is_main_process:
-            print(
-                f"{out} already finished its {step} steps; nothing to do (pass a larger --steps to go on)",
-                file=sys.stderr,
-            )
+            logger.warning(f"{out} already finished its {step} steps; nothing to do (pass a larger --steps to go on)")
 
     def save() -> None:
         # every process takes part (under FSDP the tensors are gathered from the shards); the main process writes
@@ -365,6 +368,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
             with accelerator.accumulate(model):
                 loss, parts = objective_loss(model, layouts, cfg, accelerator)
                 accelerator.backward(loss)
+                if cfg.max_grad_norm and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
         scheduler.step()  # once per optimizer step, whatever the accumulation and the number of processes
@@ -415,6 +420,7 @@ def check_resumable(cfg: TrainConfig, previous: dict, out: Path) -> None:
 
 def config_from_meta(meta: dict) -> TrainConfig:
     training = {k: v for k, v in meta["training"].items() if k in TrainConfig.__dataclass_fields__}
+    training.setdefault("max_grad_norm", 0.0)  # runs saved before clipping existed trained without it
     return TrainConfig(**training, lora=LoraSettings(**meta["lora"]))
 
 
