@@ -144,3 +144,41 @@ def test_gradients_are_clipped_to_max_grad_norm(tiny_dir, sample_path, tmp_path,
         assert len(seen) == 3 and all(m == norm and after <= norm * 1.001 for m, _, after in seen)
         assert any(total > norm for _, total, _ in seen)  # the clipping really bit (the test can fail)
     assert read_meta(tmp_path / "ck")["training"]["max_grad_norm"] == norm
+
+
+def test_train_config_file_with_flags_on_top(tiny_dir, sample_path, tmp_path):
+    """--config takes YAML or JSON (a checkpoint's own kvcondense.json included); typed flags override it."""
+    from kvcondense.cli import main
+
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(
+        f"method: sentinel\nmethod_params: {{ratio: 0.5, placement: recent}}\nmodel: {tiny_dir}\n"
+        f"data: {sample_path}\nsteps: 2\nblock_tokens: 64\nlr: 0.002\nlora: {{r: 4, alpha: 8, dropout: 0.0}}\n"
+    )
+    out = tmp_path / "a"
+    assert main(["train", "--config", str(yaml_file), "--out", str(out), "--lr", "0.001"]) == 0
+    meta = read_meta(out)
+    assert meta["training"]["lr"] == 0.001 and meta["training"]["steps"] == 2 and meta["lora"]["r"] == 4
+    assert meta["method"]["params"]["placement"] == "recent"
+    # the stored config is a valid config: the same run again, elsewhere
+    again = tmp_path / "b"
+    assert main(["train", "--config", str(out / "kvcondense.json"), "--out", str(again)]) == 0
+    redo = read_meta(again)
+    assert {k: v for k, v in redo["training"].items() if k != "out"} == {
+        k: v for k, v in meta["training"].items() if k != "out"
+    }
+    assert redo["lora"] == meta["lora"] and redo["method"] == meta["method"]
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [("steps: [1\n", "not valid YAML"), ("- 1\n", "must hold a mapping"), ("stepz: 3\n", "unknown settings")],
+)
+def test_bad_config_files_are_one_line(tmp_path, capsys, text, match):
+    from kvcondense.cli import main
+
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    assert main(["train", "--config", str(f), "--method", "sentinel", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err and not (tmp_path / "o").exists()

@@ -152,6 +152,25 @@ def _cmd_train(args) -> int:
         given["grad_checkpointing"] = True
     params = {"ratio": args.ratio, **_method_params(args)}
     params = {k: v for k, v in params.items() if v is not None}
+    if args.config:
+        from .train import read_config
+
+        # the file's settings, with every typed flag on top
+        base = read_config(args.config)
+        args.method = args.method or base.pop("method", None)
+        args.out = args.out or base.pop("out", None)
+        params = {**base.pop("method_params", {}), **params}
+        lora_typed = any(getattr(args, k) is not None for k in ("lora_rank", "lora_alpha", "lora_dropout"))
+        if "lora" in base and not lora_typed:
+            args.lora_config = base.pop("lora")
+        base.pop("lora", None)
+        if args.steps is None and "steps" in base:
+            args.steps = base.pop("steps")
+        given = {**{k: v for k, v in base.items() if k not in ("method", "out", "steps")}, **given}
+    if args.method is None or args.out is None:
+        raise UsageError("train needs --method and --out (on the command line or in --config)")
+    if args.method not in METHODS:
+        raise UsageError(f"unknown method {args.method!r}; choose one of: {', '.join(METHODS)}")
     if args.resume and Path(args.out, "kvcondense.json").is_file():
         # the run's own settings, with the typed flags on top: train() refuses any that contradicts the run
         stored = config_from_checkpoint(args.out)
@@ -171,7 +190,7 @@ def _cmd_train(args) -> int:
             method_params=params,
             out=args.out,
             steps=300 if args.steps is None else args.steps,
-            lora=_lora_settings(args),
+            lora=getattr(args, "lora_config", None) or _lora_settings(args),
             **{"model": DEFAULT_MODEL, **given},
         )
     out = train(cfg, resume=args.resume, overwrite=args.overwrite)
@@ -390,7 +409,13 @@ class Parser(argparse.ArgumentParser):
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a method's LoRA and token rows; writes a checkpoint")
-    p.add_argument("--method", type=_method, required=True)
+    p.add_argument("--method", type=_method, default=None, help="the method to train (or from --config)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="a JSON or YAML file of training settings (TrainConfig's fields, or a checkpoint's kvcondense.json); "
+        "flags typed on the command line override it",
+    )
     p.add_argument("--ratio", type=_ratio, default=None, help="compression ratio in (0, 1) (default 0.5)")
     _add_method_flags(p)
     p.add_argument(
@@ -444,7 +469,7 @@ def _train_parser(sub) -> None:
         default=None,
         help="steps between saves, 0: at the end (default 50)",
     )
-    p.add_argument("--out", required=True, help="checkpoint folder (written atomically)")
+    p.add_argument("--out", default=None, help="checkpoint folder (written atomically; or from --config)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out (its settings are kept)")
     p.add_argument(
         "--overwrite",

@@ -424,6 +424,39 @@ def config_from_meta(meta: dict) -> TrainConfig:
     return TrainConfig(**training, lora=LoraSettings(**meta["lora"]))
 
 
+def read_config(path: str | Path) -> dict:
+    """The training settings in a JSON or YAML file: :class:`TrainConfig`'s fields (``lora`` a dict), or a
+    checkpoint's ``kvcondense.json`` (its ``training`` and ``lora``). Unknown fields are refused by name."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--config {path} does not exist; check the path")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse error of a user file is one line
+        kind = "YAML" if path.suffix in (".yaml", ".yml") else "JSON"
+        raise UsageError(f"--config {path} is not valid {kind} ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path} must hold a mapping of settings, not a {type(data).__name__}")
+    if "training" in data:  # a checkpoint's kvcondense.json
+        data = {**data["training"], "lora": data.get("lora", {})}
+    data = {k: v for k, v in data.items() if k != "steps_done"}
+    unknown = sorted(set(data) - set(TrainConfig.__dataclass_fields__))
+    if unknown:
+        raise UsageError(f"--config {path} has unknown settings {unknown}; see kvcondense train --help")
+    if "lora" in data:
+        extra = sorted(set(data["lora"]) - set(LoraSettings.__dataclass_fields__))
+        if not isinstance(data["lora"], dict) or extra:
+            raise UsageError(f"--config {path}: lora must be a mapping of {list(LoraSettings.__dataclass_fields__)}")
+        data["lora"] = LoraSettings(**data["lora"])
+    return data
+
+
 def config_from_checkpoint(path: str | Path) -> TrainConfig:
     """The training config stored in a checkpoint (used by --resume)."""
     return config_from_meta(read_meta(path))
