@@ -403,3 +403,10 @@ def test_quiet_silences_bars_and_notices_and_verbose_is_accepted(tiny_dir, sampl
     with pytest.raises(SystemExit) as exit_:
         main(["-q", "eval", "--method", "streaming", "--ratio", "2"])
     assert exit_.value.code == 2 and "ratio" in capsys.readouterr().err  # errors still show
+
+
+def test_list_names_methods_corpora_and_checkpoints(trained, capsys):
+    assert main(["list", "--checkpoints", str(trained.parent)]) == 0
+    out = capsys.readouterr().out
+    assert "sentinel" in out and "ccm-merge" in out and "wiki" in out and "recall" in out
+    assert f"{trained.name}" in out and "2 steps" in out

@@ -658,6 +658,42 @@ def _demo_parser(sub) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+def _list_parser(sub) -> None:
+    p = sub.add_parser("list", help="the methods, corpora, default model and the checkpoints under a folder")
+    p.add_argument("--checkpoints", default="checkpoints", help="where to look for checkpoints (default checkpoints)")
+    p.set_defaults(func=_cmd_list)
+
+
+def _cmd_list(args) -> int:
+    from .checkpoint import ADAPTER, META, read_meta
+    from .data import CORPORA
+    from .data.episodes import EPISODE_SOURCES
+
+    print(f"default model: {DEFAULT_MODEL}  (--model also takes a local folder or a cached Hub id)")
+    print("methods:")
+    for name, cls in METHODS.items():
+        fields = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
+        kind = "trainable" if cls.trainable else "training-free"
+        print(f"  {name:12s} {kind:14s} {fields}")
+    print(f"corpora: {', '.join(CORPORA)}; online episodes: {', '.join(EPISODE_SOURCES)}; or a .txt/.jsonl path")
+    root = Path(args.checkpoints)
+    found = sorted(p.parent for p in root.glob("*/" + META)) if root.is_dir() else []
+    print(f"checkpoints under {root}:" + ("" if found else " none"))
+    for ck in found:
+        try:
+            meta = read_meta(ck)
+        except UsageError as e:
+            print(f"  {ck.name:28s} unreadable: {e}")
+            continue
+        t = meta["training"]
+        weights = "" if (ck / ADAPTER).is_file() else "  (config and log only: no weights)"
+        print(
+            f"  {ck.name:28s} {meta['method']['name']:10s} {t.get('steps_done', t['steps'])} steps, "
+            f"objective {t.get('objective', 'lm')}, data {t['data']}{weights}"
+        )
+    return 0
+
+
 def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="write a checkpoint as a peft adapter or a plain merged model, with a model card")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory made by train")
@@ -692,6 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
         _report_parser,
         _demo_parser,
         _export_parser,
+        _list_parser,
     ):
         add(sub)
     return parser
