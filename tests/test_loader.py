@@ -23,6 +23,7 @@ def test_a_checkpoint_loads_as_a_named_bundle_with_its_ratio_overridable(trained
     assert isinstance(got, Loaded) and got.label == "sentinel (trained)" and got.meta["method"]["name"] == "sentinel"
     assert got.method.ratio == 0.3 and got.method.max_span_words == got.meta["method"]["params"]["max_span_words"]
     assert set(got.token_ids) == {"<CL>", "<CR>"}
+    assert load(trained, params={"window_share": 0.75}).method.window_share == 0.75  # an inference-time split
 
 
 @pytest.mark.parametrize(

@@ -210,3 +210,20 @@ def test_sampled_ratios_outside_the_range_are_refused(ratios):
 
     with pytest.raises(UsageError, match="sample-ratios"):
         TrainConfig(sample_ratios=ratios)
+
+
+@pytest.mark.parametrize("share", [0.5, 0.75, 0.9])
+def test_window_share_splits_the_budget_and_keeps_it(share):
+    """The recent placement keeps about the budget whatever the split; a larger share means a larger raw window
+    and fewer, longer spans."""
+    method = build_method("sentinel", placement="recent", ratio=0.75, window_share=share)
+    text, ids = _text(512), {"<CL>": 94, "<CR>": 95}
+    lay = method.layout(text, ids)
+    assert lay.kept_slots() / 512 == pytest.approx(0.25, abs=0.02)
+    from kvcondense.methods.sentinel import recent_spans
+
+    spans = recent_spans(512, 0.25, 4, share)
+    window = 512 - (spans[-1][1] + 1)
+    assert window == int((0.25 * 512 - 4) * share)
+    with pytest.raises(Exception, match="window_share"):
+        build_method("sentinel", window_share=1.0)

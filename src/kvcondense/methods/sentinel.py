@@ -101,11 +101,12 @@ PLACEMENTS = ("lines", "recent")
 LORA_SCOPES = ("all", "special")
 
 
-def recent_spans(n: int, kept: float, sinks: int) -> list[tuple[int, int]]:
+def recent_spans(n: int, kept: float, sinks: int, window_share: float = 0.5) -> list[tuple[int, int]]:
     """Token spans for the ``recent`` placement: ``sinks`` raw, then the older tokens split evenly into spans (2+
-    tokens each), then a raw recent window, so that sinks + window + one ``<CR>`` per span is about ``kept * n``."""
+    tokens each), then a raw recent window, so that sinks + window + one ``<CR>`` per span is about ``kept * n``;
+    the window takes ``window_share`` of the kept slots after the sinks, the ``<CR>``s the rest."""
     budget = max(1.0, kept * n - sinks)
-    window = int(budget / 2)
+    window = int(budget * window_share)
     older = n - sinks - window
     n_spans = min(max(1, round(budget - window)), older // 2)
     if n_spans < 1:
@@ -208,6 +209,7 @@ class Sentinel(Method):
 
     name: ClassVar[str] = "sentinel"
     special_tokens: ClassVar[tuple[str, ...]] = (OPEN, CLOSE)
+    inference_params: ClassVar[tuple[str, ...]] = ("window_share",)  # the split of a budget, chosen at inference
 
     ratio: float = param(0.5, "compression ratio in (0, 1)")
     max_span_words: int = param(25, "longest span, in words (lines placement)")
@@ -221,6 +223,9 @@ class Sentinel(Method):
         choices=PLACEMENTS,
     )
     sinks: int = param(4, "initial tokens never evicted (recent placement; streaming; window; ccm streaming)")
+    window_share: float = param(
+        0.5, "recent placement: share of the kept slots (after the sinks) given to the raw recent window"
+    )
     lora_scope: str = param(
         "all", "LoRA on every token (all, the paper's) or only on <CL>/<CR> (special)", choices=LORA_SCOPES
     )
@@ -230,6 +235,8 @@ class Sentinel(Method):
         return (Kind.OPEN, Kind.CLOSE) if self.lora_scope == "special" else None
 
     def __post_init__(self) -> None:
+        if not 0 < self.window_share < 1:
+            raise UsageError(f"window_share must be in (0, 1), got {self.window_share}")
         if self.lora_scope not in LORA_SCOPES:
             raise UsageError(f"unknown lora_scope {self.lora_scope!r}; choose one of {', '.join(LORA_SCOPES)}")
         if self.placement not in PLACEMENTS:
@@ -243,7 +250,7 @@ class Sentinel(Method):
 
     def layout(self, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:
         if self.placement == "recent":
-            spans = recent_spans(len(text), 1 - self.ratio, self.sinks)
+            spans = recent_spans(len(text), 1 - self.ratio, self.sinks, self.window_share)
             return sentinel_layout(text.ids, spans, token_ids[OPEN], token_ids[CLOSE], self.cr_sees_prefix)
         rng = random.Random(seed)
         word_spans = []
