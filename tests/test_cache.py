@@ -94,3 +94,15 @@ def test_state_dict_round_trip_and_snapshot_restore():
     stream.cache.restore(snap)
     after = stream.cache.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_an_evicting_cache_outside_kvcondense_refuses_instead_of_silently_keeping_everything():
+    """model.generate(past_key_values=EvictingCache(...)) would store every token and free nothing: it raises."""
+    from kvcondense.errors import UsageError
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 90, (1, 12))
+    with pytest.raises(UsageError, match="evicts only when kvcondense feeds it"):
+        model.generate(ids, past_key_values=EvictingCache(model.config.num_hidden_layers), max_new_tokens=3)
+    with pytest.raises(UsageError, match="kvcondense.generate"):
+        model(input_ids=ids, past_key_values=EvictingCache(model.config.num_hidden_layers), use_cache=True)

@@ -9,9 +9,12 @@ closer-only flag. Rows of a batch may evict different amounts; freed slots at a 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .errors import UsageError
 from .layout import NEVER
 from .masks import visibility
 from .merge import MixRules, mix_slots
@@ -115,6 +118,26 @@ class EvictingCache(Cache):
         self.slot_idx = empty.clone()  # (B, S) logical index of each stored slot, -1 for an invalid slot
         self.slot_expire = empty.clone()  # (B, S)
         self.slot_closer = empty.clone().bool()  # (B, S)
+        self._feeding = False  # True only while kvcondense's feed runs the model over this cache
+
+    @contextmanager
+    def feeding(self):
+        """The model may write into this cache inside this block (kvcondense's feed): the caller records the
+        slots' metadata and evicts. Outside it, :meth:`update` refuses."""
+        self._feeding = True
+        try:
+            yield self
+        finally:
+            self._feeding = False
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if not self._feeding:
+            raise UsageError(
+                "an EvictingCache evicts only when kvcondense feeds it: model.generate or model(...) with it would "
+                "store every token and free nothing; generate with kvcondense.generate.generate or the engine "
+                "(kvcondense.engine.Stream), which lay the tokens out and free what the method condenses"
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     # -- lengths ----------------------------------------------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -235,7 +235,7 @@ def feed_ragged(model, cache: EvictingCache, pieces: Sequence[StepPiece | None],
         q_idx[b, :m] = torch.arange(seen[b], seen[b] + m)
     mask = to_attention_mask(cache.visibility(q_idx, start, expire, closer), attn_implementation(model), model.dtype)
     device = model.device
-    with lora_gate(model, kinds), attention_implementation(model, incremental_attention(model)):
+    with lora_gate(model, kinds), attention_implementation(model, incremental_attention(model)), cache.feeding():
         out = model(
             input_ids=ids.to(device),
             position_ids=pos.to(device),

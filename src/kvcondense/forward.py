@@ -186,6 +186,7 @@ def feed(
     with (
         lora_gate(model, chunk.kinds.expand(ids.shape[0], -1)),
         attention_implementation(model, incremental_attention(model)),
+        cache.feeding(),
     ):
         out = model(
             input_ids=ids.to(device),
