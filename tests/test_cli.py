@@ -410,3 +410,16 @@ def test_list_names_methods_corpora_and_checkpoints(trained, capsys):
     out = capsys.readouterr().out
     assert "sentinel" in out and "ccm-merge" in out and "wiki" in out and "recall" in out
     assert f"{trained.name}" in out and "2 steps" in out
+
+
+def test_generate_chat_wraps_the_prompt_in_the_template_or_says_there_is_none(trained, tiny_dir, capsys):
+    from transformers import AutoTokenizer
+
+    from kvcondense.generate import chat_prompt
+
+    argv = ["generate", "--checkpoint", str(trained), "--prompt", "hello there", "--chat", "--max-new-tokens", "2"]
+    assert main(argv) == 2 and "no chat template" in capsys.readouterr().err  # the tiny test tokenizer has none
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    tok.chat_template += "{% if add_generation_prompt %}<assistant>{% endif %}"
+    assert chat_prompt(tok, "hi") == "<user>hi<assistant>"

@@ -609,6 +609,11 @@ def _generate_parser(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1: off)")
     p.add_argument("--stop", action="append", default=[], help="stop once the text contains this string (repeatable)")
     p.add_argument("--stream", action="store_true", help="print the tokens as they are generated")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap the prompt in the model's chat template as a user turn (instruct models such as the default)",
+    )
     p.add_argument("--json", default=None, help="also write the text and the cache statistics to this JSON file")
     p.add_argument(
         "--allow-long-context",

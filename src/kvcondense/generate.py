@@ -107,6 +107,15 @@ def generate(
     )
 
 
+def chat_prompt(tokenizer, message: str) -> str:
+    """``message`` as one user turn in the model's chat template, ready for the assistant's answer."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UsageError("this model's tokenizer has no chat template; drop --chat and give the prompt as plain text")
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
+    )
+
+
 def generate_cli(args, prompt: str, method_params: dict) -> int:
     """``kvcondense generate``: print the continuation and the cache statistics."""
     from .loader import load
@@ -121,6 +130,8 @@ def generate_cli(args, prompt: str, method_params: dict) -> int:
     got = load(args.checkpoint, args.method, typed, args.model, device=args.device, dtype=args.dtype)
     model, tokenizer, method, token_ids = got.model, got.tokenizer, got.method, got.token_ids
     check_family(model)
+    if args.chat:
+        prompt = chat_prompt(tokenizer, prompt)
     streamer = None
     if args.stream:
         from transformers import TextStreamer
