@@ -68,11 +68,11 @@ def test_merge_mask_and_rules_literal():
         [0, 0, 0, 0, 0, 0, 0, 1, 1],  # the tail sees Mem(2) = S2 only
     ]
     assert layout_visibility(lay).int().tolist() == expected
-    mix, online = lay.meta["mix"], lay.meta["mix_online"]
+    mix, online = lay.mix, lay.mix_online
     # closed form: S1 = C1, S2 = (C1 + C2) / 2; recursive: S2 = S1 / 2 + C2 / 2
     assert (mix.dst.tolist(), mix.src.tolist(), mix.weight.tolist()) == ([3, 7, 7], [2, 2, 6], [1.0, 0.5, 0.5])
     assert (online.dst.tolist(), online.src.tolist(), online.weight.tolist()) == ([3, 7, 7], [2, 6, 3], [1, 0.5, 0.5])
-    assert lay.meta["cuts"] == [4, 8]
+    assert lay.cuts == (4, 8)
     assert lay.kept_slots() == 2  # S2 and the tail
 
 
@@ -128,7 +128,7 @@ def test_merge_mixing_is_used_negative_control():
     lay = m.layout(episode(chunks=3), COMP)
     with torch.no_grad():
         merged = parallel_forward(model, [lay]).logits[0]
-        lay.meta.pop("mix")
+        lay.mix = None
         plain = parallel_forward(model, [lay]).logits[0]
     scored = lay.targets != IGNORE
     assert (merged[scored] - plain[scored]).abs().max() > 1e-3

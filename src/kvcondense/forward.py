@@ -138,7 +138,7 @@ def parallel_forward(model, layouts: list[Layout], attention: str = "auto", **kw
         mask = block_mask(layouts, ids.shape[1], device=device)
     else:
         mask = to_attention_mask(batch_visibility(layouts), impl, inner.dtype).to(device)
-    rules = batch_rules([lay.meta.get("mix") for lay in layouts])
+    rules = batch_rules([lay.mix for lay in layouts])
     with (
         attention_implementation(inner, impl),
         lora_gate(inner, kinds),
@@ -201,7 +201,7 @@ def feed(
         chunk.expire.expand(rows, -1),
         chunk.closer_only.expand(rows, -1),
     )
-    if (online := chunk.meta.get("mix_online")) is not None:
+    if (online := chunk.mix_online) is not None:
         cache.mix(online.within(first, first + n))  # CCM-merge: the memory update, before anything can see it
     return out.logits
 
@@ -209,7 +209,7 @@ def feed(
 def chunk_bounds(layout: Layout, chunk_size: int) -> list[tuple[int, int]]:
     """Chunks of at most ``chunk_size`` positions that also end at every cut the layout asks for (CCM-merge:
     a memory update must be complete before a later token attends to it)."""
-    cuts = sorted(set(layout.meta.get("cuts", ())) | {len(layout)})
+    cuts = sorted(set(layout.cuts) | {len(layout)})
     bounds, lo = [], 0
     for cut in cuts:
         while lo < cut:

@@ -18,10 +18,14 @@ Key ``k`` is visible to query ``q`` iff ``k <= q``, ``q <= expire[k]``, ``k >= s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .merge import MixRules
 
 NEVER = torch.iinfo(torch.int64).max
 """Expiry of a key that is never evicted."""
@@ -53,6 +57,11 @@ class Layout:
         start: first key index each query may see. (L,) int64.
         closer_only: keys visible only to themselves and to the query at their expiry. (L,) bool.
         targets: the token id each position must predict, or :data:`IGNORE`. Already shifted. (L,) int64.
+        mix: CCM-merge only: slots rebuilt as weighted sums of other slots, closed form over the whole layout
+            (the parallel forward), absolute indices.
+        mix_online: CCM-merge only: the same update applied recursively as the cache is fed (the incremental
+            forward), absolute indices.
+        cuts: indices where an incremental chunk must end (a memory update is complete before anything reads it).
     """
 
     input_ids: torch.Tensor
@@ -62,12 +71,14 @@ class Layout:
     start: torch.Tensor
     closer_only: torch.Tensor
     targets: torch.Tensor
-    meta: dict = field(default_factory=dict)
+    mix: MixRules | None = None
+    mix_online: MixRules | None = None
+    cuts: tuple[int, ...] = ()
 
     @classmethod
     def tensor_fields(cls) -> tuple[str, ...]:
-        """The per-token tensor fields, in order (every field but ``meta``): the one list of them."""
-        return tuple(f.name for f in fields(cls) if f.name != "meta")
+        """The per-token tensor fields, in order: the one list of them."""
+        return tuple(f.name for f in fields(cls) if f.type == "torch.Tensor")
 
     def __post_init__(self) -> None:
         n = self.input_ids.shape
@@ -94,7 +105,8 @@ class Layout:
 
     def slice(self, lo: int, hi: int) -> Layout:
         """Positions ``lo..hi-1`` of this layout, with indices kept absolute (used to feed a cache in chunks)."""
-        return Layout(**{k: getattr(self, k)[lo:hi] for k in self.tensor_fields()}, meta=dict(self.meta))
+        tensors = {k: getattr(self, k)[lo:hi] for k in self.tensor_fields()}
+        return Layout(**tensors, mix=self.mix, mix_online=self.mix_online, cuts=self.cuts)  # rules stay absolute
 
 
 def text_layout(input_ids: torch.Tensor, expire: torch.Tensor | None = None) -> Layout:
@@ -129,9 +141,14 @@ def next_text_targets(input_ids: torch.Tensor, kinds: torch.Tensor) -> torch.Ten
 
 def concat(layouts: list[Layout]) -> Layout:
     """Join layouts whose indices are already absolute (a prompt layout followed by decode pieces)."""
-    names = Layout.tensor_fields()
-    meta: dict = {}
-    for x in layouts:  # absolute-index annotations (merge rules, cuts) add up
-        for key, value in x.meta.items():
-            meta[key] = meta[key] + value if key in meta else value
-    return Layout(**{k: torch.cat([getattr(x, k) for x in layouts]) for k in names}, meta=meta)
+
+    def joined(rules):
+        rules = [r for r in rules if r is not None]
+        return sum(rules[1:], rules[0]) if rules else None
+
+    return Layout(
+        **{k: torch.cat([getattr(x, k) for x in layouts]) for k in Layout.tensor_fields()},
+        mix=joined(x.mix for x in layouts),
+        mix_online=joined(x.mix_online for x in layouts),
+        cuts=tuple(c for x in layouts for c in x.cuts),
+    )

@@ -106,16 +106,17 @@ def _eager_of(module) -> callable:
     return sys.modules[type(module).__module__].eager_attention_forward
 
 
-def _mixing_attention(module, query, key, value, attention_mask, kvc_mix=None, kvc_base="sdpa", **kwargs):
+def _mixing_attention(
+    module, query, key, value, attention_mask, kvc_mix=None, kvc_base="sdpa", kvc_calls=None, **kwargs
+):
     if kvc_mix is not None:
         dst, src, weight = kvc_mix
         key, value = mix_slots(key, dst, src, weight), mix_slots(value, dst, src, weight)
-        kvc_mix_calls.append(1)
+        kvc_calls.append(1)  # the list belongs to the merging_attention block that made these kwargs
     base = _eager_of(module) if kvc_base == "eager" else ALL_ATTENTION_FUNCTIONS[kvc_base]
     return base(module, query, key, value, attention_mask, **kwargs)
 
 
-kvc_mix_calls: list[int] = []  # one entry per attention call that mixed, checked by merging_attention
 AttentionInterface.register(MERGING, _mixing_attention)
 
 
@@ -132,13 +133,13 @@ def merging_attention(model, rules: tuple[torch.Tensor, torch.Tensor, torch.Tens
     config = model.config
     base = config._attn_implementation or "eager"
     config._attn_implementation = MERGING
-    kvc_mix_calls.clear()
+    calls: list[int] = []  # one entry per attention call that mixed
     try:
-        yield {"kvc_mix": tuple(t.to(model.device) for t in rules), "kvc_base": base}
+        yield {"kvc_mix": tuple(t.to(model.device) for t in rules), "kvc_base": base, "kvc_calls": calls}
     finally:
         config._attn_implementation = base
-    if len(kvc_mix_calls) != n_layers:
+    if len(calls) != n_layers:
         raise RuntimeError(
-            f"ccm-merge mixed keys in {len(kvc_mix_calls)} of {n_layers} layers: this model family does not pass "
+            f"ccm-merge mixed keys in {len(calls)} of {n_layers} layers: this model family does not pass "
             "attention kwargs through; use ccm-concat"
         )

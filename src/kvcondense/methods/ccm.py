@@ -162,7 +162,7 @@ class Piece:
     """One chunk folded into memory by :class:`MemoryWriter`, with absolute (logical) indices.
 
     Attributes:
-        layout: the chunk's tokens, its COMP tokens and (merge) its SUM placeholders; ``meta["mix_online"]`` holds
+        layout: the chunk's tokens, its COMP tokens and (merge) its SUM placeholders; ``layout.mix_online`` holds
             the recursive memory update that :func:`kvcondense.forward.feed` applies to the cache.
         first: logical index of the piece's first token.
         retire: logical indices of earlier slots (the previous memory, merge) that now expire at ``retire_at``.
@@ -217,7 +217,7 @@ class MemoryWriter:
         }
 
     def chunk(self, ids: torch.Tensor, closed_form: bool = False) -> Piece:
-        """Lay out one chunk. With ``closed_form`` the piece's meta also holds the closed-form merge rules."""
+        """Lay out one chunk. With ``closed_form`` the piece's layout also holds the closed-form merge rules."""
         n, first = len(self.comp_ids), self.next
         q_start = 0 if self.recurrent else first
         comp_idx = first + len(ids)
@@ -227,7 +227,7 @@ class MemoryWriter:
         self.text_pos += len(ids)
         parts.append(self._tokens(self.comp_ids, Kind.COMP, self.text_pos, q_start, last_sum))
         comp = list(range(comp_idx, comp_idx + n))
-        meta, retire = {}, []
+        rules, retire = {}, []
         self.steps += 1
         if self.merge:
             sums = list(range(last_comp + 1, last_comp + 1 + n))
@@ -237,16 +237,16 @@ class MemoryWriter:
             _add(online, sums, comp, rate)
             if self.memory:
                 _add(online, sums, self.memory, 1.0 - rate)
-            meta = {"mix_online": _rules(online), "cuts": [last_sum + 1]}
+            rules = {"mix_online": _rules(online), "cuts": (last_sum + 1,)}
             if closed_form:  # SUM_t = sum_j w[t, j] COMP_j
                 self.closed.append(comp)
                 weights, mix = merge_weights(self.steps, self.ema)[self.steps - 1], ([], [], [])
                 for j, group in enumerate(self.closed):
                     _add(mix, sums, group, float(weights[j]))
-                meta["mix"] = _rules(mix)
+                rules["mix"] = _rules(mix)
             retire, self.memory = self.memory, sums
         self.next = first + sum(len(p["input_ids"]) for p in parts)
-        return Piece(_layout(parts, meta), first, retire, last_sum)
+        return Piece(_layout(parts, rules), first, retire, last_sum)
 
     def tail(self, ids: torch.Tensor) -> Layout:
         """Text after the memory (a query and its answer, or the live end of a text): kept, sees all memory."""
@@ -256,14 +256,14 @@ class MemoryWriter:
         return lay
 
 
-def _layout(parts: list[dict[str, list]], meta: dict) -> Layout:
+def _layout(parts: list[dict[str, list]], rules: dict) -> Layout:
     cols = {k: torch.tensor([v for p in parts for v in p[k]], dtype=torch.long) for k in parts[0]}
     n = cols["input_ids"].shape[0]
     return Layout(
         **cols,
         closer_only=torch.zeros(n, dtype=torch.bool),
         targets=torch.full((n,), IGNORE, dtype=torch.long),
-        meta=meta,
+        **rules,
     )
 
 
@@ -277,8 +277,8 @@ def ccm_layout(
     ema: float | None = None,
 ) -> Layout:
     """Lay out a whole episode ``c(1) COMP.. [SUM..] ... c(T) COMP.. [SUM..] tail`` for the parallel forward
-    (see :class:`MemoryWriter`). Merge layouts carry ``meta["mix"]`` (closed form, parallel forward),
-    ``meta["mix_online"]`` (recursive, cache) and ``meta["cuts"]`` (incremental chunks end after each update)."""
+    (see :class:`MemoryWriter`). Merge layouts carry ``mix`` (closed form, parallel forward),
+    ``mix_online`` (recursive, cache) and ``cuts`` (incremental chunks end after each update)."""
     writer = MemoryWriter(comp_ids, merge, recurrent, ema)
     pieces = [writer.chunk(c, closed_form=True) for c in chunks]
     lay = concat([p.layout for p in pieces] + [writer.tail(tail)])  # concat adds up the rules and the cuts
