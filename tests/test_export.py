@@ -55,7 +55,9 @@ def test_peft_export_reloads_in_stock_peft_with_the_same_logits(trained, tiny_di
 def test_merged_export_is_a_plain_model_with_the_same_logits(trained, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = export(trained, "merged", tmp_path / "merged")
+    from kvcondense.loader import Loaded
+
+    out = Loaded.from_pretrained(trained).save_pretrained(tmp_path / "merged", format="merged")
     ours = load_checkpoint(trained)
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)

@@ -35,6 +35,7 @@ class Loaded:
         token_ids: the special tokens' ids.
         label: how results name it (``sentinel (trained)``, ``gist (untrained tokens)``, ``streaming``).
         meta: the checkpoint's ``kvcondense.json`` (None for an untrained method).
+        source: the checkpoint folder it was loaded from (None for an untrained method).
     """
 
     model: object
@@ -43,6 +44,21 @@ class Loaded:
     token_ids: dict[str, int]
     label: str
     meta: dict | None = None
+    source: str | None = None
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> Loaded:
+        """A kvcondense checkpoint folder (see :func:`load` for ``model``, ``params``, ``device``, ``dtype``)."""
+        return load(checkpoint=path, **kwargs)
+
+    def save_pretrained(self, path: str | Path, format: str = "peft") -> Path:
+        """Write the checkpoint this was loaded from as a stock ``peft`` adapter or a ``merged`` model (see
+        :mod:`kvcondense.export`; a new folder, with a model card)."""
+        from .export import export
+
+        if self.source is None:
+            raise UsageError("an untrained method has nothing to save; train it first (kvcondense train)")
+        return export(self.source, format, path)
 
 
 def load_checkpoint(path: str | Path, model_name: str | None = None, merge_lora: bool = True, **model_kwargs) -> Loaded:
@@ -83,7 +99,7 @@ def load_checkpoint(path: str | Path, model_name: str | None = None, merge_lora:
     model.eval()
     if merge_lora and method.lora_on is None:
         model = model.merge_and_unload()
-    return Loaded(model, tokenizer, method, token_ids, f"{method.name} (trained)", meta)
+    return Loaded(model, tokenizer, method, token_ids, f"{method.name} (trained)", meta, str(path))
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
