@@ -423,3 +423,17 @@ def test_generate_chat_wraps_the_prompt_in_the_template_or_says_there_is_none(tr
     tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
     tok.chat_template += "{% if add_generation_prompt %}<assistant>{% endif %}"
     assert chat_prompt(tok, "hi") == "<user>hi<assistant>"
+
+
+def test_top_level_help_imports_no_torch():
+    """`kvcondense --help` answers at once: neither the package nor the parser imports torch for it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom kvcondense.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\nprint('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout and "train" in out.stdout, out.stderr[-500:]

@@ -8,16 +8,43 @@ out = generate(got.model, got.tokenizer, got.method, got.token_ids, "A long docu
 print(out.text, out.stored_slots)
 """
 
-from .cache import EvictingCache
-from .engine import incremental_forward
-from .evaluate import EvalConfig, run_eval
-from .forward import parallel_forward
-from .layout import NEVER, Kind, Layout
-from .loader import Loaded, load, load_checkpoint
-from .methods import METHODS, Method, build_method, tokenize
-from .models import add_special_tokens, load_model
-from .session import MemorySession
-from .train import TrainConfig
+# Everything below is imported on first use (PEP 562), so that `kvcondense --help` does not wait for torch.
+_EXPORTS = {
+    "EvictingCache": "cache",
+    "incremental_forward": "engine",
+    "EvalConfig": "evaluate",
+    "run_eval": "evaluate",
+    "parallel_forward": "forward",
+    "NEVER": "layout",
+    "Kind": "layout",
+    "Layout": "layout",
+    "Loaded": "loader",
+    "load": "loader",
+    "load_checkpoint": "loader",
+    "METHODS": "methods",
+    "Method": "methods",
+    "build_method": "methods",
+    "tokenize": "methods",
+    "add_special_tokens": "models",
+    "load_model": "models",
+    "MemorySession": "session",
+    "TrainConfig": "train",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'kvcondense' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __version__ = "0.1.0"
 # The functions `train` and `generate` live in the modules of the same name and are not re-exported here, so that

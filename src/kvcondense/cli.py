@@ -23,12 +23,23 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
+from .defaults import DEFAULT_MODEL
 from .errors import UsageError
-from .memory_eval import MEMORY_BASELINES, OTHER_MEMORY
-from .methods import METHODS
-from .models import DEFAULT_MODEL
 
 USER_ERRORS = (UsageError,)
+
+
+def _memory_names() -> tuple:
+    from .memory_eval import MEMORY_BASELINES, OTHER_MEMORY
+
+    return MEMORY_BASELINES, OTHER_MEMORY
+
+
+def _methods() -> dict:
+    """The method registry, imported when a command needs it (it brings torch; --help does not)."""
+    from .methods import METHODS
+
+    return METHODS
 
 
 def _ratio(text: str) -> float:
@@ -65,8 +76,8 @@ _nonnegative_int = _int_at_least(0)
 
 
 def _method(text: str) -> str:
-    if text not in METHODS:
-        raise argparse.ArgumentTypeError(f"unknown method {text!r}; choose one of: {', '.join(METHODS)}")
+    if text not in _methods():
+        raise argparse.ArgumentTypeError(f"unknown method {text!r}; choose one of: {', '.join(_methods())}")
     return text
 
 
@@ -74,7 +85,7 @@ def _method_fields() -> dict[str, tuple[dataclasses.Field, list[str]]]:
     """Every method hyperparameter but the ratio (each command gives that its own flag), with the methods that
     have it: the flags come from the method dataclasses, so a new field is a new flag with no edit here."""
     fields: dict[str, tuple[dataclasses.Field, list[str]]] = {}
-    for name, cls in METHODS.items():
+    for name, cls in _methods().items():
         for f in dataclasses.fields(cls):
             if f.name != "ratio":
                 fields.setdefault(f.name, (f, []))[1].append(name)
@@ -94,7 +105,7 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
     for name, (f, methods) in _method_fields().items():
         meta = f.metadata
         flag = meta.get("flag") or "--" + name.replace("_", "-")
-        defaults = {m: getattr(METHODS[m], name, f.default) for m in methods}
+        defaults = {m: getattr(_methods()[m], name, f.default) for m in methods}
         help_text = f"{', '.join(methods)}: {meta.get('help', name)}"
         if _field_type(f) is bool:  # --x turns on a default-off switch, --no-x turns off a default-on one
             p.add_argument(flag, dest=name, action="store_const", const=not f.default, default=None, help=help_text)
@@ -169,8 +180,8 @@ def _cmd_train(args) -> int:
         given = {**{k: v for k, v in base.items() if k not in ("method", "out", "steps")}, **given}
     if args.method is None or args.out is None:
         raise UsageError("train needs --method and --out (on the command line or in --config)")
-    if args.method not in METHODS:
-        raise UsageError(f"unknown method {args.method!r}; choose one of: {', '.join(METHODS)}")
+    if args.method not in _methods():
+        raise UsageError(f"unknown method {args.method!r}; choose one of: {', '.join(_methods())}")
     if args.resume and Path(args.out, "kvcondense.json").is_file():
         # the run's own settings, with the typed flags on top: train() refuses any that contradicts the run
         stored = config_from_checkpoint(args.out)
@@ -239,7 +250,7 @@ def _cmd_eval(args) -> int:
         seed=args.seed,
         time_steps=tuple(args.time_steps),
         episodes=args.episodes,
-        baselines=() if args.baselines is None else tuple(args.baselines or MEMORY_BASELINES),
+        baselines=() if args.baselines is None else tuple(args.baselines or _memory_names()[0]),
         kv_budgets=tuple(args.kv_budget or ()),
         export_tasks=args.export_tasks,
         answer_tokens=args.answer_tokens,
@@ -407,8 +418,10 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _train_parser(sub) -> None:
+def _train_parser(sub, full: bool = True) -> None:
     p = sub.add_parser("train", help="train a method's LoRA and token rows; writes a checkpoint")
+    if not full:  # listed in the top-level help; its flags are built when it is the command
+        return
     p.add_argument("--method", type=_method, default=None, help="the method to train (or from --config)")
     p.add_argument(
         "--config",
@@ -479,8 +492,10 @@ def _train_parser(sub) -> None:
     p.set_defaults(func=_cmd_train)
 
 
-def _eval_parser(sub) -> None:
+def _eval_parser(sub, full: bool = True) -> None:
     p = sub.add_parser("eval", help="held-out perplexity, measured compression and stored KV")
+    if not full:  # listed in the top-level help; its flags are built when it is the command
+        return
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint directory made by train")
     src.add_argument("--method", type=_method, help="evaluate a method without training (baselines, ablations)")
@@ -565,10 +580,10 @@ def _eval_parser(sub) -> None:
     p.add_argument(
         "--baselines",
         nargs="*",
-        choices=MEMORY_BASELINES,
+        choices=_memory_names()[0],
         default=None,
         help="memory: also score these baselines (no names: all four; the window at the method's KV budget; "
-        f"{OTHER_MEMORY}: the method reading another episode's memory, the control)",
+        f"{_memory_names()[1]}: the method reading another episode's memory, the control)",
     )
     p.add_argument("--json", help="write the results as JSON to this file")
     p.add_argument("--out-dir", default=None, help="write result.json under a directory named from the config")
@@ -577,8 +592,10 @@ def _eval_parser(sub) -> None:
     p.set_defaults(func=_cmd_eval)
 
 
-def _chat_parser(sub) -> None:
+def _chat_parser(sub, full: bool = True) -> None:
     p = sub.add_parser("chat", help="chat with a compressed memory (ccm checkpoints); reads stdin when piped")
+    if not full:  # listed in the top-level help; its flags are built when it is the command
+        return
     p.add_argument(
         "--checkpoint", required=True, help="a memory checkpoint: ccm-concat, ccm-merge (or full, window, no-context)"
     )
@@ -591,8 +608,10 @@ def _chat_parser(sub) -> None:
     p.set_defaults(func=_cmd_chat)
 
 
-def _generate_parser(sub) -> None:
+def _generate_parser(sub, full: bool = True) -> None:
     p = sub.add_parser("generate", help="generate from a compressed prompt and print cache statistics")
+    if not full:  # listed in the top-level help; its flags are built when it is the command
+        return
     p.add_argument("--checkpoint", help="checkpoint directory (omit to use --method without training)")
     p.add_argument("--method", type=_method, default=None)
     p.add_argument("--ratio", type=_ratio, default=None)
@@ -624,8 +643,10 @@ def _generate_parser(sub) -> None:
     p.set_defaults(func=_cmd_generate)
 
 
-def _bench_parser(sub) -> None:
+def _bench_parser(sub, full: bool = True) -> None:
     p = sub.add_parser("bench", help="throughput and memory, compressed against full attention, as ratios")
+    if not full:  # listed in the top-level help; its flags are built when it is the command
+        return
     p.add_argument("--method", type=_method, default=None, help="method without training (default sentinel)")
     p.add_argument("--ratio", type=_ratio, default=None, help="compression ratio (default 0.5)")
     p.add_argument("--checkpoint", default=None, help="use a trained checkpoint's model and method")
@@ -644,15 +665,19 @@ def _bench_parser(sub) -> None:
     p.set_defaults(func=_cmd_bench)
 
 
-def _report_parser(sub) -> None:
+def _report_parser(sub, full: bool = True) -> None:
     p = sub.add_parser("report", help="markdown table and PNG plots from result directories")
+    if not full:  # listed in the top-level help; its flags are built when it is the command
+        return
     p.add_argument("dirs", nargs="+", help="directories holding result JSON files")
     p.add_argument("--out", default=None, help="output directory (default: DIR/report of the first)")
     p.set_defaults(func=_cmd_report)
 
 
-def _demo_parser(sub) -> None:
+def _demo_parser(sub, full: bool = True) -> None:
     p = sub.add_parser("demo", help="the main job on the embedded defaults")
+    if not full:  # listed in the top-level help; its flags are built when it is the command
+        return
     p.add_argument("--quick", action="store_true", help="a tiny budget (used by the test suite)")
     p.add_argument("--max-tokens", type=_positive_int, default=None, help="perplexity tokens per row (default 4096)")
     _add_common(p)
@@ -663,8 +688,10 @@ def _demo_parser(sub) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
-def _list_parser(sub) -> None:
+def _list_parser(sub, full: bool = True) -> None:
     p = sub.add_parser("list", help="the methods, corpora, default model and the checkpoints under a folder")
+    if not full:  # listed in the top-level help; its flags are built when it is the command
+        return
     p.add_argument("--checkpoints", default="checkpoints", help="where to look for checkpoints (default checkpoints)")
     p.set_defaults(func=_cmd_list)
 
@@ -676,7 +703,7 @@ def _cmd_list(args) -> int:
 
     print(f"default model: {DEFAULT_MODEL}  (--model also takes a local folder or a cached Hub id)")
     print("methods:")
-    for name, cls in METHODS.items():
+    for name, cls in _methods().items():
         fields = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
         kind = "trainable" if cls.trainable else "training-free"
         print(f"  {name:12s} {kind:14s} {fields}")
@@ -699,8 +726,10 @@ def _cmd_list(args) -> int:
     return 0
 
 
-def _export_parser(sub) -> None:
+def _export_parser(sub, full: bool = True) -> None:
     p = sub.add_parser("export", help="write a checkpoint as a peft adapter or a plain merged model, with a model card")
+    if not full:  # listed in the top-level help; its flags are built when it is the command
+        return
     p.add_argument("--checkpoint", required=True, help="checkpoint directory made by train")
     p.add_argument("--to", nargs=2, required=True, metavar=("FORMAT", "DIR"), help="peft DIR or merged DIR (new)")
     p.set_defaults(func=_cmd_export)
@@ -718,7 +747,13 @@ def _cmd_export(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMMANDS = ("train", "eval", "chat", "generate", "bench", "report", "demo", "export", "list")
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The command line. With ``argv``, only the command it names gets its flags (building the method flags
+    imports torch: ``kvcondense --help`` answers at once); without, every command gets them."""
+    chosen = next((a for a in argv if a in COMMANDS), None) if argv is not None else None
     parser = Parser(prog="kvcondense", description="Learned context compression for Hugging Face causal LMs.")
     noise = parser.add_mutually_exclusive_group()
     noise.add_argument("-v", "--verbose", action="store_true", help="debug lines, and transformers' own messages")
@@ -735,7 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
         _export_parser,
         _list_parser,
     ):
-        add(sub)
+        add(sub, full=argv is None or add.__name__ == f"_{chosen}_parser")
     return parser
 
 
@@ -783,7 +818,7 @@ def _no_progress_bars():
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    args = build_parser(sys.argv[1:] if argv is None else argv).parse_args(argv)
     _logging(args.verbose, args.quiet)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft calls a deprecated name
     try:

