@@ -99,3 +99,11 @@ def test_the_step_refuses_a_wrong_number_of_tokens():
     stream.prefill(prompt(20, 5), chunk_tokens=16)
     with pytest.raises(ValueError, match="2 tokens for 1 rows"):
         stream.step([1, 2])
+
+
+def test_prefill_starts_a_stream_and_refuses_a_used_one():
+    model = tiny_model("llama")
+    stream = Stream(model, sentinel(), TOKENS)
+    stream.prefill(prompt(20, 7), chunk_tokens=8)
+    with pytest.raises(ValueError, match="empty cache"):
+        stream.prefill(prompt(20, 8), chunk_tokens=8)

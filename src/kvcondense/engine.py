@@ -113,20 +113,22 @@ class Stream:
         """
         if self.cache.rows != 1:
             raise ValueError("prefill feeds one row; stack one-row streams with Stream.batch")
+        if self.seen[0] != 0:  # a layout's expiry and starts are indices from its own first token
+            raise ValueError("prefill starts a stream on an empty cache; continue a stream with step()")
         layout = prompt if isinstance(prompt, Layout) else self.method.layout(prompt, self.token_ids, seed=seed)
         predict_from = self.method.predict_from if self.method is not None else (Kind.TEXT,)
         predictors = torch.isin(layout.kinds, torch.tensor([int(k) for k in predict_from]))
         last = int(torch.nonzero(predictors).max()) if bool(predictors.any()) else len(layout) - 1
-        first, kept, logits = self.seen[0], [], None
+        kept, logits = [], None
         for lo, hi in chunk_bounds(layout, chunk_tokens):
-            out = feed(self.model, self.cache, layout.slice(lo, hi), first + lo)[0]
+            out = feed(self.model, self.cache, layout.slice(lo, hi), lo)[0]
             if keep_logits:
                 kept.append(out)
             elif lo <= last < hi:
                 logits = out[last - lo]
             self._peak()
-            self.cache.evict(first + hi)
-        self.seen = [first + len(layout)]
+            self.cache.evict(hi)
+        self.seen = [len(layout)]
         self.layouts = [layout]
         if self.method is not None:
             self.policies = [self.method.decode_policy(layout, self.token_ids, seed=seed)]
