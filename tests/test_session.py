@@ -203,3 +203,17 @@ def test_read_only_folder_is_refused_before_saving(tmp_path):
             check_save_path(folder / "m.safetensors")
     finally:
         folder.chmod(0o755)
+
+
+def test_each_method_hands_out_its_own_memory_writer():
+    """MemorySession asks the method for its writer (no isinstance chain): CCM's compressed memory, the baselines'
+    plain text, and a one-line refusal for methods that keep no chat memory."""
+    from kvcondense.methods.ccm import MemoryWriter
+    from kvcondense.methods.memory import TextWriter
+
+    assert isinstance(build_method("ccm-merge", comp_tokens=2).memory_writer(COMP), MemoryWriter)
+    window = build_method("window", slots=10, sinks=2).memory_writer({})
+    assert isinstance(window, TextWriter) and window.window == 8 and window.sinks == 2
+    assert build_method("no-context").memory_writer({}).keep is False
+    with pytest.raises(UsageError, match="keeps no memory"):
+        build_method("gist").memory_writer({})

@@ -32,7 +32,7 @@ from .engine import Stream, generate_step
 from .errors import UsageError
 from .forward import feed, num_layers
 from .generate import context_limit
-from .layout import IGNORE, NEVER, Layout, text_layout
+from .layout import NEVER, text_layout
 from .memory_file import (  # noqa: F401  (re-exported: these lived here before)
     FORMAT,
     KV_DTYPES,
@@ -45,8 +45,8 @@ from .memory_file import (  # noqa: F401  (re-exported: these lived here before)
     save_memory,
 )
 from .methods import Method, StepPiece
-from .methods.baselines import FullAttention, NoContext, SlidingWindow
-from .methods.ccm import CCMConcat, MemoryWriter, Piece
+from .methods.ccm import MemoryWriter
+from .methods.memory import TextWriter  # noqa: F401  (re-exported: it lived here before)
 
 
 class TailPolicy:
@@ -63,77 +63,9 @@ class ContextFullError(UsageError):
     """A turn would take positions past the model's context (``max_position_embeddings``)."""
 
 
-class TextWriter:
-    """The memory of the plain-text baselines, with :class:`~kvcondense.methods.ccm.MemoryWriter`'s interface.
-
-    - ``full``: every turn is kept as plain text;
-    - ``window``: a sliding window of ``window`` tokens plus ``sinks`` first tokens: token ``k`` expires at
-      ``k + window``, and the window stops while an answer is written (what
-      :func:`kvcondense.methods.baselines.episode_layout` does);
-    - ``no-context`` (``keep=False``): nothing is kept, every turn is forgotten at once; an answer sees only its
-      own input.
-
-    Positions and logical indices are the count of kept tokens, so the state is the same four numbers as CCM's.
-    """
-
-    def __init__(self, keep: bool = True, window: int | None = None, sinks: int = 0):
-        self.keep, self.window, self.sinks = keep, window, sinks
-        self.next = self.text_pos = self.steps = 0
-        self.memory: list[int] = []
-
-    def state(self) -> dict:
-        return {"next": self.next, "text_pos": self.text_pos, "steps": self.steps, "memory": []}
-
-    def restore(self, state: dict) -> None:
-        self.next, self.text_pos, self.steps = state["next"], state["text_pos"], state["steps"]
-
-    def expiry(self, k: int) -> int:
-        return NEVER if self.window is None or k < self.sinks else k + self.window
-
-    def kept(self, next_index: int) -> list[int]:
-        """Logical indices stored after ``next_index`` tokens were kept (each chunk evicted what expired)."""
-        if not self.keep:
-            return []
-        if self.window is None:
-            return list(range(next_index))
-        sinks = min(self.sinks, next_index)
-        return list(range(sinks)) + list(range(max(sinks, next_index - self.window), next_index))
-
-    def _text(self, ids: torch.Tensor, expire: torch.Tensor | None) -> Layout:
-        lay = text_layout(ids, expire)
-        lay.position_ids += self.text_pos
-        lay.targets[:] = IGNORE
-        self.next += len(ids)
-        self.text_pos += len(ids)
-        return lay
-
-    def chunk(self, ids: torch.Tensor) -> Piece | None:
-        """Lay out one turn (None: nothing is kept)."""
-        self.steps += 1
-        if not self.keep:
-            return None
-        first = self.next
-        expire = torch.tensor([self.expiry(k) for k in range(first, first + len(ids))], dtype=torch.long)
-        return Piece(self._text(ids, expire), first, [], NEVER)
-
-    def tail(self, ids: torch.Tensor) -> Layout:
-        return self._text(ids, None)
-
-
 def make_writer(method: Method, token_ids: dict[str, int]) -> MemoryWriter | TextWriter:
-    """The memory writer of an online session with ``method`` (refused for methods that hold no chat memory)."""
-    if isinstance(method, CCMConcat):
-        comp_ids = [token_ids[t] for t in method.special_tokens]
-        return MemoryWriter(comp_ids, method.merge, method.recurrent, method.ema())
-    if isinstance(method, SlidingWindow):
-        return TextWriter(window=method.slots - method.sinks, sinks=method.sinks)
-    if isinstance(method, FullAttention):
-        return TextWriter()
-    if isinstance(method, NoContext):
-        return TextWriter(keep=False)
-    raise UsageError(
-        f"method {method.name!r} keeps no memory of a chat; use a ccm-concat, ccm-merge or full checkpoint"
-    )
+    """The memory writer of an online session with ``method`` (its :meth:`Method.memory_writer`)."""
+    return method.memory_writer(token_ids)
 
 
 @dataclass

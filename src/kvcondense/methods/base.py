@@ -133,6 +133,15 @@ class Method(ABC):
         :class:`StepPiece` to feed (see :mod:`kvcondense.engine`). Default: every generated token is kept."""
         return TextPolicy.after(prompt)
 
+    def memory_writer(self, token_ids: dict[str, int]):
+        """The writer that lays out an online chat's memory turn by turn (:class:`kvcondense.session.MemorySession`);
+        methods that keep no chat memory refuse."""
+        from ..errors import UsageError
+
+        raise UsageError(
+            f"method {self.name!r} keeps no memory of a chat; use a ccm-concat, ccm-merge or full checkpoint"
+        )
+
     def params(self) -> dict:
         """The hyperparameters, as saved in checkpoints and results."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -16,6 +16,7 @@ import torch
 from ..errors import UsageError
 from ..layout import IGNORE, NEVER, Layout, text_layout
 from .base import Method, TextPolicy, TokenizedText, param
+from .memory import TextWriter
 
 
 def _check_ratio(ratio: float) -> None:
@@ -52,6 +53,10 @@ class FullAttention(Method):
     name: ClassVar[str] = "full"
     episodic: ClassVar[bool] = True
 
+    def memory_writer(self, token_ids: dict[str, int]) -> TextWriter:
+        """Every turn kept as plain text."""
+        return TextWriter()
+
     def layout(self, text, token_ids: dict[str, int], seed: int = 0) -> Layout:
         if not isinstance(text, TokenizedText):  # an online episode: the whole context is kept
             return episode_layout(text)
@@ -66,6 +71,10 @@ class NoContext(Method):
     trainable: ClassVar[bool] = False
     episodic: ClassVar[bool] = True
     plain_text: ClassVar[bool] = False
+
+    def memory_writer(self, token_ids: dict[str, int]) -> TextWriter:
+        """Nothing kept: every turn is forgotten at once."""
+        return TextWriter(keep=False)
 
     def layout(self, text, token_ids: dict[str, int], seed: int = 0) -> Layout:
         if isinstance(text, TokenizedText):
@@ -89,6 +98,10 @@ class SlidingWindow(Method):
     plain_text: ClassVar[bool] = False
     slots: int = param(32, "a fixed KV budget in slots")
     sinks: int = param(4, "initial tokens never evicted")
+
+    def memory_writer(self, token_ids: dict[str, int]) -> TextWriter:
+        """The first ``sinks`` tokens and a sliding window of the rest."""
+        return TextWriter(window=self.slots - self.sinks, sinks=self.sinks)
 
     def __post_init__(self) -> None:
         if self.slots < 1 or not 0 <= self.sinks <= self.slots:

@@ -94,6 +94,10 @@ class CCMConcat(Method):
     window: int = param(0, "streaming: recent text tokens kept visible")
     sinks: int = param(0, "initial tokens never evicted")
 
+    def memory_writer(self, token_ids: dict[str, int]) -> MemoryWriter:
+        """CCM's compressed chat memory: each turn folded into ``<COMP>`` slots (merge: averaged into n)."""
+        return MemoryWriter([token_ids[t] for t in self.special_tokens], self.merge, self.recurrent, self.ema())
+
     def __post_init__(self) -> None:
         if not 1 <= self.comp_tokens <= MAX_COMP_TOKENS:
             raise UsageError(
