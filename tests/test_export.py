@@ -83,3 +83,8 @@ def test_an_existing_folder_is_never_replaced(trained, tmp_path, capsys):
     assert "exists" in capsys.readouterr().err and (tmp_path / "taken" / "mine.txt").read_text() == "keep"
     assert main(["export", "--checkpoint", str(trained), "--to", "onnx", str(tmp_path / "x")]) == 2
     assert "unknown export format" in capsys.readouterr().err
+
+
+def test_every_checkpoint_gets_a_model_card(trained):
+    card = (trained / "README.md").read_text()
+    assert "kvcondense sentinel (checkpoint)" in card and "2 steps" in card and "load(checkpoint=DIR)" in card

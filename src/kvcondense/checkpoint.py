@@ -97,6 +97,11 @@ def write_checkpoint(
         if resume is not None:
             (tmp / RESUME).mkdir()
             save_state(resume, tmp / RESUME)
+        full = {"format": FORMAT, **meta}
+        if validate_meta(full) is None and "steps" in full["training"]:  # a model card for a complete config
+            from .export import model_card
+
+            (tmp / "README.md").write_text(model_card(full, "kvcondense", str(out)))
         (tmp / META).write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n")  # last: marks it complete
         _make_readable(tmp)
         old = None

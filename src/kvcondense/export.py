@@ -30,11 +30,17 @@ FORMATS = ("peft", "merged")
 
 
 def model_card(meta: dict, fmt: str, source: str) -> str:
-    """A README.md for an export: method, parameters, base model, data, steps, and how to load it."""
+    """A README.md for a checkpoint (``fmt`` ``kvcondense``) or an export (``peft``, ``merged``): method,
+    parameters, base model, data, steps, and how to load it."""
     training, method, base = meta["training"], meta["method"], meta["base_model"]
     steps, objective = training.get("steps_done", training["steps"]), training.get("objective", "lm")
-    shape = f"batch {training['batch_size']} x {training['block_tokens']} tokens, lr {training['lr']}"
+    batch, block, lr = (training.get(k, "?") for k in ("batch_size", "block_tokens", "lr"))
+    shape = f"batch {batch} x {block} tokens, lr {lr}"
     params = ", ".join(f"{k}={v}" for k, v in method["params"].items())
+    if fmt == "kvcondense":
+        origin = f"Trained with `{meta.get('command') or 'kvcondense train'}`."
+    else:
+        origin = f"Exported from the kvcondense checkpoint `{source}` with `kvcondense export --to {fmt}`."
     load = {
         "peft": (
             "from transformers import AutoModelForCausalLM, AutoTokenizer\nfrom peft import PeftModel\n\n"
@@ -42,24 +48,29 @@ def model_card(meta: dict, fmt: str, source: str) -> str:
             "base.resize_token_embeddings(len(tok))\nmodel = PeftModel.from_pretrained(base, DIR)"
         ),
         "merged": "from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained(DIR)",
+        "kvcondense": (
+            "from kvcondense import load\nfrom kvcondense.generate import generate\n\n"
+            "got = load(checkpoint=DIR)\n"
+            "out = generate(got.model, got.tokenizer, got.method, got.token_ids, 'A long document ...')"
+        ),
     }[fmt]
     return f"""---
-library_name: {"peft" if fmt == "peft" else "transformers"}
+library_name: {"peft" if fmt == "peft" else "kvcondense" if fmt == "kvcondense" else "transformers"}
 tags: [kvcondense, kv-cache-compression, {method["name"]}]
 license: apache-2.0
 ---
 
-# kvcondense {method["name"]} ({fmt} export)
+# kvcondense {method["name"]} ({"checkpoint" if fmt == "kvcondense" else f"{fmt} export"})
 
-Exported from the kvcondense checkpoint `{source}` with `kvcondense export --to {fmt}`.
+{origin}
 
 | | |
 |---|---|
 | method | `{method["name"]}` ({params}) |
 | special tokens | {", ".join(f"`{t}` = {i}" for t, i in meta["special_tokens"].items())} |
 | base model | `{base["name"]}` ({base["model_type"]}, weights {base["fingerprint"]}) |
-| training | {steps} steps, objective `{objective}`, data `{training["data"]}`, {shape} |
-| LoRA | r = {meta["lora"]["r"]}, alpha = {meta["lora"]["alpha"]} |
+| training | {steps} steps, objective `{objective}`, data `{training.get("data", "?")}`, {shape} |
+| LoRA | r = {meta["lora"].get("r", "?")}, alpha = {meta["lora"].get("alpha", "?")} |
 | command | `{meta.get("command") or "see kvcondense.json"}` |
 
 ## Load
