@@ -32,7 +32,7 @@ import time
 import torch
 
 from kvcondense.data import load_split
-from kvcondense.engine import Stream, generate_step
+from kvcondense.engine import Stream
 from kvcondense.methods import FullAttention, build_method, tokenize
 from kvcondense.models import add_special_tokens, load_model
 
@@ -50,16 +50,17 @@ def prompts(tok, lengths: list[int]):
 
 
 def decode_ragged(stream: Stream, logits: torch.Tensor, steps: int):
-    """generate_batch's decode loop through the engine (greedy, EOS ignored). Returns (seconds for ``steps`` steps
+    """generate_batch's decode step through the engine (greedy, EOS ignored). Returns (seconds for ``steps`` steps
     after one warm-up step, per timed step: (longest piece, seconds, slots freed))."""
-    trace, t0 = [], time.perf_counter()
-    before = int(stream.cache.stored_slots().sum())
-    for tokens in generate_step(stream, logits, steps + 1):
-        t1 = time.perf_counter()
-        pieces = [p for p in stream.last_pieces if p is not None]
+    trace, before = [], int(stream.cache.stored_slots().sum())
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        step = stream.step([int(row.argmax()) for row in logits])
+        seconds = time.perf_counter() - t0
+        logits, fed = step.logits, [len(p.layout) for p in step.pieces if p is not None]
         after = int(stream.cache.stored_slots().sum())
-        trace.append((max(len(p.layout) for p in pieces), t1 - t0, before + len(tokens) - after))
-        t0, before = time.perf_counter(), after
+        trace.append((max(fed), seconds, before + sum(fed) - after))
+        before = after
     trace = trace[1:]  # warm-up
     return sum(t for _, t, _ in trace), trace
 

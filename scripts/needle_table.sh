@@ -5,6 +5,7 @@
 # runs/needle/report/ (a heat map per row). Needs the peer venv: `make peers`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/peers.sh
 K=.venv/bin/kvcondense
 OUT=runs/needle
 common=(--task needle --needle-lengths 512 1024 --needle-depths 0 0.5 1 --docs 2 --out-dir "$OUT")
@@ -14,9 +15,5 @@ $K eval --method streaming --kv-budget 0.5 0.25 0.125 "${common[@]}"
 for ck in ${CHECKPOINTS:-checkpoints/sentinel-r0.5}; do
   $K eval --checkpoint "$ck" "${common[@]}"
 done
-benchmarks/peers/kvpress/.venv/bin/python benchmarks/peers/kvpress/run_presses.py \
-  --tasks "$OUT/needle_tasks.json" --model "$(.venv/bin/python -c \
-  'from kvcondense.models import resolve_model; print(resolve_model("smollm2-135m"))')" \
-  --presses ${PRESSES:-streaming_llm snapkv expected_attention kvzip} --kept 0.5 0.25 0.125 \
-  --out "$OUT/kvpress/result.json"
+run_presses "$OUT/needle_tasks.json" "$OUT/kvpress/result.json" "${PRESSES:-streaming_llm snapkv expected_attention kvzip}" 0.5 0.25 0.125
 $K report "$OUT"

@@ -5,6 +5,7 @@
 # Needs the peer venv: `make peers`. Results in runs/press/, report in runs/press/report/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/peers.sh
 K=.venv/bin/kvcondense
 OUT=runs/press
 common=(--task prefix --prefix-tokens 1024 --new-tokens 128 --docs "${WINDOWS:-6}" --out-dir "$OUT")
@@ -14,9 +15,5 @@ $K eval --method streaming --kv-budget 0.5 0.25 0.125 "${common[@]}"
 for ck in ${CHECKPOINTS:-checkpoints/sentinel-r0.5}; do
   $K eval --checkpoint "$ck" "${common[@]}"           # at the ratio it was trained for (KV kept measured)
 done
-benchmarks/peers/kvpress/.venv/bin/python benchmarks/peers/kvpress/run_presses.py \
-  --tasks "$OUT/prefix_tasks.json" --model "$(.venv/bin/python -c \
-  'from kvcondense.models import resolve_model; print(resolve_model("smollm2-135m"))')" \
-  --presses ${PRESSES:-streaming_llm snapkv expected_attention kvzip tova knorm} --kept 0.5 0.25 0.125 \
-  --out "$OUT/kvpress/result.json"
+run_presses "$OUT/prefix_tasks.json" "$OUT/kvpress/result.json" "${PRESSES:-streaming_llm snapkv expected_attention kvzip tova knorm}" 0.5 0.25 0.125
 $K report "$OUT"

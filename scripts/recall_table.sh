@@ -5,6 +5,7 @@
 # at 50, 25 and 12.5 % KV kept. Results in runs/recall/, report in runs/recall/report/. Needs `make peers`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/peers.sh
 K=.venv/bin/kvcondense
 OUT=runs/recall
 common=(--task qa --data recall --episodes 30 --out-dir "$OUT")
@@ -14,9 +15,5 @@ $K eval --method streaming --kv-budget 0.5 0.25 0.125 "${common[@]}"
 for ck in ${CHECKPOINTS:-checkpoints/sentinel-r0.5}; do
   $K eval --checkpoint "$ck" "${common[@]}" --reference   # also its weights with nothing compressed
 done
-benchmarks/peers/kvpress/.venv/bin/python benchmarks/peers/kvpress/run_presses.py \
-  --tasks "$OUT/recall_tasks.json" --model "$(.venv/bin/python -c \
-  'from kvcondense.models import resolve_model; print(resolve_model("smollm2-135m"))')" \
-  --presses ${PRESSES:-streaming_llm snapkv expected_attention kvzip} --kept 0.5 0.25 0.125 \
-  --out "$OUT/kvpress/result.json"
+run_presses "$OUT/recall_tasks.json" "$OUT/kvpress/result.json" "${PRESSES:-streaming_llm snapkv expected_attention kvzip}" 0.5 0.25 0.125
 $K report "$OUT"

@@ -103,7 +103,7 @@ def write_checkpoint(
 
             (tmp / "README.md").write_text(model_card(full, "kvcondense", str(out)))
         (tmp / META).write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n")  # last: marks it complete
-        _make_readable(tmp)
+        make_readable(tmp)
         old = None
         if out.exists():
             _check_replaceable(out, (meta.get("run_id"), *replaces))
@@ -123,7 +123,7 @@ def _reason(e: BaseException) -> str:
     return getattr(e, "strerror", None) or " ".join(str(e).split())[-80:]
 
 
-def _make_readable(folder: Path) -> None:
+def make_readable(folder: Path) -> None:
     """mkdtemp makes 0700: give the folder the permissions any folder the user creates would get (umask)."""
     mask = current_umask()
     os.chmod(folder, 0o777 & ~mask)

@@ -162,10 +162,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _train_parser(sub, full: bool = True) -> None:
-    p = sub.add_parser("train", help="train a method's LoRA and token rows; writes a checkpoint")
-    if not full:  # listed in the top-level help; its flags are built when it is the command
-        return
+def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", type=_method, default=None, help="the method to train (or from --config)")
     p.add_argument(
         "--config",
@@ -233,13 +230,9 @@ def _train_parser(sub, full: bool = True) -> None:
         action="store_true",
         help="replace another kvcondense checkpoint at --out (a folder that is not one is never replaced)",
     )
-    p.set_defaults(func=_run("train"))
 
 
-def _eval_parser(sub, full: bool = True) -> None:
-    p = sub.add_parser("eval", help="held-out perplexity, measured compression and stored KV")
-    if not full:  # listed in the top-level help; its flags are built when it is the command
-        return
+def _eval_flags(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint directory made by train")
     src.add_argument("--method", type=_method, help="evaluate a method without training (baselines, ablations)")
@@ -333,13 +326,9 @@ def _eval_parser(sub, full: bool = True) -> None:
     p.add_argument("--out-dir", default=None, help="write result.json under a directory named from the config")
     p.add_argument("--force", action="store_true", help="with --out-dir: redo a result that exists")
     _add_device(p)
-    p.set_defaults(func=_run("eval"))
 
 
-def _chat_parser(sub, full: bool = True) -> None:
-    p = sub.add_parser("chat", help="chat with a compressed memory (ccm checkpoints); reads stdin when piped")
-    if not full:  # listed in the top-level help; its flags are built when it is the command
-        return
+def _chat_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint", required=True, help="a memory checkpoint: ccm-concat, ccm-merge (or full, window, no-context)"
     )
@@ -349,13 +338,9 @@ def _chat_parser(sub, full: bool = True) -> None:
     p.add_argument("--load", default=None, help="start from a memory file saved by --save")
     p.add_argument("--save", default=None, help="write the memory to this file at the end")
     _add_device(p)
-    p.set_defaults(func=_run("chat"))
 
 
-def _generate_parser(sub, full: bool = True) -> None:
-    p = sub.add_parser("generate", help="generate from a compressed prompt and print cache statistics")
-    if not full:  # listed in the top-level help; its flags are built when it is the command
-        return
+def _generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="checkpoint directory (omit to use --method without training)")
     p.add_argument("--method", type=_method, default=None)
     p.add_argument("--ratio", type=_ratio, default=None)
@@ -384,13 +369,9 @@ def _generate_parser(sub, full: bool = True) -> None:
         help="let the prompt run past the model's trained context (positions extrapolate; use with care)",
     )
     _add_device(p)
-    p.set_defaults(func=_run("generate"))
 
 
-def _bench_parser(sub, full: bool = True) -> None:
-    p = sub.add_parser("bench", help="throughput and memory, compressed against full attention, as ratios")
-    if not full:  # listed in the top-level help; its flags are built when it is the command
-        return
+def _bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", type=_method, default=None, help="method without training (default sentinel)")
     p.add_argument("--ratio", type=_ratio, default=None, help="compression ratio (default 0.5)")
     p.add_argument("--checkpoint", default=None, help="use a trained checkpoint's model and method")
@@ -406,22 +387,14 @@ def _bench_parser(sub, full: bool = True) -> None:
     p.add_argument("--out-dir", default=None, help="write result.json under a directory named from the config")
     p.add_argument("--force", action="store_true", help="with --out-dir: redo a result that exists")
     _add_device(p)
-    p.set_defaults(func=_run("bench"))
 
 
-def _report_parser(sub, full: bool = True) -> None:
-    p = sub.add_parser("report", help="markdown table and PNG plots from result directories")
-    if not full:  # listed in the top-level help; its flags are built when it is the command
-        return
+def _report_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("dirs", nargs="+", help="directories holding result JSON files")
     p.add_argument("--out", default=None, help="output directory (default: DIR/report of the first)")
-    p.set_defaults(func=_run("report"))
 
 
-def _demo_parser(sub, full: bool = True) -> None:
-    p = sub.add_parser("demo", help="the main job on the embedded defaults")
-    if not full:  # listed in the top-level help; its flags are built when it is the command
-        return
+def _demo_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a tiny budget (used by the test suite)")
     p.add_argument("--max-tokens", type=_positive_int, default=None, help="perplexity tokens per row (default 4096)")
     _add_common(p)
@@ -429,27 +402,28 @@ def _demo_parser(sub, full: bool = True) -> None:
     p.add_argument("--out", default="runs/demo", help="where results, report and plots go")
     p.add_argument("--bertscore-encoder", default=None, help="local encoder dir (default MiniLM)")
     p.add_argument("--force", action="store_true", help="recompute results that exist")
-    p.set_defaults(func=_run("demo"))
 
 
-def _list_parser(sub, full: bool = True) -> None:
-    p = sub.add_parser("list", help="the methods, corpora, default model and the checkpoints under a folder")
-    if not full:  # listed in the top-level help; its flags are built when it is the command
-        return
+def _list_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoints", default="checkpoints", help="where to look for checkpoints (default checkpoints)")
-    p.set_defaults(func=_run("list"))
 
 
-def _export_parser(sub, full: bool = True) -> None:
-    p = sub.add_parser("export", help="write a checkpoint as a peft adapter or a plain merged model, with a model card")
-    if not full:  # listed in the top-level help; its flags are built when it is the command
-        return
+def _export_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory made by train")
     p.add_argument("--to", nargs=2, required=True, metavar=("FORMAT", "DIR"), help="peft DIR or merged DIR (new)")
-    p.set_defaults(func=_run("export"))
 
 
-COMMANDS = ("train", "eval", "chat", "generate", "bench", "report", "demo", "export", "list")
+COMMANDS = {
+    "train": ("train a method's LoRA and token rows; writes a checkpoint", _train_flags),
+    "eval": ("held-out perplexity, measured compression and stored KV", _eval_flags),
+    "chat": ("chat with a compressed memory (ccm checkpoints); reads stdin when piped", _chat_flags),
+    "generate": ("generate from a compressed prompt and print cache statistics", _generate_flags),
+    "bench": ("throughput and memory, compressed against full attention, as ratios", _bench_flags),
+    "report": ("markdown table and PNG plots from result directories", _report_flags),
+    "demo": ("the main job on the embedded defaults", _demo_flags),
+    "list": ("the methods, corpora, default model and the checkpoints under a folder", _list_flags),
+    "export": ("write a checkpoint as a peft adapter or a plain merged model, with a model card", _export_flags),
+}  # name: (help line, the builder of its flags)
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -461,18 +435,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     noise.add_argument("-v", "--verbose", action="store_true", help="debug lines, and transformers' own messages")
     noise.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (
-        _train_parser,
-        _eval_parser,
-        _chat_parser,
-        _generate_parser,
-        _bench_parser,
-        _report_parser,
-        _demo_parser,
-        _export_parser,
-        _list_parser,
-    ):
-        add(sub, full=argv is None or add.__name__ == f"_{chosen}_parser")
+    for name, (help_line, add_flags) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_line)
+        if argv is None or name == chosen:  # the others are listed in the top-level help only
+            add_flags(p)
+            p.set_defaults(func=_run(name))
     return parser
 
 

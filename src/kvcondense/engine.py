@@ -98,7 +98,6 @@ class Stream:
         self.seen: list[int] = [self.cache.seen if seen is None else seen] * self.cache.rows
         self.layouts: list[Layout] = []
         self.peak_kv_bytes = self.peak_slots = 0
-        self.last_pieces: list[StepPiece | None] = []  # what the latest step fed
 
     # -- prompts ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -184,7 +183,6 @@ class Stream:
         if len(tokens) != len(self.policies):
             raise ValueError(f"step got {len(tokens)} tokens for {len(self.policies)} rows")
         pieces = [None if t is None else policy.step(t) for policy, t in zip(self.policies, tokens, strict=True)]
-        self.last_pieces = pieces
         shared = len(self.policies) == 1
         for b, piece in enumerate(pieces):
             for logical, expire in piece.updates if piece is not None else ():
@@ -292,9 +290,6 @@ class Sampling:
         return int(torch.multinomial(probs, 1, generator=self._generator))
 
 
-GREEDY = Sampling()
-
-
 def generate_step(
     stream: Stream,
     logits: torch.Tensor,
@@ -307,7 +302,7 @@ def generate_step(
 
     ``logits``: each row's next-token logits, (B, V) or (V,) for one row, as :meth:`Stream.prefill` returns.
     """
-    pick = sampling or GREEDY
+    pick = sampling or Sampling()  # greedy
     logits = logits.unsqueeze(0) if logits.dim() == 1 else logits
     done = [False] * logits.shape[0]
     for _ in range(max_new_tokens):

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .checkpoint import method_from_meta, read_meta
+from .checkpoint import make_readable, method_from_meta, read_meta
 from .errors import UsageError
 
 FORMATS = ("peft", "merged")
@@ -118,14 +118,8 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path) -> Path:
         loaded.tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(meta, fmt, str(checkpoint)))
         (tmp / "kvcondense_source.json").write_text(json.dumps(meta, indent=2) + "\n")  # what it came from
-        tmp.chmod(0o777 & ~_umask())
+        make_readable(tmp)
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _umask() -> int:
-    from .atomic import current_umask
-
-    return current_umask()

@@ -17,7 +17,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .cache import EvictingCache
 from .errors import UsageError
-from .layout import Kind, Layout
+from .layout import Kind, Layout, text_layout
 from .lora import lora_gate
 from .masks import batch_visibility, block_mask, to_attention_mask
 from .merge import batch_rules, merging_attention
@@ -204,6 +204,14 @@ def feed(
     if (online := chunk.mix_online) is not None:
         cache.mix(online.within(first, first + n))  # CCM-merge: the memory update, before anything can see it
     return out.logits
+
+
+def feed_text(model, cache: EvictingCache, ids: torch.Tensor, first: int, position: int) -> torch.Tensor:
+    """Plain text ``ids`` through the cache after ``first`` logical tokens, at positions from ``position`` (what
+    follows a compressed context: a continuation, a question, an option). Returns its logits (n, V)."""
+    piece = text_layout(ids)
+    piece.position_ids += position
+    return feed(model, cache, piece, first)[0]
 
 
 def chunk_bounds(layout: Layout, chunk_size: int) -> list[tuple[int, int]]:

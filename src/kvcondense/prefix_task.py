@@ -24,8 +24,7 @@ from tqdm.auto import tqdm
 from .atomic import write_json
 from .engine import Stream
 from .errors import UsageError
-from .forward import feed
-from .layout import text_layout
+from .forward import feed_text
 from .methods import FullAttention, Method, TokenizedText, tokenize
 
 Window = tuple[TokenizedText, torch.Tensor]  # (context of P tokens, the S + 1 tokens that follow)
@@ -60,10 +59,9 @@ def score_after_prefix(
     layout, cache = stream.layouts[0], stream.cache
     kept = int(cache.stored_slots().max())
     cache.freeze()
-    piece = text_layout(following[:-1])
-    piece.position_ids += int(layout.position_ids.max()) + 1  # positions go on after the compressed context
-    logits = feed(model, cache, piece, len(layout))  # (1, S, V); logical indices go on after the layout's
-    return torch.log_softmax(logits[0].float(), dim=-1).cpu(), kept
+    # logical indices and positions go on after the compressed context's
+    logits = feed_text(model, cache, following[:-1], len(layout), int(layout.position_ids.max()) + 1)  # (S, V)
+    return torch.log_softmax(logits.float(), dim=-1).cpu(), kept
 
 
 def budget_params(method_name: str, params: dict, kv_budget: float | None) -> dict:

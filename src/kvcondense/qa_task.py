@@ -30,8 +30,7 @@ from tqdm.auto import tqdm
 from .cache import EvictingCache
 from .data.documents import DataError, jsonl_records
 from .engine import Stream, generate_step
-from .forward import feed
-from .layout import text_layout
+from .forward import feed_text
 from .methods import Method, TextPolicy, tokenize
 
 PROMPT = "\n\nQuestion: {question}\nAnswer:"
@@ -146,13 +145,6 @@ def normalise(text: str) -> str:
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 
-def _feed_text(model, cache: EvictingCache, ids: torch.Tensor, first: int, position: int) -> torch.Tensor:
-    """Feed plain text ids after ``first`` logical tokens at positions from ``position``; logits (n, V)."""
-    piece = text_layout(ids)
-    piece.position_ids += position
-    return feed(model, cache, piece, first)[0]
-
-
 @torch.no_grad()
 def answer(model, tokenizer, cache: EvictingCache, first: int, position: int, q: Question, max_new_tokens: int):
     """(correct, prediction) for one question over a frozen compressed context (``cache`` is not modified)."""
@@ -162,13 +154,13 @@ def answer(model, tokenizer, cache: EvictingCache, first: int, position: int, q:
         for option in q.options:
             opt = torch.tensor(tokenizer(q.option_text(option), add_special_tokens=False)["input_ids"])
             ids = torch.cat([prompt, opt])
-            logp = torch.log_softmax(_feed_text(model, cache.clone(), ids, first, position).float(), -1).cpu()
+            logp = torch.log_softmax(feed_text(model, cache.clone(), ids, first, position).float(), -1).cpu()
             rows = torch.arange(len(prompt) - 1, len(ids) - 1)
             scores.append(float(logp[rows, opt].sum()))
         pick = q.options[max(range(len(scores)), key=scores.__getitem__)]
         return pick == q.answer, pick
     work = cache.clone()
-    logits = _feed_text(model, work, prompt, first, position)[-1]
+    logits = feed_text(model, work, prompt, first, position)[-1]
     first, position = first + len(prompt), position + len(prompt)
     stream = Stream(model, None, {}, work, policy=TextPolicy(first, position), seen=first)
     out = []
