@@ -54,3 +54,13 @@ def test_demo_quick(capsys, tiny_dir, sample_path, tiny_encoder, tmp_path):
     # a rerun reuses every stored result
     n_results = len(list(out.rglob("result.json")))
     assert main(argv) == 0 and len(list(out.rglob("result.json"))) == n_results
+
+
+def test_demo_table_marks_a_noisy_speedup():
+    from kvcondense.demo import table
+
+    row = {"label": "x", "kv_kept": 0.5, "perplexity": 10.0, "rouge_l": 0.1, "bertscore_f1": None}
+    quiet = table([{**row, "decode_speedup": 1.2, "noisy": False}])
+    noisy = table([{**row, "decode_speedup": 1.2, "noisy": True}])
+    assert "1.20x |" in quiet and "noisy" not in quiet
+    assert "1.20x (noisy) |" in noisy and "rerun" in noisy

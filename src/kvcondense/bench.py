@@ -2,7 +2,9 @@
 
 For each context length: one real chunked prefill per variant (compressed with eviction, and full), which gives
 the prefill time and the KV bytes each actually stores; then the stored history is repeated over a batch and
-decode steps are timed (the method's decode policy keeps compressing what is generated). With
+decode steps are timed, the compressed and the full stream stepped in turn so that each ratio is paired with its
+reference (the method's decode policy keeps compressing what is generated); a ratio whose paired steps disagree
+is flagged ``noisy``. With
 ``--kv-budget-mb``, the largest batch whose stored KV fits the budget is found for each variant and its
 throughput measured: the paper's "system throughput at fixed memory".
 
@@ -78,20 +80,36 @@ def context_text(tokenizer, data: str, n: int) -> TokenizedText:
     raise UsageError(f"{data} has only {len(text)} tokens, fewer than --context {n}")
 
 
+NOISY_SPREAD = 0.25  # a paired ratio whose interquartile range exceeds this fraction of its median is flagged
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def _quartiles(xs: list[float]) -> tuple[float, float]:
+    xs = sorted(xs)
+    return xs[len(xs) // 4], xs[(3 * len(xs)) // 4]
+
+
 @torch.no_grad()
-def decode_step_ms(stream: Stream, steps: int) -> float:
-    """Median wall time of one decode step of ``stream`` (every row fed the same tokens: 100, 101, ...)."""
-    cuda = stream.model.device.type == "cuda"
-    times = []
+def decode_step_times(streams: dict[str, Stream], steps: int) -> dict[str, list[float]]:
+    """Wall time (ms) of each of ``steps`` decode steps of every stream, interleaved (step i of every stream, then
+    step i + 1), so that a slow stretch of a busy machine hits every variant alike. Every row is fed the same
+    tokens: 100, 101, ..."""
+    cuda = next(iter(streams.values())).model.device.type == "cuda"
+    times: dict[str, list[float]] = {name: [] for name in streams}
     for i in range(steps):
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        stream.step([100 + i])
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return 1e3 * sorted(times)[len(times) // 2]
+        for name, stream in streams.items():
+            if cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            stream.step([100 + i])
+            if cuda:
+                torch.cuda.synchronize()
+            times[name].append(1e3 * (time.perf_counter() - t))
+    return times
 
 
 @torch.no_grad()
@@ -115,15 +133,31 @@ def timed_prefill(model, method: Method, text: TokenizedText, token_ids, chunk: 
 
 def measure_decode(variants: dict[str, Stream], batch: int, steps: int, slack: int = 0) -> dict:
     """Decode ``steps`` steps of ``batch`` identical rows from each prefilled stream (each from the same history:
-    the streams are cloned, not grown)."""
-    out = {}
+        the streams are cloned, not grown), the variants' steps interleaved. Per variant: the median step time and
+    every step's time (``step_ms``)."""
+    streams = {}
     for name, prefilled in variants.items():
-        stream = prefilled.clone()
+        streams[name] = stream = prefilled.clone()
         stream.slack = slack
         stream.repeat(batch)
-        ms = decode_step_ms(stream, steps)
-        out[name] = {"decode_ms_per_step": ms, "decode_tokens_per_s": 1e3 * batch / ms}
+    out = {}
+    for name, ms in decode_step_times(streams, steps).items():
+        out[name] = {"decode_ms_per_step": _median(ms), "decode_tokens_per_s": 1e3 * batch / _median(ms), "step_ms": ms}
     return out
+
+
+def paired_speedup(full_ms: list[float], comp_ms: list[float]) -> dict:
+    """The decode speedup (median full step / median compressed step) and its spread over the paired steps: the
+    quartiles of step i's full / compressed ratio, and ``noisy`` when their range exceeds ``NOISY_SPREAD`` of the
+    median ratio (a busy machine: rerun with more ``--steps``)."""
+    ratios = [f / c for f, c in zip(full_ms, comp_ms, strict=True)]
+    lo, hi = _quartiles(ratios)
+    mid = _median(ratios)
+    return {
+        "decode_speedup": _median(full_ms) / _median(comp_ms),
+        "decode_speedup_quartiles": [lo, hi],
+        "noisy": (hi - lo) > NOISY_SPREAD * mid,
+    }
 
 
 def budget_batches(budget_mb: float, per_row: dict[str, int], cap: int) -> dict[str, int]:
@@ -155,6 +189,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     last = results[-1]  # the summary is the last context at the last batch size (list them in rising order)
     summary = {
         "decode_speedup": last["batches"][-1]["decode_speedup"],
+        "noisy": last["batches"][-1]["noisy"],
         "kv_ratio": last["kv_ratio"],
         "device": device.type,
         "dtype": str(dtype).removeprefix("torch."),
@@ -197,8 +232,8 @@ def _measure_context(cfg: BenchConfig, model, method: Method, token_ids, context
     }
     for batch in cfg.batches:
         d = measure_decode(variants, batch, cfg.decode_steps, cfg.slack)
-        speedup = d["full"]["decode_ms_per_step"] / d["compressed"]["decode_ms_per_step"]
-        row["batches"].append({"batch": batch, **d, "decode_speedup": speedup})
+        paired = paired_speedup(d["full"]["step_ms"], d["compressed"]["step_ms"])
+        row["batches"].append({"batch": batch, **d, **paired})
     if cfg.kv_budget_mb is not None:
         row["fixed_budget"] = _fixed_budget(cfg, variants, comp["kv_bytes"], full["kv_bytes"])
     return row
@@ -212,8 +247,7 @@ def _fixed_budget(cfg: BenchConfig, variants: dict, comp_bytes: int, full_bytes:
         if b == 0:
             measured[name] = {"batch": 0, "decode_tokens_per_s": 0.0}
             continue
-        one = {name: variants[name]}
-        measured[name] = {"batch": b, **measure_decode(one, b, cfg.decode_steps, cfg.slack)[name]}
+        measured[name] = {"batch": b, **measure_decode({name: variants[name]}, b, cfg.decode_steps, cfg.slack)[name]}
     both = bool(fits["full"])
     return {
         "kv_budget_mb": cfg.kv_budget_mb,
@@ -237,6 +271,7 @@ def format_bench(res: dict) -> str:
             lines.append(
                 f"  batch {b['batch']}: decode {b['compressed']['decode_ms_per_step']:.1f} ms vs "
                 f"{b['full']['decode_ms_per_step']:.1f} ms per step -> decode_speedup {b['decode_speedup']:.2f}"
+                + (" (noisy: the paired steps disagree; rerun with more --steps)" if b.get("noisy") else "")
             )
         if "fixed_budget" in row:
             fb = row["fixed_budget"]

@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from .bench import BenchConfig, run_bench
 from .data import load_split
 from .evaluate import EvalConfig, run_eval
@@ -107,6 +109,7 @@ def measure_row(label: str, source: dict, model, data, ratio, budget, encoder, o
         )
         bench = cached(out, "bench", asdict(bench_cfg), force, lambda: run_bench(bench_cfg))
         row["decode_speedup"] = bench["decode_speedup"]
+        row["noisy"] = bench.get("noisy", False)  # each ratio is paired with its own full reference, interleaved
     return row
 
 
@@ -116,7 +119,11 @@ def table(rows: list[dict]) -> str:
         bert = f"{r['bertscore_f1']:.4f}" if r["bertscore_f1"] is not None else "-"
         lines.append(
             f"| {r['label']} | {r['kv_kept']:.3f} | {r['perplexity']:.2f} | {r['rouge_l']:.4f} | {bert} | "
-            f"{r['decode_speedup']:.2f}x |"
+            f"{r['decode_speedup']:.2f}x{' (noisy)' if r.get('noisy') else ''} |"
+        )
+    if any(r.get("noisy") for r in rows):
+        lines.append(
+            "\n(noisy): the paired decode steps of that row disagreed (a busy machine); rerun with --force when idle"
         )
     return "\n".join(lines)
 
@@ -196,9 +203,11 @@ def run_demo(
     checkpoints, out = Path(checkpoints or CHECKPOINTS), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for label, source in demo_rows(checkpoints, ratio):
-        print(f"measuring {label} ...", flush=True)
-        rows.append(measure_row(label, source, model, data, ratio, budget, bertscore_encoder, out, force))
+    todo = demo_rows(checkpoints, ratio)
+    with tqdm(todo, desc="demo rows", unit="row") as bar:  # the bar's ETA is the whole table's
+        for label, source in bar:
+            bar.set_postfix_str(label)
+            rows.append(measure_row(label, source, model, data, ratio, budget, bertscore_encoder, out, force))
     text = table(rows)
     gen = side_by_side(model_name, data, checkpoints, ratio, budget)
     chat = ccm_chat(checkpoints, out, model) if not quick else ""
