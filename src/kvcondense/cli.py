@@ -9,139 +9,26 @@
     kvcondense demo     [--quick] [--force]
 
 A mistake of the user's (bad flag, missing file, wrong model) ends with one line on stderr and exit status 2.
+Argument types and the generated method flags are in :mod:`kvcondense.cli_args`, the train and eval flags in
+:mod:`kvcondense.cli_flags`, what each command does in :mod:`kvcondense.commands` (imported when one runs).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
 import warnings
 from contextlib import contextmanager, nullcontext
 
-from .defaults import DEFAULT_MODEL
+from .cli_args import _add_common, _add_device, _add_method_flags, _method, _method_params, _positive_int, _ratio
+from .cli_flags import _eval_flags, _train_flags
 from .errors import UsageError
 
 USER_ERRORS = (UsageError,)
-
-
-def _memory_names() -> tuple:
-    from .memory_eval import MEMORY_BASELINES, OTHER_MEMORY
-
-    return MEMORY_BASELINES, OTHER_MEMORY
-
-
-def _methods() -> dict:
-    """The method registry, imported when a command needs it (it brings torch; --help does not)."""
-    from .methods import METHODS
-
-    return METHODS
-
-
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"ratio must be a number in (0, 1), got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"ratio must be in (0, 1), got {value}")
-    return value
-
-
-def _ratio_list(text: str) -> list[float]:
-    return [_ratio(part) for part in text.split(",") if part.strip()]
-
-
-def _int_at_least(low: int):
-    """An argparse type: a whole number >= ``low``, or one line saying what was expected."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {value}")
-        return value
-
-    return parse
-
-
-_positive_int = _int_at_least(1)
-_nonnegative_int = _int_at_least(0)
-
-
-def _method(text: str) -> str:
-    if text not in _methods():
-        raise argparse.ArgumentTypeError(f"unknown method {text!r}; choose one of: {', '.join(_methods())}")
-    return text
-
-
-def _method_fields() -> dict[str, tuple[dataclasses.Field, list[str]]]:
-    """Every method hyperparameter but the ratio (each command gives that its own flag), with the methods that
-    have it: the flags come from the method dataclasses, so a new field is a new flag with no edit here."""
-    fields: dict[str, tuple[dataclasses.Field, list[str]]] = {}
-    for name, cls in _methods().items():
-        for f in dataclasses.fields(cls):
-            if f.name != "ratio":
-                fields.setdefault(f.name, (f, []))[1].append(name)
-    return fields
-
-
-def _field_type(f: dataclasses.Field):
-    """The parse type of a field from its annotation (``int``, ``float | None``, ...)."""
-    kinds = {"int": int, "float": float, "str": str, "bool": bool}
-    if isinstance(f.type, type):
-        return f.type
-    names = [part.strip() for part in str(f.type).split("|")]  # "float | None" (postponed annotations)
-    return next(kinds[n] for n in names if n in kinds)
-
-
-def _add_method_flags(p: argparse.ArgumentParser) -> None:
-    for name, (f, methods) in _method_fields().items():
-        meta = f.metadata
-        flag = meta.get("flag") or "--" + name.replace("_", "-")
-        defaults = {m: getattr(_methods()[m], name, f.default) for m in methods}
-        help_text = f"{', '.join(methods)}: {meta.get('help', name)}"
-        if _field_type(f) is bool:  # --x turns on a default-off switch, --no-x turns off a default-on one
-            p.add_argument(flag, dest=name, action="store_const", const=not f.default, default=None, help=help_text)
-            continue
-        shown = ", ".join(f"{m} {d}" for m, d in defaults.items()) if len(set(defaults.values())) > 1 else f.default
-        p.add_argument(
-            flag,
-            dest=name,
-            type=_field_type(f),
-            choices=meta.get("choices"),
-            default=None,
-            help=f"{help_text} (default {shown})",
-        )
-
-
-def _method_params(args) -> dict:
-    """The method hyperparameters typed on the command line (None: not typed)."""
-    return {name: getattr(args, name) for name in _method_fields() if getattr(args, name, None) is not None}
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        default=None,
-        help=f"registered name, local HF directory, or Hub id (org/name, from the local HF cache) "
-        f"(default {DEFAULT_MODEL})",
-    )
-    p.add_argument("--data", default="wiki", help="built-in corpus (wiki) or .txt/.jsonl file or folder")
-
-
-def _add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is there, else cpu)")
-    p.add_argument(
-        "--dtype",
-        default=None,
-        choices=["float32", "bfloat16", "float16"],
-        help="weights and activations (default: bfloat16 on a GPU, float32 on the CPU)",
-    )
+# what other code takes from here (tests read cli._method_params, which lives in cli_args)
+__all__ = ("COMMANDS", "USER_ERRORS", "Parser", "_method_params", "build_parser", "main")
 
 
 def _run(command: str):
@@ -160,172 +47,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _train_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", type=_method, default=None, help="the method to train (or from --config)")
-    p.add_argument(
-        "--config",
-        default=None,
-        help="a JSON or YAML file of training settings (TrainConfig's fields, or a checkpoint's kvcondense.json); "
-        "flags typed on the command line override it",
-    )
-    p.add_argument("--ratio", type=_ratio, default=None, help="compression ratio in (0, 1) (default 0.5)")
-    _add_method_flags(p)
-    p.add_argument(
-        "--stage",
-        default=None,
-        choices=["rows", "lora", "full"],
-        help="what trains: new token rows only, LoRA + rows (default), or every weight",
-    )
-    p.add_argument("--init-from", default=None, help="start from this checkpoint's trained tensors (stage 1 -> 2)")
-    p.add_argument("--lora-rank", type=_positive_int, default=None, help="LoRA rank (default 16)")
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scaling numerator (default 2 x rank)")
-    p.add_argument("--lora-dropout", type=float, default=None, help="dropout on the LoRA input (default 0.05)")
-    _add_common(p)
-    p.set_defaults(data=None)  # None: not typed (a resumed run keeps its own); a new run takes wiki
-    p.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (default 300)")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="blocks per step (default 2)")
-    p.add_argument("--grad-accum", type=_positive_int, default=None, help="micro-batches per step (default 1)")
-    p.add_argument("--block-tokens", type=_positive_int, default=None, help="text tokens per block (default 256)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4)")
-    p.add_argument("--schedule", default=None, help="learning-rate schedule: linear (default), cosine, constant")
-    p.add_argument("--warmup-steps", type=_nonnegative_int, default=None, help="linear warm-up steps (default 0)")
-    p.add_argument(
-        "--attention",
-        default=None,
-        choices=["auto", "sdpa", "flex"],
-        help="auto (default): sdpa on CPU, flex_attention (block-sparse) on CUDA for blocks of 2048+ tokens",
-    )
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations (longer blocks)")
-    p.add_argument(
-        "--objective",
-        default=None,
-        choices=["lm", "kl", "lm+kl"],
-        help="lm: next-token loss (default); kl: match the frozen uncompressed model on every text prediction; "
-        "lm+kl: both",
-    )
-    p.add_argument("--kl-weight", type=float, default=None, help="weight of the KL term (default 1.0)")
-    p.add_argument("--temperature", type=float, default=None, help="KL temperature (default 1.0)")
-    p.add_argument(
-        "--max-grad-norm", type=float, default=None, help="clip the gradient norm to this (default 1.0; 0: off)"
-    )
-    p.add_argument(
-        "--sample-ratios",
-        type=_ratio_list,
-        default=None,
-        help="draw each block's ratio from these, e.g. 0.5,0.75,0.875 (one adapter for several KV budgets)",
-    )
-    p.add_argument("--seed", type=int, default=None, help="seed for data order, spans and init (default 0)")
-    p.add_argument(
-        "--save-every",
-        type=_nonnegative_int,
-        default=None,
-        help="steps between saves, 0: at the end (default 50)",
-    )
-    p.add_argument("--out", default=None, help="checkpoint folder (written atomically; or from --config)")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out (its settings are kept)")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace another kvcondense checkpoint at --out (a folder that is not one is never replaced)",
-    )
-
-
-def _eval_flags(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="checkpoint directory made by train")
-    src.add_argument("--method", type=_method, help="evaluate a method without training (baselines, ablations)")
-    p.add_argument(
-        "--ratio",
-        type=_ratio,
-        nargs="+",
-        default=None,
-        help="one or more ratios (default: a checkpoint's trained ratio, else 0.5)",
-    )
-    _add_method_flags(p)
-    _add_common(p)
-    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    p.add_argument("--max-tokens", type=_positive_int, default=8192, help="text tokens to score (default 8192)")
-    p.add_argument("--block-tokens", type=_positive_int, default=None, help="text tokens per block (default 256)")
-    p.add_argument("--batch-size", type=_positive_int, default=4)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--verify", action="store_true", help="also run the evicting cache and report max_abs_diff")
-    p.add_argument(
-        "--long-doc",
-        action="store_true",
-        help="long-document mode: blocks of 4096 tokens (unless --block-tokens) and perplexity against prefix length",
-    )
-    p.add_argument(
-        "--task",
-        default="perplexity",
-        choices=["perplexity", "continuation", "prefix", "qa", "needle"],
-        help="perplexity (default); continuation: generate after a compressed prefix (ROUGE-L, BERTScore); prefix: "
-        "score --new-tokens over a compressed --prefix-tokens context, with KL to full attention; qa: questions "
-        "over compressed contexts from --data FILE.jsonl; needle: a passkey hidden in held-out text",
-    )
-    p.add_argument(
-        "--answer-tokens", type=_positive_int, default=16, help="qa, needle: most tokens of a generated answer"
-    )
-    p.add_argument(
-        "--needle-lengths",
-        type=_positive_int,
-        nargs="+",
-        default=[512, 1024, 2048, 4096],
-        help="needle: context tokens",
-    )
-    p.add_argument(
-        "--needle-depths",
-        type=float,
-        nargs="+",
-        default=[0.0, 0.25, 0.5, 0.75, 1.0],
-        help="needle: where the passkey sits (fraction of the context before it); --docs: contexts per cell",
-    )
-    p.add_argument(
-        "--kv-budget",
-        type=_ratio,
-        nargs="+",
-        default=None,
-        help="prefix: fraction of the context's KV kept, e.g. 0.5 0.25 0.125 (sets the ratio of methods that have one)",
-    )
-    p.add_argument(
-        "--export-tasks", default=None, help="prefix, qa, needle: also write the token ids (for the kvpress runner)"
-    )
-    p.add_argument(
-        "--reference",
-        action="store_true",
-        help="qa, needle: also score full attention with the same weights (what the checkpoint does uncompressed)",
-    )
-    p.add_argument(
-        "--prefix-tokens", type=_positive_int, default=512, help="continuation, prefix: tokens of the compressed prefix"
-    )
-    p.add_argument(
-        "--new-tokens", type=_positive_int, default=64, help="continuation, prefix: tokens generated / scored"
-    )
-    p.add_argument("--docs", type=_positive_int, default=8, help="continuation: documents; prefix: windows")
-    p.add_argument("--no-bertscore", action="store_true", help="continuation: ROUGE-L only")
-    p.add_argument("--bertscore-encoder", default=None, help="continuation: local encoder dir (default MiniLM)")
-    p.add_argument(
-        "--time-steps", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="memory: compressed chunks t to score"
-    )
-    p.add_argument(
-        "--episodes",
-        type=_positive_int,
-        default=40,
-        help="memory: episodes scored at every t; qa on episodes: episodes asked",
-    )
-    p.add_argument(
-        "--baselines",
-        nargs="*",
-        choices=_memory_names()[0],
-        default=None,
-        help="memory: also score these baselines (no names: all four; the window at the method's KV budget; "
-        f"{_memory_names()[1]}: the method reading another episode's memory, the control)",
-    )
-    p.add_argument("--json", help="write the results as JSON to this file")
-    p.add_argument("--out-dir", default=None, help="write result.json under a directory named from the config")
-    p.add_argument("--force", action="store_true", help="with --out-dir: redo a result that exists")
-    _add_device(p)
 
 
 def _chat_flags(p: argparse.ArgumentParser) -> None:
