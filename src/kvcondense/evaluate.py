@@ -1,8 +1,9 @@
-"""Held-out perplexity over text tokens under compression, with measured compression and stored KV.
+"""``kvcondense eval``: what to evaluate (:class:`EvalConfig`) and each task run at every ratio or KV budget.
 
-Perplexity uses one parallel masked forward per batch of blocks (fast). The KV actually stored is measured by
-running the first block through the evicting cache; ``verify`` also compares that run's logits with the
-parallel forward.
+The scoring itself lives beside it: held-out perplexity and stored KV in :mod:`kvcondense.perplexity_eval`,
+continuation in :mod:`kvcondense.continuation`, the prefix, QA and needle tasks in :mod:`kvcondense.prefix_task`
+and :mod:`kvcondense.qa_task`, online memory in :mod:`kvcondense.memory_eval`; the printed table in
+:mod:`kvcondense.eval_table`.
 
     kvcondense eval --checkpoint checkpoints/sentinel-r0.5 --json results.json
     kvcondense eval --method streaming --ratio 0.3 0.5 0.7
@@ -10,25 +11,19 @@ parallel forward.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
-
 from .continuation import continuation_quality, continuation_samples
 from .data import load_split
-from .engine import incremental_forward
 from .errors import UsageError
-from .forward import parallel_forward
-from .layout import IGNORE, Kind
+from .eval_table import format_table
 from .loader import load
 from .methods import Method, TokenizedText, build_method, tokenize
 from .metrics import BertScore
+from .perplexity_eval import measured_kv, perplexity
 from .train import text_blocks
-from .verify import check_family, max_abs_diff
+from .verify import check_family
 
 TASKS = ("perplexity", "continuation", "memory", "prefix", "qa", "needle")
 
@@ -112,82 +107,6 @@ def load_for_eval(cfg: EvalConfig):
     :func:`kvcondense.loader.load` for which parameters may be set on a checkpoint)."""
     got = load(cfg.checkpoint, cfg.method, cfg.method_params, cfg.model, device=cfg.device, dtype=cfg.dtype)
     return got.model, got.tokenizer, got.method, got.token_ids, got.label
-
-
-@torch.no_grad()
-def perplexity(
-    model,
-    method: Method,
-    blocks: list[TokenizedText],
-    token_ids: dict,
-    batch_size: int,
-    seed: int,
-    prefix_buckets: tuple[int, ...] = (),
-) -> dict:
-    """Perplexity over regular (text) targets and the measured compression, for one method on fixed blocks.
-
-    Methods whose special tokens are LM targets (gist) also get ``perplexity_with_special_targets``: easy
-    targets flatter it, so it is reported apart and never as ``perplexity``. With ``prefix_buckets`` (upper
-    bounds in text tokens) the regular-token perplexity is also given against prefix length.
-    """
-    bounds = torch.tensor(sorted(prefix_buckets), dtype=torch.long)
-    bucket_nll, bucket_n = torch.zeros(len(bounds), dtype=torch.float64), torch.zeros(len(bounds), dtype=torch.long)
-    special = torch.tensor(sorted(token_ids.values()), dtype=torch.long)
-    nll, n_scored, nll_all, n_all, kept, n_text, n_special = 0.0, 0, 0.0, 0, 0, 0, 0
-    for lo in tqdm(range(0, len(blocks), batch_size), desc=f"eval {method.name}", leave=False):
-        layouts = [method.layout(b, token_ids, seed=seed + lo + i) for i, b in enumerate(blocks[lo : lo + batch_size])]
-        logits = parallel_forward(model, layouts).logits.float().cpu()  # scored on the CPU, whatever the device
-        for b, lay in enumerate(layouts):
-            scored = lay.targets != IGNORE
-            losses = F.cross_entropy(logits[b, : len(lay)][scored].float(), lay.targets[scored], reduction="none")
-            regular = ~torch.isin(lay.targets[scored], special)
-            if len(bounds):  # text tokens seen before each scored target = its prefix length
-                prefix = torch.cumsum((lay.kinds == Kind.TEXT).long(), 0)[scored][regular]
-                which = torch.searchsorted(bounds, prefix, right=False).clamp(max=len(bounds) - 1)
-                bucket_nll.index_add_(0, which, losses[regular].double())
-                bucket_n.index_add_(0, which, torch.ones_like(which))
-            nll += losses[regular].sum().item()
-            n_scored += int(regular.sum())
-            nll_all += losses.sum().item()
-            n_all += losses.numel()
-            kept += lay.kept_slots()
-            n_text += lay.n_text
-            n_special += len(lay) - lay.n_text
-    out = {
-        "perplexity": math.exp(nll / max(n_scored, 1)),
-        "nll": nll / max(n_scored, 1),
-        "tokens_scored": n_scored,
-        "compression_ratio": kept / max(n_text, 1),
-        "kv_slots_kept": kept,
-        "kv_slots_full": n_text,
-        "special_tokens_inserted": n_special,
-    }
-    if n_all > n_scored:
-        out["perplexity_with_special_targets"] = math.exp(nll_all / n_all)
-    if n_special:
-        out["R_c"] = n_text / n_special  # regular tokens per inserted special token
-    if len(bounds):
-        out["perplexity_by_prefix"] = [
-            {"prefix_upto": int(b), "perplexity": math.exp(s / n) if n else None, "tokens": int(n)}
-            for b, s, n in zip(bounds.tolist(), bucket_nll.tolist(), bucket_n.tolist(), strict=True)
-        ]
-    return out
-
-
-def measured_kv(model, method: Method, block: TokenizedText, token_ids: dict, seed: int, verify: bool) -> dict:
-    """Run one block through the evicting cache: bytes stored with compression, and without (full attention)."""
-    layout = method.layout(block, token_ids, seed=seed)
-    _, stats = incremental_forward(model, layout)
-    per_slot = stats.kv_bytes / max(stats.stored_slots, 1)
-    out = {
-        "kv_bytes": stats.kv_bytes,
-        "kv_bytes_full": int(per_slot * layout.n_text),
-        "kv_peak_bytes": stats.peak_kv_bytes,
-        "kv_measured_on": f"first block ({layout.n_text} text tokens)",
-    }
-    if verify:
-        out["verify"] = {"max_abs_diff": max_abs_diff(model, layout), "block_text_tokens": layout.n_text}
-    return out
 
 
 def run_eval(cfg: EvalConfig) -> list[dict]:
@@ -336,71 +255,6 @@ def scored_blocks(docs, tokenizer, cfg: EvalConfig) -> list[TokenizedText]:
             "thousand words) or evaluate another --split"
         )
     return chosen
-
-
-def format_table(results: list[dict]) -> str:
-    """A plain-text table of results (one row each)."""
-    if results and results[0].get("task") == "memory":
-        from .memory_eval import format_memory_table
-
-        return format_memory_table(results)
-    if results and results[0].get("task") == "prefix":
-        head = (
-            f"{'method':<28} {'budget':>6} {'KV kept':>8} {'ppl':>8} {'full ppl':>8} {'KL to full':>10} {'tokens':>7}"
-        )
-        rows = [head, "-" * len(head)]
-        for r in results:
-            budget = "-" if r.get("kv_budget") is None else f"{r['kv_budget']:.3f}"
-            rows.append(
-                f"{r['label']:<28} {budget:>6} {r['kv_kept']:>8.3f} {r['perplexity']:>8.3f} "
-                f"{r['full_perplexity']:>8.3f} {r['kl_to_full']:>10.4f} {r['tokens_scored']:>7}"
-            )
-        rows.append(f"({results[0]['windows']} windows, {results[0]['seconds']} s for the first row)")
-        return "\n".join(rows)
-    if results and results[0].get("task") in ("qa", "needle"):
-        head = f"{'method':<28} {'budget':>6} {'KV kept':>8} {'accuracy':>8} {'options':>8} {'generate':>8}"
-        head += f" {'questions':>9}"
-        rows = [head, "-" * len(head)]
-        for r in results:
-            budget = "-" if r.get("kv_budget") is None else f"{r['kv_budget']:.3f}"
-            opt, gen = (f"{r[k]:.3f}" if k in r else "-" for k in ("accuracy_options", "accuracy_generate"))
-            rows.append(
-                f"{r['label']:<28} {budget:>6} {r['kv_kept']:>8.3f} {r['accuracy']:>8.3f} {opt:>8} {gen:>8} "
-                f"{r['questions']:>9}"
-            )
-        rows.append(f"({results[0]['contexts']} contexts, each compressed once; {results[0]['seconds']} s per row)")
-        return "\n".join(rows)
-    if results and results[0].get("task") == "continuation":
-        head = f"{'method':<28} {'ratio':>5} {'KV kept':>8} {'ROUGE-L':>8} {'BERTScore':>9} {'docs':>5}"
-        rows = [head, "-" * len(head)]
-        for r in results:
-            bert = f"{r['bertscore_f1']:.4f}" if "bertscore_f1" in r else "-"
-            rows.append(
-                f"{r['label']:<28} {r['params'].get('ratio', '-')!s:>5} {r['kv_kept_generation']:>8.3f} "
-                f"{r['rouge_l']:>8.4f} {bert:>9} {r['documents']:>5}"
-            )
-        return "\n".join(rows)
-    head = f"{'method':<28} {'ratio':>5} {'KV kept':>8} {'perplexity':>10} {'tokens':>7} {'KV bytes':>10}"
-    rows = [head, "-" * len(head)]
-    for r in results:
-        ratio = r["params"].get("ratio", "-")
-        rows.append(
-            f"{r['label']:<28} {ratio!s:>5} {r['compression_ratio']:>8.3f} {r['perplexity']:>10.3f} "
-            f"{r['tokens_scored']:>7} {r['kv_bytes']:>10}"
-        )
-        if "perplexity_with_special_targets" in r:
-            rows.append(
-                f"  perplexity with special-token targets (easier, not comparable): "
-                f"{r['perplexity_with_special_targets']:.3f}; R_c {r.get('R_c', 0):.2f} regular tokens per special"
-            )
-        for b in r.get("perplexity_by_prefix", []):
-            if b["tokens"]:
-                rows.append(
-                    f"  prefix <= {b['prefix_upto']:>6}: perplexity {b['perplexity']:.3f} ({b['tokens']} tokens)"
-                )
-        if "verify" in r:
-            rows.append(f"  verify: max_abs_diff {r['verify']['max_abs_diff']:.2e}")
-    return "\n".join(rows)
 
 
 __all__ = ["EvalConfig", "run_eval", "perplexity", "format_table"]

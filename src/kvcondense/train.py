@@ -4,24 +4,21 @@
 
 The base model is frozen; LoRA and the method's new token rows are trained with the causal LM loss under the
 method's mask (one parallel masked forward per batch). Runs on Hugging Face Accelerate, so the same recipe
-runs on one CPU or under ``accelerate launch``.
+runs on one CPU or under ``accelerate launch``. The settings are :class:`~kvcondense.train_config.TrainConfig`;
+the losses (LM, KL to the frozen teacher, or both) are in :mod:`kvcondense.objectives`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import random
 import secrets
-import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -40,102 +37,25 @@ from .checkpoint import (
 )
 from .data import load_split
 from .data.episodes import is_episode_data, load_episodes
-from .distill import kl_to_teacher, teacher_logits
 from .distributed import check_distributed, checkpoint_tensors, is_main_process, load_resume
 from .errors import UsageError
-from .forward import parallel_forward
-from .layout import IGNORE, Layout
-from .lora import LoraSettings, attach_lora, load_adapter_state, set_stage
+from .layout import Layout
+from .lora import attach_lora, load_adapter_state, set_stage
 from .methods import EpisodeTokens, Method, TokenizedText, build_method, tokenize, tokenize_episode
-from .models import DEFAULT_MODEL, add_special_tokens, load_model, model_identity
+from .models import add_special_tokens, load_model, model_identity
 
-OBJECTIVES = ("lm", "kl", "lm+kl")
+# the settings and the objectives live in train_config.py and objectives.py; callers import them from here too
+from .objectives import lm_loss as lm_loss
+from .objectives import objective_loss
+from .train_config import OBJECTIVES as OBJECTIVES
+from .train_config import RESUMABLE_CHANGES as RESUMABLE_CHANGES
+from .train_config import TrainConfig, check_resumable, checkpoint_meta
+from .train_config import config_from_checkpoint as config_from_checkpoint
+from .train_config import config_from_meta as config_from_meta
+from .train_config import dump_config as dump_config
+from .train_config import read_config as read_config
+
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on; saved in the checkpoint.
-
-    Attributes:
-        method: method name (see ``kvcondense.methods.METHODS``).
-        method_params: the method's hyperparameters (e.g. ``{"ratio": 0.5}``).
-        model: registered model name or local model directory.
-        data: built-in corpus name or path to .txt/.jsonl files.
-        out: checkpoint directory.
-        steps: optimizer steps.
-        batch_size: blocks per optimizer step (per process, before accumulation).
-        grad_accum: micro-batches accumulated per optimizer step.
-        block_tokens: text tokens per training block (special tokens come on top).
-        lr: peak learning rate (AdamW, no weight decay).
-        schedule: learning-rate schedule name understood by ``transformers.get_scheduler``.
-        warmup_steps: linear warm-up steps.
-        seed: seed for data order, span placement and initialisation.
-        lora: LoRA settings.
-        log_every: steps between log lines.
-        save_every: steps between checkpoints (0: only at the end).
-        stage: what trains: ``rows`` (new token rows only), ``lora`` (LoRA + rows) or ``full`` (every weight).
-        init_from: a checkpoint of the same method whose trained tensors start this run (stage 1 -> stage 2).
-        attention: ``auto`` (sdpa; flex_attention with a block-sparse mask on CUDA for long blocks), ``sdpa`` or
-            ``flex`` (see ``kvcondense.forward.choose_attention``).
-        grad_checkpointing: recompute activations in the backward (non-reentrant) to fit longer blocks.
-        objective: ``lm`` (next-token loss under the method's mask), ``kl`` (KL to the frozen uncompressed model on
-            every text prediction, see :mod:`kvcondense.distill`) or ``lm+kl`` (their sum, KL weighted).
-        kl_weight: weight of the KL term (``kl`` and ``lm+kl``).
-        temperature: softening of both distributions in the KL term.
-        max_grad_norm: clip the gradients' global norm to this before each optimizer step (0: no clipping).
-        sample_ratios: when given, each training block draws its compression ratio from these (one adapter for
-            several KV budgets, as Activation Beacon samples its ratio); empty: every block uses the method's ratio.
-    """
-
-    method: str = "sentinel"
-    method_params: dict = field(default_factory=dict)
-    model: str = DEFAULT_MODEL
-    data: str = "wiki"
-    out: str = "checkpoints/run"
-    steps: int = 300
-    batch_size: int = 2
-    grad_accum: int = 1
-    block_tokens: int = 256
-    lr: float = 3e-4
-    schedule: str = "linear"
-    warmup_steps: int = 0
-    seed: int = 0
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    log_every: int = 1
-    save_every: int = 50
-    stage: str = "lora"
-    init_from: str | None = None
-    attention: str = "auto"
-    grad_checkpointing: bool = False
-    objective: str = "lm"
-    kl_weight: float = 1.0
-    temperature: float = 1.0
-    max_grad_norm: float = 1.0
-    sample_ratios: list[float] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.lora, dict):
-            self.lora = LoraSettings(**self.lora)
-        if self.steps < 1:
-            raise UsageError(f"steps must be >= 1, got {self.steps}")
-        for name in ("batch_size", "grad_accum", "block_tokens"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise UsageError(f"lr must be > 0, got {self.lr}")
-        if self.objective not in OBJECTIVES:
-            raise UsageError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
-        if self.max_grad_norm < 0:
-            raise UsageError(f"--max-grad-norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
-        if self.kl_weight <= 0 or self.temperature <= 0:
-            raise UsageError(f"--kl-weight and --temperature must be > 0, got {self.kl_weight}, {self.temperature}")
-        self.sample_ratios = [float(r) for r in self.sample_ratios]
-        if any(not 0 < r < 1 for r in self.sample_ratios):
-            raise UsageError(f"--sample-ratios must each be in (0, 1), got {self.sample_ratios}")
-        for name in ("warmup_steps", "save_every"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------- data
@@ -181,45 +101,11 @@ def batches(blocks: list, batch_size: int, seed: int, rank: int = 0, world: int 
         epoch += 1
 
 
-def lm_loss(logits: torch.Tensor, layouts: list[Layout], reduction: str = "mean") -> tuple[torch.Tensor, int]:
-    """Cross-entropy over the layouts' targets (right-padded), mean or sum. Returns (loss, number of targets)."""
-    targets = torch.full(logits.shape[:2], IGNORE, dtype=torch.long, device=logits.device)
-    for b, lay in enumerate(layouts):
-        targets[b, : len(lay)] = lay.targets.to(logits.device)
-    n = int((targets != IGNORE).sum())
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-    return (loss if reduction == "sum" else loss / max(n, 1)), n
-
-
 def block_layout(method: Method, cfg: TrainConfig, block, token_ids: dict[str, int], seed: int) -> Layout:
     """One block's layout; with ``cfg.sample_ratios`` its ratio is drawn from them (fixed by ``seed``)."""
     if cfg.sample_ratios:
         method = dataclasses.replace(method, ratio=random.Random(seed).choice(cfg.sample_ratios))
     return method.layout(block, token_ids, seed=seed)
-
-
-def objective_loss(model, layouts: list[Layout], cfg: TrainConfig, accelerator: Accelerator):
-    """The training objective on one micro-batch: LM loss, KL to the frozen uncompressed model, or both.
-
-    Each term is a token-weighted mean over the global batch: DDP averages gradients over processes, so each
-    process scales its sum by world / global count (exactly the 1-process loss at any world size). Returns the loss
-    to back-propagate and the global values of every term (``loss``, ``loss_lm`` and ``loss_kl``) for the log.
-    """
-    logits = parallel_forward(model, layouts, attention=cfg.attention).logits
-    world = accelerator.num_processes
-    lm_sum, n = lm_loss(logits, layouts, reduction="sum")
-    sums, counts = {"loss_lm": lm_sum}, {"loss_lm": n}
-    if cfg.objective != "lm":
-        teacher = teacher_logits(model, layouts)
-        sums["loss_kl"], counts["loss_kl"] = kl_to_teacher(logits, teacher, layouts, cfg.temperature)
-    weights = {"loss_lm": 0.0 if cfg.objective == "kl" else 1.0, "loss_kl": cfg.kl_weight}
-    loss, parts = logits.new_zeros((), dtype=torch.float32), {"loss": 0.0}
-    for key, value in sums.items():
-        total = accelerator.reduce(torch.tensor(float(counts[key]), device=value.device), reduction="sum").clamp(min=1)
-        loss = loss + weights[key] * value * world / total
-        parts[key] = (accelerator.reduce(value.detach(), reduction="sum") / total).item()
-        parts["loss"] += weights[key] * parts[key]
-    return loss, parts
 
 
 # ---------------------------------------------------------------------------------------------------------------- model
@@ -252,20 +138,6 @@ def prepare_model(cfg: TrainConfig, method: Method):
         )
     model.train()
     return model, tokenizer, token_ids, identity
-
-
-def checkpoint_meta(
-    cfg: TrainConfig, method: Method, token_ids: dict, identity: dict, step: int, run_id: str | None = None
-) -> dict:
-    return {
-        "run_id": run_id,
-        "method": {"name": method.name, "params": method.params()},
-        "special_tokens": token_ids,
-        "base_model": identity,
-        "lora": asdict(cfg.lora),
-        "training": {**{k: v for k, v in asdict(cfg).items() if k != "lora"}, "steps_done": step},
-        "command": " ".join(["kvcondense", *sys.argv[1:]]) if sys.argv[0].endswith("kvcondense") else None,
-    }
 
 
 # ---------------------------------------------------------------------------------------------------------------- loop
@@ -396,71 +268,3 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     bar.close()
     accelerator.wait_for_everyone()
     return out
-
-
-# Settings a resumed run may change: how long it runs and how often it saves or logs.
-RESUMABLE_CHANGES = ("steps", "save_every", "log_every", "out")
-
-
-def check_resumable(cfg: TrainConfig, previous: dict, out: Path) -> None:
-    """Refuse to continue the run in ``out`` with settings that contradict it (one line naming both values)."""
-    stored = asdict(config_from_meta(previous))
-    stored["lora"] = previous["lora"]
-    now = asdict(cfg)
-    for key, value in now.items():
-        if key in RESUMABLE_CHANGES or key not in stored:
-            continue
-        if stored[key] != value:
-            flag = "--" + key.replace("_", "-")
-            raise UsageError(
-                f"{out} was trained with {key}={stored[key]!r}, this command gives {value!r}; resume with the same "
-                f"settings (drop {flag}) or train into another --out"
-            )
-
-
-def config_from_meta(meta: dict) -> TrainConfig:
-    training = {k: v for k, v in meta["training"].items() if k in TrainConfig.__dataclass_fields__}
-    training.setdefault("max_grad_norm", 0.0)  # runs saved before clipping existed trained without it
-    return TrainConfig(**training, lora=LoraSettings(**meta["lora"]))
-
-
-def read_config(path: str | Path) -> dict:
-    """The training settings in a JSON or YAML file: :class:`TrainConfig`'s fields (``lora`` a dict), or a
-    checkpoint's ``kvcondense.json`` (its ``training`` and ``lora``). Unknown fields are refused by name."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"--config {path} does not exist; check the path")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as e:  # noqa: BLE001 - any parse error of a user file is one line
-        kind = "YAML" if path.suffix in (".yaml", ".yml") else "JSON"
-        raise UsageError(f"--config {path} is not valid {kind} ({type(e).__name__})") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"--config {path} must hold a mapping of settings, not a {type(data).__name__}")
-    if "training" in data:  # a checkpoint's kvcondense.json
-        data = {**data["training"], "lora": data.get("lora", {})}
-    data = {k: v for k, v in data.items() if k != "steps_done"}
-    unknown = sorted(set(data) - set(TrainConfig.__dataclass_fields__))
-    if unknown:
-        raise UsageError(f"--config {path} has unknown settings {unknown}; see kvcondense train --help")
-    if "lora" in data:
-        extra = sorted(set(data["lora"]) - set(LoraSettings.__dataclass_fields__))
-        if not isinstance(data["lora"], dict) or extra:
-            raise UsageError(f"--config {path}: lora must be a mapping of {list(LoraSettings.__dataclass_fields__)}")
-        data["lora"] = LoraSettings(**data["lora"])
-    return data
-
-
-def config_from_checkpoint(path: str | Path) -> TrainConfig:
-    """The training config stored in a checkpoint (used by --resume)."""
-    return config_from_meta(read_meta(path))
-
-
-def dump_config(cfg: TrainConfig) -> str:
-    return json.dumps(asdict(cfg), indent=2)
