@@ -39,3 +39,22 @@ def test_streaming_sinks_and_window_at_budget():
     w = m.window(n)
     assert lay.kept_slots() == 50
     assert vis[-1].nonzero().flatten().tolist() == [0, 1, 2, 3, *range(n - 1 - w, n)]
+
+
+def test_what_a_method_reads_is_what_it_implements():
+    """Text and online episodes are two entry points (``layout``, ``episode_layout``), not one input type checked
+    inside; a method given the kind it does not read refuses in one line."""
+    from conftest import episode
+
+    from kvcondense.errors import UsageError
+    from kvcondense.methods import METHODS, build_method
+
+    reads = {name: (cls.reads_text(), cls.reads_episodes()) for name, cls in METHODS.items()}
+    assert reads["full"] == (True, True) and reads["ccm-concat"] == (True, True) and reads["ccm-merge"] == (True, True)
+    assert reads["window"] == (False, True) and reads["no-context"] == (False, True)
+    assert reads["sentinel"] == (True, False) and reads["streaming"] == (True, False)
+    with pytest.raises(UsageError, match="online episodes only") as text_refused:
+        build_method("window").layout(text(8), {})
+    with pytest.raises(UsageError, match="does not read online episodes") as episode_refused:
+        build_method("sentinel").episode_layout(episode(), {})
+    assert "\n" not in str(text_refused.value) + str(episode_refused.value)

@@ -100,14 +100,14 @@ def test_parallel_equals_online(family, method, recurrent):
     m = build_method(method, comp_tokens=2, chunk_tokens=16, recurrent=recurrent)
     model = lora_model(family, m)
     text = TokenizedText.from_ids(torch.randint(0, 90, (70,), generator=torch.Generator().manual_seed(0)))
-    for lay in (m.layout(text, COMP), m.layout(episode(), COMP)):
+    for lay in (m.layout(text, COMP), m.episode_layout(episode(), COMP)):
         for chunk in (1, 5, 64):
             assert_equivalent(model, lay, chunk)
 
 
 def test_ema_merge_equivalence():
     m = build_method("ccm-merge", comp_tokens=2, ema_rate=0.3)
-    assert_equivalent(lora_model("llama", m), m.layout(episode(chunks=5), COMP), 7)
+    assert_equivalent(lora_model("llama", m), m.episode_layout(episode(chunks=5), COMP), 7)
 
 
 def test_memory_slots_per_chunk():
@@ -115,8 +115,8 @@ def test_memory_slots_per_chunk():
     for chunks in (1, 3, 6):
         ep = episode(chunks=chunks)
         tail = len(ep.query) + len(ep.answer)
-        concat = build_method("ccm-concat", comp_tokens=3).layout(ep, COMP)
-        merge = build_method("ccm-merge", comp_tokens=3).layout(ep, COMP)
+        concat = build_method("ccm-concat", comp_tokens=3).episode_layout(ep, COMP)
+        merge = build_method("ccm-merge", comp_tokens=3).episode_layout(ep, COMP)
         assert concat.kept_slots() == 3 * chunks + tail
         assert merge.kept_slots() == 3 + tail
 
@@ -125,7 +125,7 @@ def test_merge_mixing_is_used_negative_control():
     """Dropping the K/V replacement changes the answer's logits: the equivalence above can fail."""
     m = build_method("ccm-merge", comp_tokens=2)
     model = lora_model("llama", m)
-    lay = m.layout(episode(chunks=3), COMP)
+    lay = m.episode_layout(episode(chunks=3), COMP)
     with torch.no_grad():
         merged = parallel_forward(model, [lay]).logits[0]
         lay.mix = None
@@ -144,7 +144,7 @@ def test_merge_of_one_chunk_is_concat():
         with torch.no_grad():
             got = [
                 parallel_forward(model, [lay]).logits[0][lay.targets != IGNORE]
-                for lay in (merge.layout(ep, COMP), concat.layout(ep, COMP))
+                for lay in (merge.episode_layout(ep, COMP), concat.episode_layout(ep, COMP))
             ]
         diff = (got[0] - got[1]).abs().max().item()
         assert (diff < 1e-5) == same, f"{chunks} chunk(s): max diff {diff:.2e}"
@@ -152,7 +152,7 @@ def test_merge_of_one_chunk_is_concat():
 
 def test_episode_scores_the_answer_only():
     ep = episode(chunks=2)
-    lay = build_method("ccm-concat", comp_tokens=2).layout(ep, COMP)
+    lay = build_method("ccm-concat", comp_tokens=2).episode_layout(ep, COMP)
     assert lay.targets[lay.targets != IGNORE].tolist() == ep.answer.tolist()
     assert int((lay.expire == NEVER).sum()) == 2 * 2 + len(ep.query) + len(ep.answer)
 
@@ -169,7 +169,7 @@ def test_gate_off_equals_base_model_exactly():
             base = parallel_forward(model, [lay]).logits
     assert torch.equal(gated, base)
     # and LoRA does act on COMP tokens (positive control)
-    lay = m.layout(episode(chunks=2), COMP)
+    lay = m.episode_layout(episode(chunks=2), COMP)
     with torch.no_grad():
         gated = parallel_forward(model, [lay]).logits
         with model.disable_adapter():
@@ -183,7 +183,7 @@ def test_no_lora_gradient_before_the_first_comp_token():
     model.train()
     for p in model.parameters():
         p.lora_dropout = None
-    lay = m.layout(episode(chunks=3), COMP)
+    lay = m.episode_layout(episode(chunks=3), COMP)
     first_comp = int(torch.nonzero(lay.kinds == Kind.COMP)[0])
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
 

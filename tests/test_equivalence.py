@@ -28,7 +28,7 @@ def text(n=90, seed=0):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
-@pytest.mark.parametrize("method", [m for m in METHODS if METHODS[m].plain_text])
+@pytest.mark.parametrize("method", [m for m in METHODS if METHODS[m].reads_text()])
 def test_parallel_equals_incremental(family, method):
     model = tiny_model(family)
     m = build_method(method, ratio=0.5, min_line_words=1, max_span_words=8, chunk_tokens=16)
@@ -67,7 +67,7 @@ def test_cache_memory_is_physically_freed():
     assert stats.peak_slots <= layout.kept_slots() + 16 + 16  # kept so far + one chunk
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if METHODS[m].plain_text])
+@pytest.mark.parametrize("method", [m for m in METHODS if METHODS[m].reads_text()])
 def test_decode_time_eviction_matches_parallel(method):
     """Tokens laid out by the decode policy (spans closing over generated text, windows sliding) and fed one
     step at a time through the cache give the parallel forward's logits over the final layout."""

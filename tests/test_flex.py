@@ -39,7 +39,7 @@ def test_flex_block_mask_equals_sdpa_on_padded_batches(method):
 def test_flex_with_ccm_merge_and_conditional_lora():
     m = build_method("ccm-merge", comp_tokens=2)
     model = lora_model("llama", m)
-    lays = [m.layout(episode(seed=s, chunks=3), COMP) for s in (0, 1)]
+    lays = [m.episode_layout(episode(seed=s, chunks=3), COMP) for s in (0, 1)]
     with torch.no_grad():
         sdpa = parallel_forward(model, lays, attention="sdpa").logits
         flex = parallel_forward(model, lays, attention="flex").logits

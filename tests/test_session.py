@@ -33,7 +33,7 @@ def make(method: str, **params):
 
 
 def parallel_nll(model, m, ep) -> float:
-    lay = m.layout(ep, COMP)
+    lay = m.episode_layout(ep, COMP)
     with torch.no_grad():
         logits = parallel_forward(model, [lay]).logits[0]
     scored = lay.targets != IGNORE

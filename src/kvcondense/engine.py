@@ -120,11 +120,13 @@ class Stream:
         last = int(torch.nonzero(predictors).max()) if bool(predictors.any()) else len(layout) - 1
         kept, logits = [], None
         for lo, hi in chunk_bounds(layout, chunk_tokens):
-            out = feed(self.model, self.cache, layout.slice(lo, hi), lo)[0]
+            wanted = lo <= last < hi
+            rows = None if keep_logits else torch.tensor([last - lo if wanted else hi - lo - 1])
+            out = feed(self.model, self.cache, layout.slice(lo, hi), lo, logits_rows=rows)[0]
             if keep_logits:
                 kept.append(out)
-            elif lo <= last < hi:
-                logits = out[last - lo]
+            elif wanted:
+                logits = out[0]
             self._peak()
             self.cache.evict(hi)
         self.seen = [len(layout)]
@@ -190,8 +192,8 @@ class Stream:
                     self.cache.set_expire(row, logical, expire)
         if shared and pieces[0] is not None:
             piece, first, rows = pieces[0], self.seen[0], self.cache.rows
-            out = feed(self.model, self.cache, piece.layout, first, input_ids=piece.layout.input_ids.expand(rows, -1))
-            logits = out[:, piece.next_row]
+            ids, wanted = piece.layout.input_ids.expand(rows, -1), torch.tensor([piece.next_row])
+            logits = feed(self.model, self.cache, piece.layout, first, input_ids=ids, logits_rows=wanted)[:, 0]
             self.seen[0] += len(piece.layout)
             self._peak()
             self.cache.evict(self.seen[0], slack=self.slack)

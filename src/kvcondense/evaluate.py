@@ -221,7 +221,7 @@ def run_memory(cfg: EvalConfig) -> list[dict]:
     if min(cfg.time_steps) < 1 or cfg.episodes < 1:
         raise UsageError("--time-steps must be >= 1 and --episodes >= 1")
     model, tokenizer, method, token_ids, _ = load_for_eval(cfg)
-    if not method.episodic:
+    if not method.reads_episodes():
         raise UsageError(f"method {method.name!r} does not take online episodes; use a ccm method or a baseline")
     rows = run_memory_eval(
         model,

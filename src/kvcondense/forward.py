@@ -174,11 +174,13 @@ def feed(
     first: int,
     mask: torch.Tensor | None = None,
     input_ids: torch.Tensor | None = None,
+    logits_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run one chunk (logical indices ``first..first+len(chunk)-1``) through the cache. The caller evicts.
 
     ``input_ids`` (B, n) feeds B rows that share the chunk's layout (default: the layout's own ids, one row).
-    Returns the chunk's logits (B, n, V).
+    Returns the chunk's logits (B, n, V), or with ``logits_rows`` (chunk indices) only those rows' (B, k, V):
+    the LM head over a 49k vocabulary is a fifth of a small model's prefill, and a prompt needs one row of it.
     """
     device = model.device
     ids = chunk.input_ids.unsqueeze(0) if input_ids is None else input_ids
@@ -194,6 +196,7 @@ def feed(
             attention_mask=mask.to(device),
             past_key_values=cache,
             use_cache=True,
+            logits_to_keep=0 if logits_rows is None else logits_rows.to(device),
         )
     n, rows = len(chunk), ids.shape[0]
     cache.append(

@@ -61,7 +61,7 @@ def score_episodes(model, method: Method, token_ids: dict, episodes: list[Episod
     s = Scored()
     for lo in range(0, len(episodes), batch_size):
         batch = episodes[lo : lo + batch_size]
-        layouts = [method.layout(ep, token_ids) for ep in batch]
+        layouts = [method.episode_layout(ep, token_ids) for ep in batch]
         s.slots += sum(
             memory_slots(lay, len(ep.query) + len(ep.answer)) for lay, ep in zip(layouts, batch, strict=True)
         )
@@ -71,7 +71,7 @@ def score_episodes(model, method: Method, token_ids: dict, episodes: list[Episod
                 s.nll, s.tokens = s.nll + nll, s.tokens + n
             continue
         for ep in batch:
-            scores = _nll(model, [method.layout(ep.with_answer(opt), token_ids) for opt in ep.options])
+            scores = _nll(model, [method.episode_layout(ep.with_answer(opt), token_ids) for opt in ep.options])
             best = min(range(len(scores)), key=lambda i: scores[i][0])
             s.correct += int(torch.equal(ep.options[best], ep.answer))
     return s
@@ -162,7 +162,7 @@ def run_memory_eval(
                 row["tokens_scored"] = s.tokens
             rows.append(row)
     if verify:  # the parallel training forward against the recursive online inference with real eviction
-        lay = method.layout(tokens[0].truncated(steps[-1]), token_ids)
+        lay = method.episode_layout(tokens[0].truncated(steps[-1]), token_ids)
         with torch.no_grad():
             rows[0]["verify"] = {"max_abs_diff": max_abs_diff(model, lay, chunk_size=16)}
     return rows

@@ -91,10 +91,8 @@ class MemorySession:
     """
 
     def __init__(self, model, tokenizer, method: Method, token_ids: dict[str, int], name: str = "model"):
-        if not method.episodic:
-            raise UsageError(f"method {method.name!r} keeps no memory; use a ccm-concat, ccm-merge or full checkpoint")
         self.model, self.tokenizer, self.method, self.name = model, tokenizer, method, name
-        self.writer = make_writer(method, token_ids)
+        self.writer = make_writer(method, token_ids)  # refuses a method that keeps no chat memory
         self.cache = EvictingCache(num_layers(model))
         self.identity = memory_identity(model, method)
         self._geometry: list[tuple[int, int, int]] | None = None

@@ -101,8 +101,13 @@ def batches(blocks: list, batch_size: int, seed: int, rank: int = 0, world: int 
         epoch += 1
 
 
-def block_layout(method: Method, cfg: TrainConfig, block, token_ids: dict[str, int], seed: int) -> Layout:
-    """One block's layout; with ``cfg.sample_ratios`` its ratio is drawn from them (fixed by ``seed``)."""
+def block_layout(
+    method: Method, cfg: TrainConfig, block, token_ids: dict[str, int], seed: int, episodic: bool = False
+) -> Layout:
+    """One block's layout: a text block, or with ``episodic`` an online episode (training on chats); with
+    ``cfg.sample_ratios`` a text block's ratio is drawn from them (fixed by ``seed``)."""
+    if episodic:
+        return method.episode_layout(block, token_ids)
     if cfg.sample_ratios:
         method = dataclasses.replace(method, ratio=random.Random(seed).choice(cfg.sample_ratios))
     return method.layout(block, token_ids, seed=seed)
@@ -167,7 +172,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     if not method.trainable:
         raise UsageError(f"method {method.name!r} is training-free; evaluate it directly with kvcondense eval")
     episodic = is_episode_data(cfg.data)
-    if episodic and not method.episodic:
+    if episodic and not method.reads_episodes():
         raise UsageError(f"--data {cfg.data} holds online episodes, which only the ccm methods train on")
     resumable = resume and (out / META).is_file()
     previous = read_meta(out) if (out / META).is_file() else None
@@ -236,7 +241,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     while step < cfg.steps:
         for _ in range(cfg.grad_accum):
             epoch, batch = next(stream)
-            layouts = [block_layout(method, cfg, b, token_ids, cfg.seed + 7919 * epoch + i) for i, b in batch]
+            layouts = [block_layout(method, cfg, b, token_ids, cfg.seed + 7919 * epoch + i, episodic) for i, b in batch]
             with accelerator.accumulate(model):
                 loss, parts = objective_loss(model, layouts, cfg, accelerator)
                 accelerator.backward(loss)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -106,12 +105,14 @@ def param(default, help: str, flag: str | None = None, choices: tuple | None = N
 
 
 @dataclass
-class Method(ABC):
+class Method:
     """Base class of every compression method and baseline.
 
     Subclasses set ``name``, ``special_tokens`` (new vocabulary rows, added in this order), ``trainable``
     (whether ``kvcondense train`` makes sense for it) and ``predict_from`` (which rows' logits predict the next
-    token at inference), and implement :meth:`layout`.
+    token at inference), and implement :meth:`layout` (plain text), :meth:`episode_layout` (online episodes:
+    chunks, a query, an answer), or both. What a method reads is what it implements: :meth:`reads_text`,
+    :meth:`reads_episodes`.
     """
 
     name: ClassVar[str] = ""
@@ -119,14 +120,37 @@ class Method(ABC):
     trainable: ClassVar[bool] = True
     predict_from: ClassVar[tuple[Kind, ...]] = (Kind.TEXT,)  # kinds whose logits predict the next text token
     lora_on: ClassVar[tuple[Kind, ...] | None] = None  # conditional LoRA: active only on these kinds (None: all)
-    episodic: ClassVar[bool] = False  # layout() also takes online episodes (methods.ccm.EpisodeTokens)
-    plain_text: ClassVar[bool] = True  # layout() takes plain text (False: episodes only)
     inference_params: ClassVar[tuple[str, ...]] = ()  # parameters eval may set apart from the checkpoint's
 
-    @abstractmethod
     def layout(self, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:
-        """Build the layout of ``text``. ``token_ids`` maps each special token to its id; ``seed`` drives any
+        """Build the layout of plain ``text``. ``token_ids`` maps each special token to its id; ``seed`` drives any
         random choice (span placement, scattered keys) so that a given (text, seed) always gives one layout."""
+        from ..errors import UsageError
+
+        raise UsageError(
+            f"method {self.name!r} evaluates online episodes only; pass --data chitchat, analogy, recall or a "
+            "chat .jsonl (for plain text use full, streaming or a compression method)"
+        )
+
+    def episode_layout(self, episode, token_ids: dict[str, int]) -> Layout:
+        """Build the layout of an online ``episode`` (:class:`kvcondense.methods.ccm.EpisodeTokens`): its context
+        chunks, query and answer in one sequence, only the answer scored."""
+        from ..errors import UsageError
+
+        raise UsageError(
+            f"method {self.name!r} does not read online episodes; use a ccm-concat, ccm-merge, full, window or "
+            "no-context method for chat data"
+        )
+
+    @classmethod
+    def reads_text(cls) -> bool:
+        """Whether :meth:`layout` is implemented (plain text: training, perplexity, the prefix and QA tasks)."""
+        return cls.layout is not Method.layout
+
+    @classmethod
+    def reads_episodes(cls) -> bool:
+        """Whether :meth:`episode_layout` is implemented (online episodes: CCM data, chat memory)."""
+        return cls.episode_layout is not Method.episode_layout
 
     def decode_policy(self, prompt: Layout, token_ids: dict[str, int], seed: int = 0):
         """The method's rule for generated tokens after ``prompt``: an object whose ``step(token)`` returns the

@@ -51,16 +51,17 @@ class FullAttention(Method):
     """Full causal attention, nothing evicted: the upper bound every method is compared to."""
 
     name: ClassVar[str] = "full"
-    episodic: ClassVar[bool] = True
 
     def memory_writer(self, token_ids: dict[str, int]) -> TextWriter:
         """Every turn kept as plain text."""
         return TextWriter()
 
-    def layout(self, text, token_ids: dict[str, int], seed: int = 0) -> Layout:
-        if not isinstance(text, TokenizedText):  # an online episode: the whole context is kept
-            return episode_layout(text)
+    def layout(self, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:
         return text_layout(text.ids)
+
+    def episode_layout(self, episode, token_ids: dict[str, int]) -> Layout:
+        """The whole context kept."""
+        return episode_layout(episode)
 
 
 @dataclass
@@ -69,17 +70,14 @@ class NoContext(Method):
 
     name: ClassVar[str] = "no-context"
     trainable: ClassVar[bool] = False
-    episodic: ClassVar[bool] = True
-    plain_text: ClassVar[bool] = False
 
     def memory_writer(self, token_ids: dict[str, int]) -> TextWriter:
         """Nothing kept: every turn is forgotten at once."""
         return TextWriter(keep=False)
 
-    def layout(self, text, token_ids: dict[str, int], seed: int = 0) -> Layout:
-        if isinstance(text, TokenizedText):
-            raise UsageError("no-context evaluates online episodes; pass --data chitchat, analogy, recall or a .jsonl")
-        return episode_layout(type(text)([], text.query, text.answer, text.options))
+    def episode_layout(self, episode, token_ids: dict[str, int]) -> Layout:
+        """The query and the answer alone."""
+        return episode_layout(type(episode)([], episode.query, episode.answer, episode.options))
 
 
 @dataclass
@@ -94,8 +92,6 @@ class SlidingWindow(Method):
 
     name: ClassVar[str] = "window"
     trainable: ClassVar[bool] = False
-    episodic: ClassVar[bool] = True
-    plain_text: ClassVar[bool] = False
     slots: int = param(32, "a fixed KV budget in slots")
     sinks: int = param(4, "initial tokens never evicted")
 
@@ -107,10 +103,9 @@ class SlidingWindow(Method):
         if self.slots < 1 or not 0 <= self.sinks <= self.slots:
             raise UsageError(f"window needs slots >= 1 and 0 <= sinks <= slots, got {self.slots}, {self.sinks}")
 
-    def layout(self, text, token_ids: dict[str, int], seed: int = 0) -> Layout:
-        if isinstance(text, TokenizedText):
-            raise UsageError("window evaluates online episodes; for plain text use --method streaming")
-        return episode_layout(text, self.slots, self.sinks)
+    def episode_layout(self, episode, token_ids: dict[str, int]) -> Layout:
+        """The sinks and the most recent context tokens, ``slots`` in all (plain text: ``--method streaming``)."""
+        return episode_layout(episode, self.slots, self.sinks)
 
 
 def local_expiry(n: int, ratio: float) -> torch.Tensor:

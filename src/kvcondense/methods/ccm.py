@@ -83,7 +83,6 @@ class CCMConcat(Method):
 
     name: ClassVar[str] = "ccm-concat"
     lora_on: ClassVar[tuple[Kind, ...] | None] = (Kind.COMP, Kind.SUM)
-    episodic: ClassVar[bool] = True
     inference_params: ClassVar[tuple[str, ...]] = ("window", "sinks")  # streaming is chosen at inference
     merge: ClassVar[bool] = False
     comp_tokens: int = param(4, "<COMP> tokens per chunk, 1..8")
@@ -119,15 +118,17 @@ class CCMConcat(Method):
         """KV slots of the memory after ``steps`` chunks (concat: n per chunk; merge: n)."""
         return self.comp_tokens * (1 if self.merge else steps)
 
-    def layout(self, text: TokenizedText | EpisodeTokens, token_ids: dict[str, int], seed: int = 0) -> Layout:
-        """Plain text: every full chunk but the last is compressed, every text token is scored. An episode: its
-        chunks are compressed, only the answer is scored."""
+    def episode_layout(self, episode: EpisodeTokens, token_ids: dict[str, int]) -> Layout:
+        """The episode's chunks compressed, only the answer scored."""
         comp_ids = [token_ids[t] for t in self.special_tokens]
-        if isinstance(text, EpisodeTokens):
-            tail = torch.cat([text.query, text.answer])
-            targets = torch.full_like(tail, IGNORE)
-            targets[len(text.query) - 1 : -1] = text.answer
-            return ccm_layout(text.chunks, tail, targets, comp_ids, self.merge, self.recurrent, self.ema())
+        tail = torch.cat([episode.query, episode.answer])
+        targets = torch.full_like(tail, IGNORE)
+        targets[len(episode.query) - 1 : -1] = episode.answer
+        return ccm_layout(episode.chunks, tail, targets, comp_ids, self.merge, self.recurrent, self.ema())
+
+    def layout(self, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:
+        """Plain text: every full chunk but the last is compressed, every text token is scored."""
+        comp_ids = [token_ids[t] for t in self.special_tokens]
         n = self.chunk_tokens
         cut = max(0, (len(text) - 1) // n) * n  # the tail keeps at least one token and is never compressed
         chunks = [text.ids[lo : lo + n] for lo in range(0, cut, n)]
