@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import EvictingCache
+from .chat_loop import chat  # noqa: F401  (re-exported: it lived here before)
 from .engine import Stream, generate_step
 from .errors import UsageError
 from .forward import feed, num_layers
@@ -263,45 +264,3 @@ class MemorySession:
                 feed(self.model, cache, text_layout(torch.tensor([0])), 0)
             self._geometry = [(la.keys.shape[1], la.keys.shape[3], la.values.shape[3]) for la in cache.layers]
         return self._geometry
-
-
-def chat(session: MemorySession, lines, out, err, stats: bool = False, max_new_tokens: int = 48) -> int:
-    """Chat turn by turn: each user line and each reply is compressed into memory as one turn (speakers A/B, the
-    dialogue format of :mod:`kvcondense.data.episodes`). Returns the number of rejected (empty) turns.
-
-    A turn (the user's line, the answer, the reply) goes into memory whole or not at all. One that would pass the
-    model's context is refused before it runs (:class:`ContextFullError`); one that fails in any way, or is
-    interrupted, leaves the memory as it was before it (:meth:`MemorySession.turn`). Either error propagates
-    (a failure that is not the user's is named on ``err`` first), so the caller can still save the memory, the
-    last good state, in a ``finally``.
-    """
-    from .data.episodes import SPEAKERS, TURN
-
-    user, bot = SPEAKERS
-    prompt = f"{bot}:"
-    answer_tokens = len(session._ids(prompt, "prompt")) + max_new_tokens
-    reply_tokens = len(session._ids(TURN.format(speaker=bot, text="."), "reply")) - 1 + max_new_tokens  # estimate
-    rejected = 0
-    for line in lines:
-        message = line.strip()
-        if not message:
-            print("error: the turn is empty; type some text (nothing was added to memory)", file=err)
-            rejected += 1
-            continue
-        ids = session._ids(TURN.format(speaker=user, text=message), "turn")
-        session.check_room(session.turn_end(len(ids), answer_tokens, reply_tokens))
-        try:
-            with session.turn():
-                session.feed(ids)
-                reply = session.answer(prompt, max_new_tokens=max_new_tokens).strip()
-                if reply:
-                    session.feed(TURN.format(speaker=bot, text=reply))
-        except UsageError:
-            raise
-        except Exception as e:
-            print(f"error: the turn failed ({type(e).__name__}: {e}); the memory is as before it", file=err)
-            raise
-        print(f"{bot}: {reply}", file=out, flush=True)
-        if stats:
-            print(f"memory: {session.memory_slots()} slots, {session.memory_bytes()} bytes", file=out, flush=True)
-    return rejected
