@@ -61,3 +61,27 @@ def test_placement_defaults_and_refusals():
 def test_dtype_flag_reaches_the_model(tiny_dir):
     got = load(method="full", model=str(tiny_dir), device="cpu", dtype="bfloat16")
     assert next(got.model.parameters()).dtype == torch.bfloat16
+
+
+def test_device_auto_places_the_model_by_accelerate_with_the_same_logits(tiny_dir, sample_path, monkeypatch):
+    """--device auto: the model is loaded with Accelerate's device_map="auto" (here every module lands on the CPU,
+    the one device there is); the compressed generation is the one of a plain CPU load, token for token."""
+    from kvcondense import models
+    from kvcondense.generate import generate
+
+    asked, real = [], models.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):  # the real loader, recording how it was asked
+        asked.append(kwargs.get("device_map"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", spy)
+    plain = load(method="sentinel", params={"ratio": 0.5}, model=str(tiny_dir), device="cpu")
+    spread = load(method="sentinel", params={"ratio": 0.5}, model=str(tiny_dir), device="auto")
+    assert asked == [None, "auto"] and spread.model.device == placement("auto")[0]
+    prompt = sample_path.read_text()[:400]
+    outs = [generate(g.model, g.tokenizer, g.method, g.token_ids, prompt, max_new_tokens=8) for g in (plain, spread)]
+    assert outs[0].new_tokens == outs[1].new_tokens
+    argv = ["-q", "generate", "--method", "streaming", "--model", str(tiny_dir), "--device", "auto"]
+    assert main([*argv, "--prompt", prompt, "--max-new-tokens", "4"]) == 0
+    assert asked[-1] == "auto"

@@ -178,7 +178,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     from .loader import placement
 
     device, dtype = placement(cfg.device, cfg.dtype)
-    model, tokenizer, method, token_ids = _load(cfg, device, dtype)
+    model, tokenizer, method, token_ids = _load(cfg, cfg.device, dtype)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and max(cfg.contexts) + cfg.decode_steps * 2 > limit:
         raise UsageError(f"--context {max(cfg.contexts)} is longer than the model's context of {limit} tokens")
@@ -207,7 +207,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     }
 
 
-def _load(cfg: BenchConfig, device: torch.device, dtype: torch.dtype):
+def _load(cfg: BenchConfig, device: str | None, dtype: torch.dtype):
     """(model, tokenizer, method at ``cfg.ratio``, token ids): a trained checkpoint's, or the base model's."""
     from .loader import load
 

@@ -117,7 +117,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is there, else cpu)")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:N, or auto: a model too large for one device spread over every GPU (and the CPU) "
+        "by Accelerate's device_map (default: cuda when a GPU is there, else cpu)",
+    )
     p.add_argument(
         "--dtype",
         default=None,

@@ -102,17 +102,19 @@ def load_checkpoint(path: str | Path, model_name: str | None = None, merge_lora:
     return Loaded(model, tokenizer, method, token_ids, f"{method.name} (trained)", meta, str(path))
 
 
+AUTO = "auto"  # --device auto: Accelerate's device_map
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def placement(device: str | None = None, dtype: str | torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
-    """Where and in what precision to run: by default CUDA in bfloat16 when a GPU is there, else CPU in float32."""
-    if device is None:
+    """Where and in what precision to run: by default CUDA in bfloat16 when a GPU is there, else CPU in float32.
+    ``auto`` (a model spread over every device, see :func:`load`) is placed here as its first device would be."""
+    if device is None or device == AUTO:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise UsageError(f"--device {device!r} is not a device; give cpu, cuda or cuda:N") from None
+        raise UsageError(f"--device {device!r} is not a device; give cpu, cuda, cuda:N or auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device} asked for, but torch sees no CUDA GPU here; use --device cpu")
     if dtype is None:
@@ -134,8 +136,11 @@ def load(
 ) -> Loaded:
     """A checkpoint (``checkpoint``) or an untrained method (``method``) on ``model`` (default: the checkpoint's
     base model, else the default model), with the user's ``params`` applied by the rules above, on ``device`` in
-    ``dtype`` (see :func:`placement`)."""
+    ``dtype`` (see :func:`placement`). ``device="auto"`` loads a model too large for one device spread over every
+    GPU (and the CPU) by Accelerate's ``device_map="auto"``; inputs go to its first device."""
     dev, dt = placement(device, dtype)
+    if device == AUTO:
+        return _load(checkpoint, method, params, model, dtype=dt, device_map=AUTO)
     got = _load(checkpoint, method, params, model, dtype=dt)
     got.model = got.model.to(dev)
     return got

@@ -120,8 +120,10 @@ def hub_snapshot(repo_id: str) -> Path:
     return path
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, attn_implementation: str = "sdpa", dtype=torch.float32):
-    """Load a causal LM and its tokenizer. Returns (model, tokenizer)."""
+def load_model(
+    name_or_path: str = DEFAULT_MODEL, attn_implementation: str = "sdpa", dtype=torch.float32, device_map=None
+):
+    """Load a causal LM and its tokenizer (with ``device_map``, placed by Accelerate). Returns (model, tokenizer)."""
     path = resolve_model(name_or_path)
     try:
         config = AutoConfig.from_pretrained(path)
@@ -141,12 +143,16 @@ def load_model(name_or_path: str = DEFAULT_MODEL, attn_implementation: str = "sd
         ) from None
     try:
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, attn_implementation=attn_implementation, device_map=device_map
+            )
         except ValueError as e:
             if "attention implementation" not in str(e) or attn_implementation == "eager":
                 raise
             # e.g. ALiBi families have no sdpa path; eager takes the additive form of the same mask
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, attn_implementation="eager", device_map=device_map
+            )
     except (OSError, SafetensorError, RuntimeError) as e:  # no weights, a torn or empty file, shapes not the config's
         raise ModelError(f"the weights in {path} cannot be loaded ({type(e).__name__}: {_short(e)})") from e
     model.eval()
