@@ -537,3 +537,17 @@ def test_a_torn_result_is_computed_again_not_skipped(capsys, tiny_dir, sample_pa
     assert json.loads(result.read_text())["results"][0]["method"] == "streaming"
     assert main([str(a) for a in argv]) == 0  # now whole: skipped
     assert "exists; skipping" in capsys.readouterr().out
+
+
+def test_a_small_file_kept_apart_is_scored_whole(capsys, tiny_dir, tmp_path):
+    """Too little text for a test split: the line says how to score a file kept apart, and --split all does."""
+    from kvcondense.data.documents import DataError, Document, split_documents
+
+    lines = [f"Line {i} of a short note about the harbour and its boats." for i in range(8)]
+    with pytest.raises(DataError, match=r"the test split is empty .*--split all"):
+        split_documents([Document("notes", "\n".join(lines))], "test")
+    small = tmp_path / "notes.txt"
+    small.write_text("\n".join(lines))
+    rc = main(["eval", "--method", "full", "--model", str(tiny_dir), "--data", str(small), "--split", "all"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "perplexity" in out

@@ -100,7 +100,12 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
     )
     _add_method_flags(p)
     _add_common(p)
-    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=["train", "validation", "test", "all"],
+        help="which documents to score (default test; all: every document of --data, e.g. a file kept apart)",
+    )
     p.add_argument("--max-tokens", type=_positive_int, default=8192, help="text tokens to score (default 8192)")
     p.add_argument("--block-tokens", type=_positive_int, default=None, help="text tokens per block (default 256)")
     p.add_argument("--batch-size", type=_positive_int, default=4)

@@ -252,7 +252,7 @@ def scored_blocks(docs, tokenizer, cfg: EvalConfig) -> list[TokenizedText]:
     if not chosen:
         raise UsageError(
             f"the {cfg.split} split of {cfg.data} has no block of 2+ tokens to score; give more text (a few "
-            "thousand words) or evaluate another --split"
+            "thousand words), another --split, or a file kept apart scored whole (--data FILE --split all)"
         )
     return chosen
 

@@ -79,7 +79,7 @@ def read_path(path: str | Path) -> list[Document]:
     return docs
 
 
-SPLITS = ("train", "validation", "test")
+SPLITS = ("train", "validation", "test", "all")  # all: every document (a file the user kept apart for evaluation)
 
 
 def split_of(doc: Document, fractions: tuple[float, float] = (0.8, 0.1)) -> str:
@@ -104,13 +104,16 @@ def pieces(doc: Document, chars: int = 2000) -> list[Document]:
 
 
 def split_documents(docs: list[Document], split: str, min_docs: int = 10) -> list[Document]:
-    """The documents of one split, assigned by hash so the split is stable across runs and machines.
+    """The documents of one split, assigned by hash so the split is stable across runs and machines (``all``: every
+    document, for a file kept apart for evaluation).
 
     A corpus of fewer than ``min_docs`` documents (one user file, say) is cut into pieces first, so the test split
     never shares text with the training split.
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {SPLITS}")
+    if split == "all":
+        return list(docs)
     if len(docs) < min_docs:
         size = max(300, sum(len(d.text) for d in docs) // 30)
         docs = [p for d in docs for p in pieces(d, size)]
@@ -124,6 +127,7 @@ def split_documents(docs: list[Document], split: str, min_docs: int = 10) -> lis
             )
         raise DataError(
             f"the {split} split is empty ({len(docs)} pieces of text in all; the split is 80/10/10 by piece): give "
-            f"more text (a few thousand words) or evaluate another --split"
+            f"more text (a few thousand words), evaluate another --split, or keep a file apart for evaluation and "
+            "score all of it (--data FILE --split all)"
         )
     return chosen

@@ -264,7 +264,7 @@ def load_episodes(name_or_path: str, split: str, seed: int = 0) -> list[Episode]
 
     Args:
         name_or_path: a name in ``EPISODE_SOURCES`` or a path to a ``.jsonl`` file or a folder of them.
-        split: ``train``, ``validation`` or ``test``.
+        split: ``train``, ``validation``, ``test`` or ``all`` (every episode: a file kept apart for evaluation).
         seed: picks the examples, facts and options of the built-in tasks; the split of an item never depends on it.
 
     Raises:
@@ -281,9 +281,10 @@ def load_episodes(name_or_path: str, split: str, seed: int = 0) -> list[Episode]
         )
     else:
         items = _read_items(name_or_path)
-    chosen = [episode for item_id, episode in items if item_split(item_id) == split]
+    chosen = [episode for item_id, episode in items if split == "all" or item_split(item_id) == split]
     if not chosen:
         raise DataError(
-            f"the {split} split of {name_or_path} is empty ({len(items)} episodes in all); give more episodes"
+            f"the {split} split of {name_or_path} is empty ({len(items)} episodes in all); give more episodes, or "
+            "score a file kept apart whole (--split all)"
         )
     return chosen
