@@ -84,6 +84,8 @@ def test_chat_piped_stdin_reports_memory(capsys, monkeypatch, ccm_checkpoints, t
     nbytes = [int(re.match(r"memory: (\d+) slots, (\d+) bytes", s).group(2)) for s in stats]
     replies = [line for line in out.splitlines() if line.startswith("B:")]
     assert len(replies) == 3
+    said = [line for line in out.splitlines() if line[:2] in ("A:", "B:")]  # piped lines echoed, each before its reply
+    assert said[0::2] == ["A: hello there", "A: how is the weather", "A: fine"] and said[1::2] == replies
     if method == "ccm-merge":
         assert slots == [2, 2, 2]  # constant n slots
     else:  # n slots per compressed turn: the user's line and the reply (when it is not empty)

@@ -11,9 +11,12 @@ if TYPE_CHECKING:
     from .session import MemorySession
 
 
-def chat(session: MemorySession, lines, out, err, stats: bool = False, max_new_tokens: int = 48) -> int:
+def chat(
+    session: MemorySession, lines, out, err, stats: bool = False, max_new_tokens: int = 48, echo: bool = False
+) -> int:
     """Chat turn by turn: each user line and each reply is compressed into memory as one turn (speakers A/B, the
-    dialogue format of :mod:`kvcondense.data.episodes`). Returns the number of rejected (empty) turns.
+    dialogue format of :mod:`kvcondense.data.episodes`). Returns the number of rejected (empty) turns. ``echo``
+    prints each user line as ``A: ...`` before its reply (piped input, which the terminal did not show).
 
     A turn (the user's line, the answer, the reply) goes into memory whole or not at all. One that would pass the
     model's context is refused before it runs (:class:`~kvcondense.session.ContextFullError`); one that fails in
@@ -34,6 +37,8 @@ def chat(session: MemorySession, lines, out, err, stats: bool = False, max_new_t
             print("error: the turn is empty; type some text (nothing was added to memory)", file=err)
             rejected += 1
             continue
+        if echo:
+            print(f"{user}: {message}", file=out, flush=True)
         ids = session._ids(TURN.format(speaker=user, text=message), "turn")
         session.check_room(session.turn_end(len(ids), answer_tokens, reply_tokens))
         try:

@@ -79,7 +79,13 @@ def cmd_chat(args) -> int:
         print(f"chat with {args.checkpoint}: one message per line, Ctrl-D to end", file=sys.stderr)
     try:
         rejected = chat(
-            session, sys.stdin, sys.stdout, sys.stderr, stats=args.stats, max_new_tokens=args.max_new_tokens
+            session,
+            sys.stdin,
+            sys.stdout,
+            sys.stderr,
+            stats=args.stats,
+            max_new_tokens=args.max_new_tokens,
+            echo=not interactive,  # piped lines were never shown: the transcript reads as a dialogue
         )
     except BaseException:  # whatever ends the chat, the memory kept so far (the last complete turn) is not lost
         if args.save:
