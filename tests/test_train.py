@@ -182,3 +182,56 @@ def test_bad_config_files_are_one_line(tmp_path, capsys, text, match):
     assert main(["train", "--config", str(f), "--method", "sentinel", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and match in err and not (tmp_path / "o").exists()
+
+
+def test_report_to_sends_every_log_line_to_the_trackers(tiny_dir, sample_path, tmp_path):
+    """--report-to: Accelerate's trackers get the run's settings once and each log line at its step (here a tracker
+    object from the Python API, which Accelerate takes as it takes its own); the checkpoint records its name."""
+    from accelerate.tracking import GeneralTracker
+
+    class Memory(GeneralTracker):
+        name = "memory"
+        requires_logging_directory = False
+
+        def __init__(self):
+            super().__init__()
+            self.config, self.rows, self.finished = None, [], False
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            self.config = values
+
+        def log(self, values, step=None, **kwargs):
+            self.rows.append((step, dict(values)))
+
+        def finish(self):
+            self.finished = True
+
+    mem = Memory()
+    out = tmp_path / "ck"
+    train(config(tiny_dir, sample_path, out, steps=3, report_to=[mem]))
+    assert mem.config["method"] == "sentinel" and mem.config["steps"] == 3 and mem.finished
+    assert [step for step, _ in mem.rows] == [1, 2, 3]
+    assert [row["loss"] for _, row in mem.rows] == [r["loss"] for r in read_log(out)]
+    assert read_meta(out)["training"]["report_to"] == ["memory"]
+
+
+@pytest.mark.parametrize(
+    "tracker, match",
+    [("tensorbored", "unknown tracker 'tensorbored'"), ("tensorboard", "needs the tensorboard package")],
+)
+def test_report_to_a_tracker_that_cannot_run_is_one_line(capsys, tiny_dir, sample_path, tmp_path, tracker, match):
+    import importlib.util
+
+    from kvcondense.cli import main
+
+    if tracker == "tensorboard" and importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
+    argv = ["train", "--method", "sentinel", "--model", str(tiny_dir), "--data", str(sample_path), "--steps", "1"]
+    rc = main([*argv, "--out", str(tmp_path / "ck"), "--report-to", tracker])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and match in err[0]
+    assert not (tmp_path / "ck" / "adapter.safetensors").exists()

@@ -71,6 +71,14 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="draw each block's ratio from these, e.g. 0.5,0.75,0.875 (one adapter for several KV budgets)",
     )
+    p.add_argument(
+        "--report-to",
+        nargs="+",
+        default=None,
+        metavar="TRACKER",
+        help="also log to these experiment trackers (Accelerate's: tensorboard, wandb, mlflow, comet_ml, aim, "
+        "clearml, dvclive, swanlab, trackio; the package must be installed), files under OUT/trackers",
+    )
     p.add_argument("--seed", type=int, default=None, help="seed for data order, spans and init (default 0)")
     p.add_argument(
         "--save-every",

@@ -47,6 +47,7 @@ from .models import add_special_tokens, load_model, model_identity
 # the settings and the objectives live in train_config.py and objectives.py; callers import them from here too
 from .objectives import lm_loss as lm_loss
 from .objectives import objective_loss
+from .trackers import check_trackers, tracker_config
 from .train_config import OBJECTIVES as OBJECTIVES
 from .train_config import RESUMABLE_CHANGES as RESUMABLE_CHANGES
 from .train_config import TrainConfig, check_resumable, checkpoint_meta
@@ -178,6 +179,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     previous = read_meta(out) if (out / META).is_file() else None
     if resumable:
         check_resumable(cfg, previous, out)
+    check_trackers(cfg.report_to)
     run_id = previous.get("run_id") if resumable else secrets.token_hex(8)
     replaces = (previous.get("run_id"),) if previous is not None and overwrite else ()
     # bad data fails before the model is loaded
@@ -191,8 +193,12 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
         cpu=not cuda,
         mixed_precision="bf16" if cuda else "no",
         step_scheduler_with_optimizer=False,
+        log_with=cfg.report_to or None,
+        project_dir=out / "trackers",
     )
     check_distributed(accelerator)
+    if cfg.report_to:
+        accelerator.init_trackers(out.name, config=tracker_config(cfg))
     model, tokenizer, token_ids, identity = prepare_model(cfg, method)
 
     if episodic:
@@ -268,8 +274,12 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
                     "elapsed_s": round(time.perf_counter() - t0, 1),
                 }
             )
+            if cfg.report_to:
+                accelerator.log({k: v for k, v in log[-1].items() if k != "step"}, step=step)
         if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
             save()
     bar.close()
     accelerator.wait_for_everyone()
+    if cfg.report_to:
+        accelerator.end_training()
     return out

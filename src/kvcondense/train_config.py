@@ -17,6 +17,7 @@ from .errors import UsageError
 from .lora import LoraSettings
 from .methods import Method
 from .models import DEFAULT_MODEL
+from .trackers import tracker_names
 
 OBJECTIVES = ("lm", "kl", "lm+kl")
 
@@ -54,6 +55,8 @@ class TrainConfig:
         max_grad_norm: clip the gradients' global norm to this before each optimizer step (0: no clipping).
         sample_ratios: when given, each training block draws its compression ratio from these (one adapter for
             several KV budgets, as Activation Beacon samples its ratio); empty: every block uses the method's ratio.
+        report_to: experiment trackers that also receive each log line (Accelerate's: ``tensorboard``, ``wandb``,
+            ``mlflow``, ...; from Python also ``GeneralTracker`` objects); their files go under ``out/trackers``.
     """
 
     method: str = "sentinel"
@@ -81,6 +84,7 @@ class TrainConfig:
     temperature: float = 1.0
     max_grad_norm: float = 1.0
     sample_ratios: list[float] = field(default_factory=list)
+    report_to: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -115,13 +119,17 @@ def checkpoint_meta(
         "special_tokens": token_ids,
         "base_model": identity,
         "lora": asdict(cfg.lora),
-        "training": {**{k: v for k, v in asdict(cfg).items() if k != "lora"}, "steps_done": step},
+        "training": {
+            **{k: v for k, v in asdict(cfg).items() if k not in ("lora", "report_to")},
+            "report_to": tracker_names(cfg.report_to),
+            "steps_done": step,
+        },
         "command": " ".join(["kvcondense", *sys.argv[1:]]) if sys.argv[0].endswith("kvcondense") else None,
     }
 
 
-# Settings a resumed run may change: how long it runs and how often it saves or logs.
-RESUMABLE_CHANGES = ("steps", "save_every", "log_every", "out")
+# Settings a resumed run may change: how long it runs, how often it saves or logs, and where the logs also go.
+RESUMABLE_CHANGES = ("steps", "save_every", "log_every", "out", "report_to")
 
 
 def check_resumable(cfg: TrainConfig, previous: dict, out: Path) -> None:
@@ -185,4 +193,4 @@ def config_from_checkpoint(path: str | Path) -> TrainConfig:
 
 
 def dump_config(cfg: TrainConfig) -> str:
-    return json.dumps(asdict(cfg), indent=2)
+    return json.dumps({**asdict(cfg), "report_to": tracker_names(cfg.report_to)}, indent=2)
