@@ -437,3 +437,33 @@ def test_top_level_help_imports_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout and "train" in out.stdout, out.stderr[-500:]
+
+
+def test_subcommand_help_imports_no_torch_once_the_methods_are_described(tmp_path):
+    """`kvcondense train --help` (every subcommand's) answers at once too: the method flags come from a description
+    of the registry cached by the hash of the method sources; the first call computes it (importing the methods),
+    the next ones import no torch and print the same help. An edit of a method file is a new hash."""
+    import os
+    import subprocess
+    import sys
+
+    from kvcondense import cli_specs
+
+    env = {**os.environ, "KVCONDENSE_CACHE": str(tmp_path)}
+    code = (
+        "import sys\nfrom kvcondense.cli import main\n"
+        "for cmd in ('train', 'eval', 'generate', 'bench', 'chat'):\n"
+        "    try:\n        main([cmd, '--help'])\n    except SystemExit:\n        pass\n"
+        "print('torch' in sys.modules)"
+    )
+
+    def run():
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+        assert out.returncode == 0, out.stderr[-500:]
+        return out.stdout
+
+    first, second = run(), run()
+    assert first.rstrip().endswith("True") and second.rstrip().endswith("False")  # computed once, then read
+    assert first.rsplit("\n", 2)[0] == second.rsplit("\n", 2)[0] and "--placement" in second
+    assert [p.name for p in tmp_path.glob("cli-specs-*.json")] == [f"cli-specs-{cli_specs.source_hash()}.json"]
+    assert cli_specs.describe() == json.loads(next(tmp_path.glob("cli-specs-*.json")).read_text())

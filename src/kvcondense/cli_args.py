@@ -1,18 +1,19 @@
 """The argument types and shared flags of the command line (:mod:`kvcondense.cli`), and the method flags generated
-from the method dataclasses. Nothing heavy at import: the method registry is imported when a flag is built."""
+from the method dataclasses. Nothing heavy at import, nor to build a parser: what the flags need of the methods comes
+from :mod:`kvcondense.cli_specs`."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
+from .cli_specs import specs
 from .defaults import DEFAULT_MODEL
 
 
 def _memory_names() -> tuple:
-    from .memory_eval import MEMORY_BASELINES, OTHER_MEMORY
-
-    return MEMORY_BASELINES, OTHER_MEMORY
+    """(the memory baselines, the other-memory control's name), without importing them (see cli_specs)."""
+    described = specs()
+    return tuple(described["memory"]), described["other_memory"]
 
 
 def _methods() -> dict:
@@ -56,46 +57,37 @@ _nonnegative_int = _int_at_least(0)
 
 
 def _method(text: str) -> str:
-    if text not in _methods():
-        raise argparse.ArgumentTypeError(f"unknown method {text!r}; choose one of: {', '.join(_methods())}")
+    names = specs()["methods"]
+    if text not in names:
+        raise argparse.ArgumentTypeError(f"unknown method {text!r}; choose one of: {', '.join(names)}")
     return text
 
 
-def _method_fields() -> dict[str, tuple[dataclasses.Field, list[str]]]:
-    """Every method hyperparameter but the ratio (each command gives that its own flag), with the methods that
-    have it: the flags come from the method dataclasses, so a new field is a new flag with no edit here."""
-    fields: dict[str, tuple[dataclasses.Field, list[str]]] = {}
-    for name, cls in _methods().items():
-        for f in dataclasses.fields(cls):
-            if f.name != "ratio":
-                fields.setdefault(f.name, (f, []))[1].append(name)
-    return fields
-
-
-def _field_type(f: dataclasses.Field):
-    """The parse type of a field from its annotation (``int``, ``float | None``, ...)."""
-    kinds = {"int": int, "float": float, "str": str, "bool": bool}
-    if isinstance(f.type, type):
-        return f.type
-    names = [part.strip() for part in str(f.type).split("|")]  # "float | None" (postponed annotations)
-    return next(kinds[n] for n in names if n in kinds)
+TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
 def _add_method_flags(p: argparse.ArgumentParser) -> None:
-    for name, (f, methods) in _method_fields().items():
-        meta = f.metadata
-        flag = meta.get("flag") or "--" + name.replace("_", "-")
-        defaults = {m: getattr(_methods()[m], name, f.default) for m in methods}
-        help_text = f"{', '.join(methods)}: {meta.get('help', name)}"
-        if _field_type(f) is bool:  # --x turns on a default-off switch, --no-x turns off a default-on one
-            p.add_argument(flag, dest=name, action="store_const", const=not f.default, default=None, help=help_text)
+    """Every method hyperparameter but the ratio (each command gives that its own flag), as a flag saying which
+    methods have it: the flags come from the method dataclasses (through :mod:`kvcondense.cli_specs`), so a new
+    field is a new flag with no edit here."""
+    for name, f in specs()["fields"].items():
+        help_text = f"{', '.join(f['defaults'])}: {f['help']}"
+        if f["type"] == "bool":  # --x turns on a default-off switch, --no-x turns off a default-on one
+            p.add_argument(
+                f["flag"], dest=name, action="store_const", const=not f["default"], default=None, help=help_text
+            )
             continue
-        shown = ", ".join(f"{m} {d}" for m, d in defaults.items()) if len(set(defaults.values())) > 1 else f.default
+        defaults = f["defaults"]
+        shown = (
+            ", ".join(f"{m} {d}" for m, d in defaults.items())
+            if len(set(map(str, defaults.values()))) > 1
+            else f["default"]
+        )
         p.add_argument(
-            flag,
+            f["flag"],
             dest=name,
-            type=_field_type(f),
-            choices=meta.get("choices"),
+            type=TYPES[f["type"]],
+            choices=f["choices"],
             default=None,
             help=f"{help_text} (default {shown})",
         )
@@ -103,7 +95,7 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
 
 def _method_params(args) -> dict:
     """The method hyperparameters typed on the command line (None: not typed)."""
-    return {name: getattr(args, name) for name in _method_fields() if getattr(args, name, None) is not None}
+    return {name: getattr(args, name) for name in specs()["fields"] if getattr(args, name, None) is not None}
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
