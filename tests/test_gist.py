@@ -1,6 +1,8 @@
 """Sentence-anchored gist tokens: the literal mask of SPEC section 2, sentence boundaries, decode-time eviction,
 stage-1 freezing and bad input."""
 
+import math
+
 import pytest
 import torch
 from conftest import decode_with_policy, tiny_model
@@ -269,3 +271,34 @@ def test_long_document_mode_reports_perplexity_against_prefix(capsys, tiny_dir, 
     buckets = [b for b in res["perplexity_by_prefix"] if b["tokens"]]
     assert rc == 0 and [b["prefix_upto"] for b in buckets][:2] == [256, 512]
     assert sum(b["tokens"] for b in res["perplexity_by_prefix"]) == res["tokens_scored"]
+
+
+def test_min_sentence_tokens_gathers_short_sentences_into_one_block():
+    """Sentence ends after tokens 2, 5, 8, 11, 14, 17: with M = 0 every one closes a block; with M = 6 a sentence
+    end closes one only once 6 regular tokens have gathered (after 5, 11, 17)."""
+    ends = torch.zeros(20, dtype=torch.bool)
+    ends[[2, 5, 8, 11, 14, 17]] = True
+    text = TokenizedText(torch.arange(20), torch.arange(20), torch.zeros(20, dtype=torch.long), ends)
+    assert Gist(n_gist=1).block_after(text) == [2, 5, 8, 11, 14, 17]
+    assert Gist(n_gist=1, min_sentence_tokens=6).block_after(text) == [5, 11, 17]
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.25, 0.125, 0.05])
+def test_kv_budget_sets_the_block_length(tiny_dir, sample_path, budget):
+    """--kv-budget for gist: on the contexts it will compress, the block lengths that keep the most without passing
+    the budget (forced blocks inside long sentences above the sentences' own rate, several sentences per block
+    below it); without the contexts, blocks of at least n_gist / budget tokens."""
+    from transformers import AutoTokenizer
+
+    from kvcondense.prefix_task import budget_params
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    text = tokenize(sample_path.read_text(), tok)
+    texts = [text[i : i + 512] for i in range(0, 2048, 512)]
+    ids = {f"<GIST_{i}>": 90 + i for i in range(4)}
+    method = Gist(**budget_params(Gist(n_gist=4), budget, texts))
+    kept = sum(method.layout(t, ids).kept_slots() for t in texts) / 2048
+    natural = sum(Gist(n_gist=4).layout(t, ids).kept_slots() for t in texts) / 2048
+    assert budget - 0.05 < kept <= budget, (kept, method)
+    assert (method.min_sentence_tokens > 0) == (natural > budget)  # whole sentences share blocks only when needed
+    assert Gist(**budget_params(Gist(n_gist=4), budget)).min_sentence_tokens == math.ceil(4 / budget)

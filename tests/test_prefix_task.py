@@ -46,7 +46,7 @@ def test_full_attention_is_its_own_reference(setup):
 @pytest.mark.parametrize("budget", [0.5, 0.25, 0.125])
 def test_streaming_keeps_the_budget_and_loses_something(setup, budget):
     model, _, windows = setup
-    method = build_method("streaming", **budget_params("streaming", {"ratio": 0.5, "sinks": 4}, budget))
+    method = build_method("streaming", **budget_params(build_method("streaming", ratio=0.5, sinks=4), budget))
     res = prefix_task(model, method, {}, windows)
     assert res["kv_kept"] == pytest.approx(budget, abs=1 / 96)
     assert res["kl_to_full"] > 1e-4  # a random model still notices half its context gone
@@ -81,7 +81,7 @@ def test_a_budget_out_of_reach_is_one_line(setup):
 
 def test_budget_needs_a_method_with_a_ratio():
     with pytest.raises(ValueError, match="no budget"):
-        budget_params("full", {}, 0.5)
+        budget_params(build_method("full"), 0.5)
 
 
 def test_cli_prefix_task_writes_results_and_tasks(capsys, tiny_dir, sample_path, tmp_path):

@@ -186,7 +186,7 @@ def run_budgets(cfg: EvalConfig, model, tokenizer, base_method, token_ids, label
     for kind, value in points:
         params = base_method.params()
         if kind == "kv_budget":
-            params = budget_params(base_method.name, params, value)
+            params = budget_params(base_method, value, contexts)
         elif has_ratio:
             params = {**params, "ratio": value}
         method = build_method(base_method.name, **params)

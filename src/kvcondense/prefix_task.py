@@ -64,15 +64,13 @@ def score_after_prefix(
     return torch.log_softmax(logits.float(), dim=-1).cpu(), kept
 
 
-def budget_params(method_name: str, params: dict, kv_budget: float | None) -> dict:
-    """The method's parameters that keep ``kv_budget`` of the context (the ratio of methods that have one)."""
+def budget_params(method: Method, kv_budget: float | None, texts=()) -> dict:
+    """The method's parameters that keep ``kv_budget`` of the contexts ``texts`` (:meth:`Method.params_for_budget`)."""
     if kv_budget is None:
-        return params
+        return method.params()
     if not 0 < kv_budget < 1:
         raise UsageError(f"--kv-budget must be a fraction of the context in (0, 1), got {kv_budget}")
-    if "ratio" not in params:
-        raise UsageError(f"method {method_name} has no budget to set (its KV kept follows from its own parameters)")
-    return {**params, "ratio": 1 - kv_budget}
+    return method.params_for_budget(kv_budget, texts)
 
 
 def check_reachable(method: Method, token_ids: dict, windows: list[Window], kv_budget: float | None) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -165,6 +165,16 @@ class Method:
         raise UsageError(
             f"method {self.name!r} keeps no memory of a chat; use a ccm-concat, ccm-merge or full checkpoint"
         )
+
+    def params_for_budget(self, kv_budget: float, texts: Sequence[TokenizedText] = ()) -> dict:
+        """The hyperparameters that keep about ``kv_budget`` of a context (``eval --kv-budget``; ``texts``: the
+        contexts it will compress, for a method whose KV kept depends on the text): a method with a compression
+        ratio keeps ``1 - ratio``; a method without a budget to set refuses in one line."""
+        from ..errors import UsageError
+
+        if "ratio" not in self.params():
+            raise UsageError(f"method {self.name} has no budget to set (its KV kept follows from its own parameters)")
+        return {**self.params(), "ratio": 1 - kv_budget}
 
     def params(self) -> dict:
         """The hyperparameters, as saved in checkpoints and results."""

@@ -6,6 +6,9 @@ Tarasov, Goncharova, Kuznetsov. "Sentence-Anchored Gist Compression for Long-Con
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -33,19 +36,53 @@ class Gist(Method):
             without punctuation: code, lists, transcripts). Default 128, about 4-5 typical English sentences,
             so that prose is unaffected.
         bos_sink: keep the first token of the sequence visible to every later token (an attention sink).
+        min_sentence_tokens: M, a sentence end closes a block only once M regular tokens have gathered since the
+            last block (0, the paper: every sentence). Several short sentences then share one block, which is how a
+            KV budget is met: about ``n_gist / M`` of the text is kept (``eval --kv-budget`` sets M, or a smaller K
+            when whole sentences keep less than the budget).
     """
 
     name: ClassVar[str] = "gist"
     predict_from: ClassVar[tuple[Kind, ...]] = (Kind.TEXT, Kind.GIST)
+    inference_params: ClassVar[tuple[str, ...]] = ("min_sentence_tokens", "max_sentence_tokens")  # block lengths
     n_gist: int = param(4, "gist tokens per sentence, 1..8", flag="--gist-tokens")
     max_sentence_tokens: int = param(128, "force a gist block after this many regular tokens without a sentence end")
     bos_sink: bool = param(False, "keep the first token visible as an attention sink")
+    min_sentence_tokens: int = param(0, "a sentence end closes a gist block only after this many tokens (0: every)")
 
     def __post_init__(self) -> None:
         if not 1 <= self.n_gist <= MAX_GIST_TOKENS:
             raise UsageError(f"gist tokens must be in 1..{MAX_GIST_TOKENS}, got {self.n_gist}; pass --gist-tokens 4")
         if self.max_sentence_tokens < 1:
             raise UsageError(f"max sentence tokens (K) must be >= 1, got {self.max_sentence_tokens}")
+        if not 0 <= self.min_sentence_tokens <= self.max_sentence_tokens:
+            raise UsageError(
+                f"min sentence tokens must be in 0..{self.max_sentence_tokens} (--max-sentence-tokens), got "
+                f"{self.min_sentence_tokens}"
+            )
+
+    def params_for_budget(self, kv_budget: float, texts: Sequence[TokenizedText] = ()) -> dict:
+        """The block lengths that keep the most of ``texts`` without passing ``kv_budget``: when whole sentences
+        keep less than the budget, blocks are also forced inside long sentences (the smallest K that fits);
+        when they keep more, short sentences share a block (the smallest M that fits). Without texts, blocks of
+        at least ``n_gist / kv_budget`` tokens."""
+        if not texts:
+            least = math.ceil(self.n_gist / kv_budget)
+            return {**self.params(), "min_sentence_tokens": least, "max_sentence_tokens": max(least, 2 * least)}
+        ids = {t: i for i, t in enumerate(self.special_tokens)}
+        total = sum(len(t) for t in texts)
+
+        def fits(**change) -> bool:
+            m = dataclasses.replace(self, **change)
+            return sum(m.layout(t, ids).kept_slots() for t in texts) <= kv_budget * total
+
+        longest = max(len(t) for t in texts)
+        if fits(min_sentence_tokens=0):
+            k = _smallest(lambda k: fits(min_sentence_tokens=0, max_sentence_tokens=k), 1, self.max_sentence_tokens)
+            return {**self.params(), "min_sentence_tokens": 0, "max_sentence_tokens": k}
+        k = max(self.max_sentence_tokens, longest)  # no forced block: whole sentences only
+        least = _smallest(lambda m: fits(min_sentence_tokens=m, max_sentence_tokens=k), 1, k)
+        return {**self.params(), "min_sentence_tokens": least, "max_sentence_tokens": k}
 
     @property
     def special_tokens(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -57,7 +94,7 @@ class Gist(Method):
         out, run = [], 0
         for t in range(len(text)):
             run += 1
-            if t in ends or run == self.max_sentence_tokens:
+            if (t in ends and run >= self.min_sentence_tokens) or run == self.max_sentence_tokens:
                 out.append(t)
                 run = 0
         return out
@@ -68,6 +105,17 @@ class Gist(Method):
 
     def decode_policy(self, prompt: Layout, token_ids: dict[str, int], seed: int = 0) -> GistPolicy:
         return GistPolicy(prompt, [token_ids[t] for t in self.special_tokens], self.max_sentence_tokens, self.bos_sink)
+
+
+def _smallest(ok, lo: int, hi: int) -> int:
+    """The smallest x in [lo, hi] with ok(x), for ok monotone (False ... True); hi when none is."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def gist_layout(ids: torch.Tensor, after: list[int], gist_ids: list[int], bos_sink: bool = False) -> Layout:
