@@ -18,18 +18,11 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
 from .cache import EvictingCache
-from .errors import UsageError
 from .forward import (
     attention_implementation,
     attn_implementation,
@@ -42,6 +35,7 @@ from .layout import Kind, Layout
 from .lora import lora_gate
 from .masks import to_attention_mask
 from .methods import Method, StepPiece, TokenizedText
+from .sampling import Sampling
 
 
 @dataclass
@@ -247,49 +241,6 @@ def feed_ragged(model, cache: EvictingCache, pieces: Sequence[StepPiece | None],
         )
     cache.append(q_idx, torch.where(q_idx < 0, torch.full_like(expire, -1), expire), closer)
     return out.logits
-
-
-# -------------------------------------------------------------------------------------------------------- sampling
-@dataclass
-class Sampling:
-    """How the next token is picked from the logits: greedy (``temperature`` 0, the default) or sampled with
-    temperature, top-k and top-p (transformers' own logits warpers), reproducibly from ``seed``."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    _warpers: LogitsProcessorList = field(init=False, repr=False)
-    _generator: torch.Generator = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise UsageError(f"--temperature must be >= 0 (0: greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise UsageError(f"--top-k must be >= 0 (0: off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
-        warpers = LogitsProcessorList()
-        if self.temperature > 0:
-            warpers.append(TemperatureLogitsWarper(self.temperature))
-            if self.top_k:
-                warpers.append(TopKLogitsWarper(self.top_k))
-            if self.top_p < 1:
-                warpers.append(TopPLogitsWarper(self.top_p))
-        self._warpers = warpers
-        self._generator = torch.Generator().manual_seed(self.seed)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def __call__(self, logits: torch.Tensor) -> int:
-        """The next token from one row's logits (V,)."""
-        if self.greedy:
-            return int(logits.argmax())
-        scores = self._warpers(None, logits.float().cpu().unsqueeze(0))
-        probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self._generator))
 
 
 def generate_step(
