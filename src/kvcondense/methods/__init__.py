@@ -7,7 +7,8 @@ import dataclasses
 from ..errors import UsageError
 from .base import Method, StepPiece, TextPolicy, TokenizedText, param, tokenize
 from .baselines import FullAttention, LocalAttention, NoContext, ScatteredAttention, SlidingWindow, StreamingLLM
-from .ccm import CCMConcat, CCMMerge, EpisodeTokens, tokenize_episode
+from .ccm import CCMConcat, CCMMerge
+from .episode import EpisodeTokens, tokenize_episode
 from .gist import Gist
 from .sentinel import Sentinel
 

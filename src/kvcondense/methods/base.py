@@ -133,7 +133,7 @@ class Method:
         )
 
     def episode_layout(self, episode, token_ids: dict[str, int]) -> Layout:
-        """Build the layout of an online ``episode`` (:class:`kvcondense.methods.ccm.EpisodeTokens`): its context
+        """Build the layout of an online ``episode`` (:class:`kvcondense.methods.episode.EpisodeTokens`): its context
         chunks, query and answer in one sequence, only the answer scored."""
         from ..errors import UsageError
 
