@@ -9,6 +9,7 @@ import torch
 import kvcondense.qa_task as qa
 from kvcondense.cli import main
 from kvcondense.data import load_split
+from kvcondense.data.documents import DataError
 from kvcondense.methods import build_method, tokenize
 from kvcondense.models import load_model
 
@@ -167,3 +168,35 @@ def test_cli_qa_on_built_in_recall_data(capsys, tiny_dir, tmp_path, monkeypatch)
             "--json", out]  # fmt: skip
     assert main([str(a) for a in argv]) == 0
     assert json.loads(out.read_text())["results"][0]["questions"] == 3
+
+
+def test_recall_multi_query_asks_more_facts_of_one_compressed_context(tiny, monkeypatch):
+    """--questions 4: the episode's own question first, then three more about other facts, each with four options
+    drawn from the episode's values, the right one among them; every question reads the one compressed context."""
+    from kvcondense.data.episodes import recall_episode
+
+    facts = [(f"City{i}", f"word{i}") for i in range(16)]
+    ep = recall_episode(facts, 5, ["word5", "word1", "word2", "word3"])
+    (item,) = qa.episodes_as_qa([ep], limit=1, questions=4)
+    first, *more = item.questions
+    assert first.prompt() == "The code word for City5 is" and first.answer == " word5"
+    subjects = {q.prompt().removeprefix("The code word for ").removesuffix(" is") for q in more}
+    assert len(subjects) == 3 and "City5" not in subjects
+    for q in more:
+        i = int(q.prompt().split("City")[1].split()[0])
+        assert q.answer == f" word{i}" and q.answer in q.options and len(set(q.options)) == 4
+    assert qa.episodes_as_qa([ep], 1, 4) == [item]  # the same questions every time
+    calls = []
+    real = qa.Stream.prefill
+    monkeypatch.setattr(qa.Stream, "prefill", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    model, tok = tiny
+    res = qa.qa_task(model, tok, build_method("streaming", ratio=0.5), {}, [item])
+    assert res["questions"] == 4 and res["contexts"] == 1 and len(calls) == 1
+
+
+def test_multi_query_needs_recall_facts():
+    from kvcondense.data.episodes import Episode
+
+    ep = Episode(("x is 1.\n", "y is 2.\n"), "x is", " 1", (" 1", " 2"))
+    with pytest.raises(DataError, match="--questions > 1 needs --data recall"):
+        qa.episodes_as_qa([ep], 1, questions=2)

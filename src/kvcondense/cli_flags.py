@@ -183,6 +183,12 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
         help="memory: episodes scored at every t; qa on episodes: episodes asked",
     )
     p.add_argument(
+        "--questions",
+        type=_positive_int,
+        default=1,
+        help="qa on recall episodes: questions per context, all reading one compressed context (multi-query)",
+    )
+    p.add_argument(
         "--baselines",
         nargs="*",
         choices=_memory_names()[0],

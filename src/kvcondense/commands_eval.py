@@ -41,6 +41,7 @@ def cmd_eval(args) -> int:
         seed=args.seed,
         time_steps=tuple(args.time_steps),
         episodes=args.episodes,
+        questions=args.questions,
         baselines=() if args.baselines is None else tuple(args.baselines or _memory_names()[0]),
         kv_budgets=tuple(args.kv_budget or ()),
         export_tasks=args.export_tasks,
@@ -180,9 +181,9 @@ def cmd_report(args) -> int:
 
 def _results_path(args, kind: str, config: dict) -> Path | None:
     """With --out-dir, the deterministic result file of this config; None when it exists and --force is off."""
-    from .report import read_result, result_file
+    from .report import find_result_file, read_result
 
-    path = result_file(args.out_dir, kind, config)
+    path = find_result_file(args.out_dir, kind, config)
     if path.exists() and not args.force:
         if read_result(path) is not None:
             print(f"{path} exists; skipping (use --force to redo)")

@@ -56,6 +56,7 @@ class EvalConfig:
         time_steps, episodes, baselines: memory (online episodes, chosen automatically for episode data): the
             numbers of compressed chunks t, the episodes scored at every t, and whether the no-context, full and
             sliding-window baselines (those named) are scored beside the method (see :mod:`kvcondense.memory_eval`).
+        questions: qa on recall episodes: questions asked of each compressed context (multi-query).
     """
 
     checkpoint: str | None = None
@@ -81,6 +82,7 @@ class EvalConfig:
     bertscore_encoder: str | None = None
     time_steps: tuple[int, ...] = (1, 2, 4, 8, 16)
     episodes: int = 40
+    questions: int = 1
     baselines: tuple[str, ...] = ()
     kv_budgets: tuple[float, ...] = ()
     export_tasks: str | None = None
@@ -119,7 +121,7 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
 
         # bad data fails before the model is loaded
         if is_episode_data(cfg.data):
-            items = episodes_as_qa(load_episodes(cfg.data, cfg.split), cfg.episodes)
+            items = episodes_as_qa(load_episodes(cfg.data, cfg.split), cfg.episodes, cfg.questions)
         else:
             items = read_qa(cfg.data)
         return run_budgets(cfg, *load_for_eval(cfg), qa_items=items)

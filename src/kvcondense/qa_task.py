@@ -98,13 +98,43 @@ def read_qa(path: str | Path) -> list[QAItem]:
     return items
 
 
-def episodes_as_qa(episodes, limit: int) -> list[QAItem]:
+def episodes_as_qa(episodes, limit: int, questions: int = 1) -> list[QAItem]:
     """Online episodes with options (``--data recall``, ``analogy``) as QA items: all their chunks are the context,
-    compressed at once; the query is the prompt and the options continue it verbatim."""
+    compressed at once; the query is the prompt and the options continue it verbatim. ``questions`` > 1 (recall
+    only): the episode's question and ``questions - 1`` more about its other facts, all reading one compressed
+    context (the multi-query setting)."""
     chosen = [e for e in episodes if e.options][:limit]
     if not chosen:
         raise DataError("--task qa on episodes needs episodes with options (recall, analogy, or a .jsonl with them)")
-    return [QAItem("".join(e.chunks), (Question(e.query, e.answer, tuple(e.options), raw=True),)) for e in chosen]
+    items = []
+    for i, e in enumerate(chosen):
+        first = Question(e.query, e.answer, tuple(e.options), raw=True)
+        more = recall_questions(e, questions - 1, random.Random(f"questions:{i}")) if questions > 1 else []
+        items.append(QAItem("".join(e.chunks), (first, *more)))
+    return items
+
+
+RECALL_CHUNK = re.compile(r"The code word for (.+) is (.+)\.\n")  # data.episodes.RECALL_FACT
+
+
+def recall_questions(episode, n: int, rng: random.Random) -> list[Question]:
+    """``n`` more 4-option questions about a recall episode's facts (not the one it asks), in its own format."""
+    from .data.episodes import RECALL_QUERY
+
+    facts = [RECALL_CHUNK.fullmatch(c) for c in episode.chunks]
+    if not all(facts):
+        raise DataError("--questions > 1 needs --data recall (or a .jsonl with several questions per context)")
+    pairs = [m.groups() for m in facts]
+    others = [j for j in range(len(pairs)) if j != episode.evidence]
+    if n > len(others):
+        raise DataError(f"--questions {n + 1} asks more than the {len(pairs)} facts of an episode")
+    out = []
+    for j in rng.sample(others, n):
+        subject, value = pairs[j]
+        options = [value, *rng.sample([v for k, (_, v) in enumerate(pairs) if k != j], len(episode.options) - 1)]
+        rng.shuffle(options)
+        out.append(Question(RECALL_QUERY.format(subject=subject), " " + value, tuple(" " + o for o in options), True))
+    return out
 
 
 def needle_items(docs, tokenizer, lengths: tuple[int, ...], depths: tuple[float, ...], per_cell: int, seed: int):
