@@ -13,7 +13,7 @@ def run(capsys, *argv):
 
 def test_bench_json_fields_and_kv_ratio(capsys, tiny_dir, sample_path, tmp_path):
     out = tmp_path / "b.json"
-    rc, _ = run(
+    rc, cap = run(
         capsys,
         "bench",
         "--method",
@@ -53,6 +53,8 @@ def test_bench_json_fields_and_kv_ratio(capsys, tiny_dir, sample_path, tmp_path)
         assert isinstance(b["noisy"], bool) and len(b["decode_speedup_quartiles"]) == 2
     fb = row["fixed_budget"]
     assert fb["compressed"]["batch"] >= fb["full"]["batch"] >= 1
+    assert "KV budget 0.05 MiB: compressed fits batch" in cap.out  # one unit, MiB, everywhere (it printed MB)
+    assert res["label"] == "sentinel (untrained tokens)"  # the name eval's results give it
     per_token = row["full"]["kv_bytes"] / 200
     assert fb["full"]["batch"] == int(0.05 * 2**20 // (200 * per_token))
 
@@ -72,7 +74,7 @@ def test_budget_too_small_for_one_sequence(capsys, tiny_dir, sample_path):
         "--kv-budget-mb",
         0.0001,
     )
-    assert rc == 2 and "too small for even one sequence" in cap.err
+    assert rc == 2 and "too small for even one sequence" in cap.err and "MiB of KV" in cap.err
 
 
 def test_context_longer_than_the_model(capsys, tiny_dir, sample_path):

@@ -51,6 +51,12 @@ def test_demo_quick(capsys, tiny_dir, sample_path, tiny_encoder, tmp_path):
     assert "| method | KV kept | perplexity | ROUGE-L | BERTScore | decode speedup |" in printed
     assert (out / "table.md").exists() and (out / "generation.txt").exists()
     assert (out / "report" / "perplexity_vs_kv.png").exists()
+    # each bench result is named after what it measured: the checkpoint, else the method (the local checkpoint's
+    # bench was bench-sentinel-*, after the config's default method)
+    benches = sorted(p.parent.name.rsplit("-", 1)[0] for p in out.glob("bench-*/result.json"))
+    assert benches == ["bench-local-r0.5", "bench-sentinel", "bench-sentinel-r0.5", "bench-streaming"]
+    report = (out / "report" / "report.md").read_text()
+    assert "| local (trained) | 0.5 | 128 |" in report and "| sentinel (untrained tokens) | 0.5 | 128 |" in report
     # a rerun reuses every stored result
     n_results = len(list(out.rglob("result.json")))
     assert main(argv) == 0 and len(list(out.rglob("result.json"))) == n_results

@@ -38,7 +38,8 @@ class BenchConfig:
         batches: batch sizes for the decode measurement.
         decode_steps: timed decode steps per measurement (the median is reported).
         chunk: prefill chunk size.
-        kv_budget_mb: find the largest batch fitting this much stored KV, per variant, and measure it.
+        kv_budget_mb: find the largest batch fitting this much stored KV (MiB, 2**20 bytes), per variant, and
+            measure it.
         max_batch: cap on the batch searched for under the budget.
         slack: dead slots a row may hold before a decode-time compaction (see ``EvictingCache.evict``).
     """
@@ -168,7 +169,7 @@ def budget_batches(budget_mb: float, per_row: dict[str, int], cap: int) -> dict[
         need = min(per_row.values()) / 2**20
         raise UsageError(
             f"--kv-budget-mb {budget_mb} is too small for even one sequence (the smallest needs "
-            f"{need:.1f} MB of KV); raise the budget or shorten --context"
+            f"{need:.1f} MiB of KV); raise the budget or shorten --context"
         )
     return fits
 
@@ -178,7 +179,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     from .loader import placement
 
     device, dtype = placement(cfg.device, cfg.dtype)
-    model, tokenizer, method, token_ids = _load(cfg, cfg.device, dtype)
+    model, tokenizer, method, token_ids, label = _load(cfg, cfg.device, dtype)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and max(cfg.contexts) + cfg.decode_steps * 2 > limit:
         raise UsageError(f"--context {max(cfg.contexts)} is longer than the model's context of {limit} tokens")
@@ -201,6 +202,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         "kind": "bench",
         **summary,
         "method": method.name,
+        "label": label,  # the loader's name for it, as eval's results give it (``sentinel (trained)``)
         "params": method.params(),
         "contexts": results,
         "config": asdict(cfg),
@@ -208,13 +210,13 @@ def run_bench(cfg: BenchConfig) -> dict:
 
 
 def _load(cfg: BenchConfig, device: str | None, dtype: torch.dtype):
-    """(model, tokenizer, method at ``cfg.ratio``, token ids): a trained checkpoint's, or the base model's."""
+    """(model, tokenizer, method at ``cfg.ratio``, token ids, label): a trained checkpoint's, or the base model's."""
     from .loader import load
 
     method = None if cfg.checkpoint else cfg.method
     params = {"ratio": cfg.ratio} if cfg.ratio is not None else {}
     got = load(cfg.checkpoint, method, params, cfg.model, device=device, dtype=dtype)
-    return got.model, got.tokenizer, got.method, got.token_ids
+    return got.model, got.tokenizer, got.method, got.token_ids, got.label
 
 
 def _measure_context(cfg: BenchConfig, model, method: Method, token_ids, context: int, text: TokenizedText) -> dict:
@@ -279,7 +281,7 @@ def format_bench(res: dict) -> str:
         if "fixed_budget" in row:
             fb = row["fixed_budget"]
             lines.append(
-                f"  KV budget {fb['kv_budget_mb']} MB: compressed fits batch {fb['compressed']['batch']} "
+                f"  KV budget {fb['kv_budget_mb']} MiB: compressed fits batch {fb['compressed']['batch']} "
                 f"({fb['compressed']['decode_tokens_per_s']:.1f} tok/s), full fits {fb['full']['batch']} "
                 f"({fb['full']['decode_tokens_per_s']:.1f} tok/s)"
             )

@@ -4,7 +4,7 @@
     kvcondense eval     (--checkpoint DIR | --method M) [--ratio R ...] [--model X] [--data D] [--json FILE]
     kvcondense generate --checkpoint DIR (--prompt TEXT | --prompt-file F) [--max-new-tokens N]
     kvcondense chat     --checkpoint DIR [--stats] [--save F] [--load F]   (online compressed memory, ccm checkpoints)
-    kvcondense bench    [--method M | --checkpoint DIR] [--context N ...] [--batch B ...] [--kv-budget-mb MB]
+    kvcondense bench    [--method M | --checkpoint DIR] [--context N ...] [--batch B ...] [--kv-budget-mb MiB]
     kvcondense report   RUN_DIR [RUN_DIR ...] [--out DIR]
     kvcondense demo     [--quick] [--force]
 
@@ -101,7 +101,9 @@ def _bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=_positive_int, nargs="+", default=[1], help="batch sizes for decoding")
     p.add_argument("--steps", type=_positive_int, default=8, help="timed decode steps (median reported)")
     p.add_argument("--prefill-chunk", type=_positive_int, default=512, help="prefill chunk size (tokens per forward)")
-    p.add_argument("--kv-budget-mb", type=float, default=None, help="fixed KV memory: largest batch that fits")
+    p.add_argument(
+        "--kv-budget-mb", type=float, default=None, help="fixed KV memory in MiB (2**20 bytes): largest batch that fits"
+    )
     p.add_argument("--max-batch", type=_positive_int, default=64, help="cap for the batch search under --kv-budget-mb")
     p.add_argument("--slack", type=int, default=64, help="dead slots a row may hold before a decode compaction")
     p.add_argument("--json", help="write the results as JSON to this file")

@@ -21,7 +21,7 @@ from .generate import generate
 from .loader import load
 from .methods import build_method, tokenize
 from .models import DEFAULT_MODEL, add_special_tokens, load_model
-from .report import result_file, write_json, write_report
+from .report import find_result_file, write_json, write_report
 
 CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
 
@@ -64,7 +64,7 @@ def demo_rows(checkpoints: Path, ratio: float) -> list[tuple[str, dict]]:
 
 def cached(out: Path, kind: str, config: dict, force: bool, compute):
     """Compute a result once per config under ``out`` (a rerun reuses it unless ``force``)."""
-    path = result_file(out, kind, config)
+    path = find_result_file(out, kind, config)
     if path.exists() and not force:
         return json.loads(path.read_text())
     result = compute()
@@ -177,9 +177,11 @@ def ccm_chat(checkpoints: Path, out: Path, model_name: str | None, turns: int = 
         reply = session.answer(episode.query, max_new_tokens=24)
         lines.append(f"  {name}: slots after each turn {slots}; last-turn perplexity {math.exp(nll / n):.1f}")
         lines.append(f"    reply from memory: {reply.strip()!r}")
+        setting = {"checkpoint": str(checkpoints / name), "model": model_name, "data": "chitchat", "split": "test"}
         records.append(
-            {"kind": "memory_by_turn", "method": session.method.name, "label": name, "memory_by_turn": by_turn}
-        )
+            {"kind": "memory_by_turn", "method": session.method.name, "label": name, "memory_by_turn": by_turn,
+             "config": setting}
+        )  # fmt: skip
     lines.append(f"    the real last turn: {episode.answer.strip()!r}")
     write_json(out / "ccm-chat" / "result.json", {"results": records})
     return "\n".join(lines)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .layout import IGNORE, Kind, Layout
 
-KL_CHUNK = 256  # rows of (rows, vocabulary) float32 log-softmax at a time: ~50 MB each with a 49k vocabulary
+KL_CHUNK = 256  # rows of (rows, vocabulary) float32 log-softmax at a time: ~48 MiB each with a 49k vocabulary
 
 
 def aligned_rows(layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:

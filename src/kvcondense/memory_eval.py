@@ -3,7 +3,7 @@
 Every episode is cut to its last t chunks (t = 1, 2, 4, 8, 16 by default; the same episodes at every t, those
 with at least max(t) chunks). Dialogue answers are scored by perplexity of the last turn; tasks with options by
 accuracy (each option scored by its log-likelihood after the memory and the query). Every row carries the KV the
-memory holds when the query starts, in slots and in MB measured on the evicting cache.
+memory holds when the query starts, in slots and in MiB measured on the evicting cache.
 
     kvcondense eval --checkpoint checkpoints/merge-chitchat --data chitchat --baselines
 """
@@ -171,7 +171,7 @@ def run_memory_eval(
 def format_memory_table(rows: list[dict]) -> str:
     """One line per (t, method): the metric and the KV memory."""
     metric = rows[0]["metric"]
-    head = f"{'t':>3} {'method':<34} {metric:>10} {'KV slots':>9} {'KV MB':>8} {'episodes':>8}"
+    head = f"{'t':>3} {'method':<34} {metric:>10} {'KV slots':>9} {'KV MiB':>8} {'episodes':>8}"
     out = [head, "-" * len(head)]
     for r in rows:
         out.append(

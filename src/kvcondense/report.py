@@ -3,9 +3,13 @@
     kvcondense report runs/demo [more run dirs] [--out runs/report]
 
 Reads every ``*.json`` below the given directories that ``kvcondense eval`` or ``kvcondense bench`` wrote (read
-and checked by :mod:`kvcondense.report_records`) and draws: perplexity against KV kept, per method; ROUGE-L and
-BERTScore per method; decode time against context length; stored KV against conversation turns (when a result
-carries ``memory_by_turn``).
+and checked by :mod:`kvcondense.report_records`) and writes ``report.md``, a section per kind of result and
+setting, headed in words (``## Perplexity: wiki (test split), smollm2-135m``) and opening with its setting (model,
+data, tokens; :mod:`kvcondense.report_setting`); and draws (:mod:`kvcondense.report_plot`): perplexity against KV
+kept, per method; ROUGE-L and BERTScore per method; decode time per method (bars at one context, lines against the
+context length when there are several); stored KV against conversation turns (when a result carries
+``memory_by_turn``). Tables and legends name a method by one function (:func:`label`); memory is in MiB (2**20
+bytes) throughout.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from . import atomic
 from .checkpoint import ADAPTER
 from .data.episodes import CACHE_VERSION as EPISODES_VERSION
 from .errors import optional
+from .report_plot import finish, style
 from .report_records import (  # noqa: F401  (re-exported: these lived here before)
     KINDS,
     MAX_RESULT_BYTES,
@@ -29,6 +34,7 @@ from .report_records import (  # noqa: F401  (re-exported: these lived here befo
     record_kind,
     record_problem,
 )
+from .report_setting import data_name, heading, setting_line, short
 from .report_tasks import TASK_KINDS, task_markdown, task_plots
 
 
@@ -40,25 +46,45 @@ def _pyplot():
 
 
 def run_name(kind: str, config: dict) -> str:
-    """A deterministic directory name for a result: its kind, method and a hash of its whole config."""
+    """A deterministic directory name for a result: its kind, what was measured and a hash of its whole config.
+
+    What was measured is the checkpoint when there is one (bench's config also carries a ``method``, its default,
+    which a checkpoint overrides: naming by it called a local checkpoint's bench ``bench-sentinel-*``), else the
+    method."""
     blob = json.dumps(config, sort_keys=True, default=str)
-    method = config.get("method") or Path(str(config.get("checkpoint") or "run")).name
-    return f"{kind}-{method}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+    checkpoint = config.get("checkpoint")
+    what = Path(str(checkpoint)).name if checkpoint else config.get("method") or "run"
+    return f"{kind}-{what}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
-def result_file(out_dir: str | Path, kind: str, config: dict) -> Path:
-    """Where the result of this config lives under ``out_dir`` (``<run name>/result.json``).
-
-    The name also hashes what the config names but does not contain: the checkpoint's trained tensors and the
-    version of the built-in episode sets, so a retrained checkpoint or rebuilt task data gets a new result.
-    """
+def _inputs(config: dict) -> dict:
+    """The config plus what it names but does not contain: the checkpoint's trained tensors and the version of the
+    built-in episode sets, so a retrained checkpoint or rebuilt task data gets a new result."""
     inputs = dict(config)
     adapter = Path(str(config.get("checkpoint") or "")) / ADAPTER
     if config.get("checkpoint") and adapter.is_file():
         inputs["checkpoint_sha256"] = hashlib.sha256(adapter.read_bytes()).hexdigest()
     if config.get("task") == "memory":
         inputs["episodes_version"] = EPISODES_VERSION
-    return Path(out_dir) / run_name(kind, inputs) / "result.json"
+    return inputs
+
+
+def result_file(out_dir: str | Path, kind: str, config: dict) -> Path:
+    """Where the result of this config lives under ``out_dir`` (``<run name>/result.json``, see :func:`run_name`)."""
+    return Path(out_dir) / run_name(kind, _inputs(config)) / "result.json"
+
+
+def find_result_file(out_dir: str | Path, kind: str, config: dict) -> Path:
+    """:func:`result_file`, after moving a result stored there under the name older versions gave it (a
+    checkpoint's bench was named after the config's default method) to it, so that a rerun finds it."""
+    path = result_file(out_dir, kind, config)
+    inputs = _inputs(config)
+    blob = json.dumps(inputs, sort_keys=True, default=str)
+    method = inputs.get("method") or Path(str(inputs.get("checkpoint") or "run")).name
+    old = Path(out_dir) / f"{kind}-{method}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+    if old != path.parent and (old / "result.json").is_file() and not path.parent.exists():
+        old.rename(path.parent)
+    return path
 
 
 def write_json(path: str | Path, payload) -> None:
@@ -90,12 +116,13 @@ def memory_groups(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
 
 
 def memory_markdown(rows: list[dict]) -> list[str]:
-    """CCM-style tables: one per metric and data, a row per method, a column per t (KV MB in brackets)."""
+    """CCM-style tables: one per metric and data, a row per method, a column per t (KV MiB in brackets)."""
     lines = []
     for (metric, data), chosen in memory_groups(rows).items():
         steps = sorted({r["t"] for r in chosen})
         title = f"{data}: {metric}" if data else metric
-        lines += [f"| method ({title}, KV MB) | " + " | ".join(f"t={t}" for t in steps) + " |"]
+        lines += [heading(f"Online memory, {metric}", chosen), "", setting_line(chosen, "memory"), ""]
+        lines += [f"| method ({title}, KV MiB) | " + " | ".join(f"t={t}" for t in steps) + " |"]
         lines += ["|---|" + "---|" * len(steps)]
         for name in dict.fromkeys(label(r) for r in chosen):
             cells = {r["t"]: f"{r[metric]:.3f} ({r['kv_mb']:.2f})" for r in chosen if label(r) == name}
@@ -104,53 +131,135 @@ def memory_markdown(rows: list[dict]) -> list[str]:
     return lines
 
 
+def by_setting(rows: list[dict], *more) -> dict[tuple, list[dict]]:
+    """Rows by (data, *more(row)): one section of the report each (its setting line names the models)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((data_name(r), *(f(r) for f in more)), []).append(r)
+    return groups
+
+
+def _device(r: dict) -> str:
+    return f"{r['device']} {r['dtype']}"
+
+
+def unique_headings(lines: list[str]) -> list[str]:
+    """A heading that comes again gets its count (`` (2)``): no two sections of a report share a heading."""
+    seen: dict[str, int] = {}
+    out = []
+    for line in lines:
+        if line.startswith("#"):
+            seen[line] = seen.get(line, 0) + 1
+            line = line if seen[line] == 1 else f"{line} ({seen[line]})"
+        out.append(line)
+    return out
+
+
 def markdown(records: list[dict]) -> str:
-    lines = memory_markdown([r for r in records if is_memory(r)]) + task_markdown(records)
+    """``report.md``: a section per kind of result and setting, each headed by its data and model in words and
+    opening with its setting (model, data, tokens)."""
+    lines = ["# kvcondense report", ""]
+    lines += memory_markdown([r for r in records if is_memory(r)]) + task_markdown(records)
     records = [r for r in records if r.get("kind") not in TASK_KINDS]
-    ppl = [r for r in records if "perplexity" in r and not is_memory(r)]
-    if ppl:
+    for rows in by_setting([r for r in records if "perplexity" in r and not is_memory(r)]).values():
+        lines += [heading("Perplexity", rows), "", setting_line(rows, "perplexity"), ""]
         lines += ["| method | ratio | KV kept (measured) | perplexity | tokens |", "|---|---|---|---|---|"]
-        for r in sorted(ppl, key=lambda r: (label(r), r["compression_ratio"])):
+        for r in sorted(rows, key=lambda r: (label(r), r["compression_ratio"])):
             lines.append(
                 f"| {label(r)} | {r['params'].get('ratio', '-')} | {r['compression_ratio']:.3f} | "
                 f"{r['perplexity']:.2f} | {r['tokens_scored']} |"
             )
         lines.append("")
-    cont = [r for r in records if "rouge_l" in r]
-    if cont:
+    for rows in by_setting([r for r in records if "rouge_l" in r]).values():
+        lines += [heading("Continuation quality", rows), "", setting_line(rows, "continuation"), ""]
         lines += ["| method | ratio | KV kept | ROUGE-L | BERTScore F1 | documents |", "|---|---|---|---|---|---|"]
-        for r in cont:
+        for r in rows:
             bert = f"{r['bertscore_f1']:.4f}" if "bertscore_f1" in r else "-"
             lines.append(
                 f"| {label(r)} | {r['params'].get('ratio', '-')} | {r['kv_kept_generation']:.3f} | "
                 f"{r['rouge_l']:.4f} | {bert} | {r['documents']} |"
             )
         lines.append("")
-    for r in (r for r in records if "contexts" in r):
+    for (*_, device), rows in by_setting([r for r in records if "contexts" in r], _device).items():
+        lines += [heading("Decode speed", rows) + f", {device}", "", setting_line(rows, "bench"), ""]
         lines += [
-            f"Bench: {r['method']} {r['params']} on {r['device']} ({r['dtype']})",
-            "",
-            "| context | batch | decode ms/step (compressed) | (full) | decode_speedup | kv_ratio |",
-            "|---|---|---|---|---|---|",
+            "| method | ratio | context | batch | decode ms/step (compressed) | (full) | decode_speedup | kv_ratio |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-        for c in r["contexts"]:
-            for b in c["batches"]:
-                lines.append(
-                    f"| {c['context']} | {b['batch']} | {b['compressed']['decode_ms_per_step']:.1f} | "
-                    f"{b['full']['decode_ms_per_step']:.1f} | {b['decode_speedup']:.2f} | "
-                    f"{c['kv_ratio']:.3f} |"
-                )
+        for r in rows:
+            for c in r["contexts"]:
+                for b in c["batches"]:
+                    lines.append(
+                        f"| {label(r)} | {r['params'].get('ratio', '-')} | {c['context']} | {b['batch']} | "
+                        f"{b['compressed']['decode_ms_per_step']:.1f} | {b['full']['decode_ms_per_step']:.1f} | "
+                        f"{b['decode_speedup']:.2f} | {c['kv_ratio']:.3f} |"
+                    )
         lines.append("")
-    return "\n".join(lines)
+    for rows in by_setting([r for r in records if "memory_by_turn" in r]).values():
+        lines += [heading("Stored KV by conversation turn", rows), "", setting_line(rows, "memory_by_turn"), ""]
+        lines += [
+            "| method | turns | stored KV after the first turn (MiB) | after the last (MiB) |",
+            "|---|---|---|---|",
+        ]
+        for r in rows:
+            turns = r["memory_by_turn"]
+            lines.append(f"| {label(r)} | {len(turns)} | {turns[0] / 2**20:.2f} | {turns[-1] / 2**20:.2f} |")
+        lines.append("")
+    return "\n".join(unique_headings(lines))
 
 
 def _save(fig, path: Path) -> Path:
     """Render a figure to PNG and write it atomically."""
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")  # the legend beside the axes stays in the file
     _pyplot().close(fig)
     return atomic.write_bytes(path, buf.getvalue())
+
+
+def _series_names(rows: list[dict], key: str) -> dict[int, str]:
+    """Each row's name on a categorical axis: its label, with ``key`` (ratio) added where labels repeat."""
+    count: dict[str, int] = {}
+    for r in rows:
+        count[label(r)] = count.get(label(r), 0) + 1
+    return {id(r): f"{label(r)}, {key} {r['params'].get(key, '-')}" if count[label(r)] > 1 else label(r) for r in rows}
+
+
+def _bench_plot(plt, bench: list[dict], out: Path) -> Path:
+    """Decode ms per step, compressed against its paired full-attention run: bars per method at one context; a
+    line per method against the context when there are several (full attention dotted, in the method's colour)."""
+    contexts = sorted({c["context"] for r in bench for c in r["contexts"]})
+    batches = ", ".join(map(str, dict.fromkeys(c["batches"][-1]["batch"] for r in bench for c in r["contexts"])))
+    ylabel = f"decode ms per step (batch {batches})"
+    if len(contexts) == 1:
+        series = _series_names(bench, "ratio")
+        names = {series[id(r)]: r for r in bench}  # the last run of each name
+        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names) + 2), 4.5))
+        x = range(len(names))
+        comp = [r["contexts"][0]["batches"][-1]["compressed"]["decode_ms_per_step"] for r in names.values()]
+        full = [r["contexts"][0]["batches"][-1]["full"]["decode_ms_per_step"] for r in names.values()]
+        bars = ax.bar([i - 0.2 for i in x], comp, width=0.4, color="C0", label="compressed")
+        ax.bar([i + 0.2 for i in x], full, width=0.4, color="C7", label="full attention (paired run)")
+        speedups = [r["contexts"][0]["batches"][-1]["decode_speedup"] for r in names.values()]
+        ax.bar_label(bars, [f"x{s:.2f}" for s in speedups], fontsize=7)
+        ax.set_xticks(list(x), list(names), rotation=30, ha="right", fontsize=7)
+        xlabel, title = "method (bar label: decode speedup)", f"Decode speed at a {contexts[0]}-token context"
+    else:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        names = _series_names(bench, "ratio")
+        for i, name in enumerate(dict.fromkeys(names.values())):
+            rows = [r for r in bench if names[id(r)] == name]
+            look = style(i, ("-", "--", "-."))
+            for variant, extra in (("compressed", {"label": name, **look}), ("full", {"color": look["color"]})):
+                pts = sorted((c["context"], c["batches"][-1][variant]["decode_ms_per_step"]) for r in rows
+                             for c in r["contexts"])  # fmt: skip
+                if variant == "full":  # in the method's colour; one legend entry for them all, below
+                    extra |= {"linestyle": ":", "linewidth": 1, "label": "_full attention"}
+                ax.plot(*zip(*pts, strict=True), **extra)
+        ax.plot([], [], color="C7", linestyle=":", linewidth=1, label="full attention (dotted, paired run)")
+        xlabel, title = "context (tokens)", "Decode speed vs context"
+    finish(ax, xlabel, ylabel, f"{title}\n{short(bench)}, {', '.join(dict.fromkeys(map(_device, bench)))}")
+    return _save(fig, out / "decode_speed.png")
 
 
 def plots(records: list[dict], out: Path) -> list[Path]:
@@ -159,56 +268,45 @@ def plots(records: list[dict], out: Path) -> list[Path]:
     records = [r for r in records if r.get("kind") not in TASK_KINDS]
     for (metric, data), rows in memory_groups([r for r in records if is_memory(r)]).items():
         names = list(dict.fromkeys(label(r) for r in rows))
-        crowded = len(names) > 6  # then the legend goes beside the axes, not over the lines
-        fig, ax = plt.subplots(figsize=(10, 4.5) if crowded else (6, 4))
+        fig, ax = plt.subplots(figsize=(10, 4.5))
         for i, name in enumerate(names):
             pts = sorted((r["t"], r[metric]) for r in rows if label(r) == name)
-            style = ("-", "--", ":", "-.")[i // 10 % 4]  # the colour cycle repeats after 10 lines
-            ax.plot(*zip(*pts, strict=True), marker="o", linestyle=style, label=name)
+            ax.plot(*zip(*pts, strict=True), label=name, **style(i))
+        ax.set_xscale("log")
         title = f"Online memory ({data}): {metric} vs t" if data else f"Online memory: {metric} vs t"
-        ax.set(xscale="log", xlabel="compressed chunks t", ylabel=metric, title=title)
-        ax.legend(fontsize=7, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1)} if crowded else {}))
+        finish(ax, "compressed chunks t", metric, f"{title}\n{short(rows)}")
         stem = f"memory_{Path(data).stem}_{metric}_vs_t" if data else f"memory_{metric}_vs_t"
         made.append(_save(fig, out / f"{stem}.png"))
     ppl = [r for r in records if "perplexity" in r and not is_memory(r)]
     if ppl:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name in sorted({label(r) for r in ppl}):
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for i, name in enumerate(sorted({label(r) for r in ppl})):
             pts = sorted((r["compression_ratio"], r["perplexity"]) for r in ppl if label(r) == name)
-            ax.plot(*zip(*pts, strict=True), marker="o", label=name)
-        ax.set(xlabel="KV kept (measured fraction)", ylabel="perplexity (text tokens)", title="Perplexity vs KV kept")
-        ax.legend(fontsize=7)
+            ax.plot(*zip(*pts, strict=True), label=name, **style(i))
+        ax.set_xlim(0, 1.05 * max(1.0, *(r["compression_ratio"] for r in ppl)))
+        finish(ax, "KV kept (measured fraction)", "perplexity (text tokens)", f"Perplexity vs KV kept\n{short(ppl)}")
         made.append(_save(fig, out / "perplexity_vs_kv.png"))
     cont = [r for r in records if "rouge_l" in r]
     if cont:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        names = [label(r) for r in cont]
+        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(cont) + 2), 4.5))
+        names = _series_names(cont, "ratio")
         x = range(len(cont))
         ax.bar([i - 0.2 for i in x], [r["rouge_l"] for r in cont], width=0.4, label="ROUGE-L")
-        ax.bar([i + 0.2 for i in x], [r.get("bertscore_f1", 0) for r in cont], width=0.4, label="BERTScore F1")
-        ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=7)
-        ax.set(title="Continuation quality")
-        ax.legend(fontsize=7)
+        bert = [r.get("bertscore_f1", float("nan")) for r in cont]  # no bar where BERTScore was not computed
+        ax.bar([i + 0.2 for i in x], bert, width=0.4, label="BERTScore F1")
+        ax.set_xticks(list(x), [names[id(r)] for r in cont], rotation=30, ha="right", fontsize=7)
+        finish(ax, "method", "score against the true continuation", f"Continuation quality\n{short(cont)}")
         made.append(_save(fig, out / "continuation_quality.png"))
     bench = [r for r in records if "contexts" in r]
     if bench:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for r in bench:
-            for variant in ("compressed", "full"):
-                pts = [(c["context"], c["batches"][-1][variant]["decode_ms_per_step"]) for c in r["contexts"]]
-                batch = r["contexts"][0]["batches"][-1]["batch"]
-                ax.plot(*zip(*pts, strict=True), marker="o", label=f"{r['method']} {variant} (batch {batch})")
-        ax.set(xlabel="context (tokens)", ylabel="decode ms per step", title="Decode speed vs context")
-        ax.legend(fontsize=7)
-        made.append(_save(fig, out / "decode_speed.png"))
+        made.append(_bench_plot(plt, bench, out))
     memory = [r for r in records if "memory_by_turn" in r]
     if memory:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for r in memory:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for i, r in enumerate(memory):
             turns = r["memory_by_turn"]
-            ax.plot(range(1, len(turns) + 1), [m / 2**20 for m in turns], marker=".", label=label(r))
-        ax.set(xlabel="conversation turn", ylabel="stored KV (MiB)", title="KV memory vs turns")
-        ax.legend(fontsize=7)
+            ax.plot(range(1, len(turns) + 1), [m / 2**20 for m in turns], label=label(r), **style(i))
+        finish(ax, "conversation turn", "stored KV (MiB)", f"KV memory vs turns\n{short(memory)}")
         made.append(_save(fig, out / "kv_vs_turns.png"))
     return made
 

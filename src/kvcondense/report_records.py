@@ -13,6 +13,8 @@ import logging
 from pathlib import Path
 
 from .errors import UsageError
+from .report_setting import config as _config
+from .report_setting import label
 from .report_tasks import TASK_KINDS
 
 KINDS = ("memory", "perplexity", "continuation", "bench", "memory_by_turn", *TASK_KINDS)
@@ -204,11 +206,50 @@ def load_results(dirs: list[str | Path], warn=None) -> list[dict]:
         raise UsageError(f"no kvcondense results found in {where}; run eval or bench with --out-dir first")
     for f, why in bad:
         (warn or _stderr)(f"kvcondense report: warning: skipped {f}: {why}")
-    return name_checkpoints(records)
+    return name_settings(name_checkpoints(name_bench_rows(records)))
 
 
-def label(r: dict) -> str:
-    return r.get("label") or r.get("method", "?")
+def name_bench_rows(records: list[dict]) -> list[dict]:
+    """Give a bench result written without a label (before bench wrote one) the label eval gave the same untrained
+    method (``sentinel (untrained tokens)``), so that its rows and the eval rows share one name."""
+    untrained = {}
+    for r in records:
+        if r.get("label") and not _config(r).get("checkpoint") and record_kind(r) != "bench":
+            untrained.setdefault(r.get("method"), r["label"])
+    return [
+        {**r, "label": untrained[r["method"]]}
+        if record_kind(r) == "bench" and not r.get("label") and not _config(r).get("checkpoint")
+        and str(untrained.get(r["method"], "")).startswith(r["method"])
+        else r
+        for r in records
+    ]  # fmt: skip
+
+
+def name_settings(records: list[dict]) -> list[dict]:
+    """Put the method settings that tell runs apart into their label (``sentinel (trained: s, window_share=0.9)``)
+    where one label covers runs with different ``--window-share`` or other method flags, so that they are not
+    drawn as one zigzag line nor listed under one name."""
+
+    def given(r: dict) -> dict:
+        return _config(r).get("method_params") or {}
+
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        if _config(r):
+            groups.setdefault(label(r), []).append(r)
+    extra: dict[int, str] = {}
+    for rows in groups.values():
+        keys = sorted({k for r in rows for k in given(r)})
+        values = {id(r): {k: given(r).get(k, (r.get("params") or {}).get(k, "default")) for k in keys} for r in rows}
+        differ = [k for k in keys if len({repr(v[k]) for v in values.values()}) > 1]
+        for r in rows if differ else ():
+            extra[id(r)] = ", ".join(f"{k}={values[id(r)][k]}" for k in differ)
+
+    def named(r: dict) -> str:
+        name = label(r)
+        return f"{name[:-1]}, {extra[id(r)]})" if name.endswith(")") else f"{name} ({extra[id(r)]})"
+
+    return [{**r, "label": named(r)} if id(r) in extra else r for r in records]
 
 
 def name_checkpoints(records: list[dict]) -> list[dict]:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .report_plot import finish, style
+from .report_setting import heading, label, setting_line, short
+
 TASK_KINDS = ("prefix", "qa", "needle")
 BUDGETS = (0.5, 0.25, 0.125)
 
@@ -21,11 +24,12 @@ def task_kind(r: dict) -> str | None:
     return kind
 
 
-def task_label(r: dict) -> str:
-    name = r.get("label") or r["method"]
-    if r.get("harness", "").startswith("kvpress"):
-        name = f"{name} (kvpress{', masks only' if r.get('masks_only') else ''})"
-    return name
+task_label = label  # one name for a method in tables and legends (it lived here before)
+
+
+def is_peer(r: dict) -> bool:
+    """A row of the kvpress peer harness."""
+    return str(r.get("harness", "")).startswith("kvpress")
 
 
 def nearest_budget(r: dict) -> float | None:
@@ -51,9 +55,12 @@ def task_markdown(records: list[dict]) -> list[str]:
         rows = [r for r in records if task_kind(r) == kind]
         if not rows:
             continue
+        title = {"prefix": "Prefix task, KL to full attention", "qa": "QA over a compressed context",
+                 "needle": "Needle (passkey)"}[kind]  # fmt: skip
+        lines += [heading(title, rows), "", setting_line(rows, kind), ""]
         if kind == "prefix":
             lines += [
-                "Prefix task: the context compressed, the next tokens scored over what was kept "
+                "The context compressed, the next tokens scored over what was kept "
                 "(KL to full attention with the same weights; lower is better)",
                 "",
                 "| budget | method | KV kept (measured) | perplexity | same-weights full ppl | KL to full | tokens |",
@@ -62,14 +69,13 @@ def task_markdown(records: list[dict]) -> list[str]:
             for r in sorted(rows, key=lambda r: (-(nearest_budget(r) or 0), r.get("kl_to_full", 0))):
                 tokens = r.get("tokens_scored", r.get("n_tokens"))
                 lines.append(
-                    f"| {_fmt(nearest_budget(r), '.3f')} | {task_label(r)} | {_fmt(r.get('kv_kept'), '.3f')} | "
+                    f"| {_fmt(nearest_budget(r), '.3f')} | {label(r)} | {_fmt(r.get('kv_kept'), '.3f')} | "
                     f"{_fmt(r.get('perplexity'), '.3f')} | {_fmt(r.get('full_perplexity'), '.3f')} | "
                     f"{_fmt(r.get('kl_to_full'), '.4f')} | {_fmt(tokens, 'd')} |"
                 )
         else:
-            what = "Needle (passkey)" if kind == "needle" else "QA over a compressed context"
             lines += [
-                f"{what}: accuracy (higher is better); the context is compressed once, before the questions",
+                "Accuracy (higher is better); the context is compressed once, before the questions",
                 "",
                 "| budget | method | KV kept (measured) | accuracy | by options | by generation | same weights, full "
                 "| questions |",
@@ -78,7 +84,7 @@ def task_markdown(records: list[dict]) -> list[str]:
             for r in sorted(rows, key=lambda r: (-(nearest_budget(r) or 0), -r.get("accuracy", 0))):
                 n = r.get("questions", r.get("n_questions"))
                 lines.append(
-                    f"| {_fmt(nearest_budget(r), '.3f')} | {task_label(r)} | {_fmt(r.get('kv_kept'), '.3f')} | "
+                    f"| {_fmt(nearest_budget(r), '.3f')} | {label(r)} | {_fmt(r.get('kv_kept'), '.3f')} | "
                     f"{_fmt(r.get('accuracy'), '.3f')} | {_fmt(r.get('accuracy_options'), '.3f')} | "
                     f"{_fmt(r.get('accuracy_generate'), '.3f')} | {_fmt(r.get('full_accuracy'), '.3f')} | "
                     f"{_fmt(n, 'd')} |"
@@ -88,7 +94,8 @@ def task_markdown(records: list[dict]) -> list[str]:
 
 
 def task_plots(records: list[dict], out: Path, save, plt) -> list[Path]:
-    """KL to full (prefix) or accuracy (qa, needle) against KV kept, a line per method; a needle heat map per row."""
+    """KL to full (prefix) or accuracy (qa, needle) against KV kept, a line per method; kvcondense's rows and the
+    kvpress peer's in two panels (one method of either would hide the other's line); a needle heat map per row."""
     made = []
     for kind, metric, ylabel in (
         ("prefix", "kl_to_full", "KL to full attention (nats/token)"),
@@ -100,17 +107,20 @@ def task_plots(records: list[dict], out: Path, save, plt) -> list[Path]:
             rows = [r for r in rows if r[metric] > 0]
         if not rows:
             continue
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        names = sorted({task_label(r) for r in rows})
-        for i, name in enumerate(names):
-            pts = sorted((r["kv_kept"], r[metric]) for r in rows if task_label(r) == name)
-            style = ("-", "--", ":")[i // 10 % 3]  # the colour cycle repeats after 10; the marker after 7
-            marker = "os^DvPX"[i % 7]
-            ax.plot(*zip(*pts, strict=True), marker=marker, linestyle=style, label=name)
-        ax.set(xlabel="KV kept (measured fraction of the context)", ylabel=ylabel, title=f"{kind}: {ylabel} vs KV kept")
-        if metric == "kl_to_full":
-            ax.set_yscale("log")
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+        ours, peers = [r for r in rows if not is_peer(r)], [r for r in rows if is_peer(r)]
+        panels = [(what, part) for what, part in (("kvcondense", ours), ("kvpress (peer)", peers)) if part]
+        fig, axes = plt.subplots(len(panels), 1, figsize=(9, 4 * len(panels)), sharex=True, sharey=True, squeeze=False)
+        for ax, (what, part) in zip(axes[:, 0], panels, strict=True):
+            for i, name in enumerate(sorted({label(r) for r in part})):
+                pts = sorted((r["kv_kept"], r[metric]) for r in part if label(r) == name)
+                ax.plot(*zip(*pts, strict=True), label=name, **style(i))
+            if metric == "kl_to_full":
+                ax.set_yscale("log")
+            ax.set_xlim(0, 1.05 * max(1.0, *(r["kv_kept"] for r in rows)))
+            ax.tick_params(labelbottom=True)
+            title = f"{kind}: {ylabel} vs KV kept, {what}"
+            finish(ax, "KV kept (measured fraction of the context)", ylabel, title)
+        fig.suptitle(short(rows), fontsize=9)
         made.append(save(fig, out / f"{kind}_{metric}_vs_kv.png"))
     for r in (r for r in records if r.get("kind") == "needle" and isinstance(r.get("grid"), list)):
         cells = [c for c in r["grid"] if c.get("mode") == "options"]
@@ -124,10 +134,8 @@ def task_plots(records: list[dict], out: Path, save, plt) -> list[Path]:
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
         ax.set_xticks(range(len(lengths)), lengths)
         ax.set_yticks(range(len(depths)), depths)
-        ax.set(
-            xlabel="context (tokens)", ylabel="needle depth", title=f"needle: {task_label(r)}, KV {r['kv_kept']:.2f}"
-        )
+        ax.set(xlabel="context (tokens)", ylabel="needle depth", title=f"needle: {label(r)}, KV {r['kv_kept']:.2f}")
         fig.colorbar(im, ax=ax, label="accuracy (options)")
-        stem = "".join(ch if ch.isalnum() else "_" for ch in f"{task_label(r)}_{r['kv_kept']:.3f}")
+        stem = "".join(ch if ch.isalnum() else "_" for ch in f"{label(r)}_{r['kv_kept']:.3f}")
         made.append(save(fig, out / f"needle_grid_{stem}.png"))
     return made
