@@ -62,27 +62,28 @@ class Gist(Method):
             )
 
     def params_for_budget(self, kv_budget: float, texts: Sequence[TokenizedText] = ()) -> dict:
-        """The block lengths that keep the most of ``texts`` without passing ``kv_budget``: when whole sentences
-        keep less than the budget, blocks are also forced inside long sentences (the smallest K that fits);
-        when they keep more, short sentences share a block (the smallest M that fits). Without texts, blocks of
-        at least ``n_gist / kv_budget`` tokens."""
+        """The block lengths that keep the most of ``texts`` without passing ``kv_budget``: blocks forced inside
+        long sentences every K tokens (whole sentences keep less than the budget), or short sentences sharing a
+        block of at least M tokens (they keep more). Neither is monotone (a longer block also leaves a longer raw
+        tail), so a grid of lengths is laid out and the best kept; when none fits, the one keeping least (which
+        the budget check then refuses). Without texts, blocks of at least ``n_gist / kv_budget`` tokens."""
         if not texts:
             least = math.ceil(self.n_gist / kv_budget)
             return {**self.params(), "min_sentence_tokens": least, "max_sentence_tokens": max(least, 2 * least)}
         ids = {t: i for i, t in enumerate(self.special_tokens)}
         total = sum(len(t) for t in texts)
-
-        def fits(**change) -> bool:
-            m = dataclasses.replace(self, **change)
-            return sum(m.layout(t, ids).kept_slots() for t in texts) <= kv_budget * total
-
         longest = max(len(t) for t in texts)
-        if fits(min_sentence_tokens=0):
-            k = _smallest(lambda k: fits(min_sentence_tokens=0, max_sentence_tokens=k), 1, self.max_sentence_tokens)
-            return {**self.params(), "min_sentence_tokens": 0, "max_sentence_tokens": k}
-        k = max(self.max_sentence_tokens, longest)  # no forced block: whole sentences only
-        least = _smallest(lambda m: fits(min_sentence_tokens=m, max_sentence_tokens=k), 1, k)
-        return {**self.params(), "min_sentence_tokens": least, "max_sentence_tokens": k}
+        grid = sorted({max(1, round(1.2**i)) for i in range(64) if 1.2**i <= longest} | {longest})
+        candidates = [(0, k) for k in grid if k <= self.max_sentence_tokens] + [(m, longest) for m in grid]
+
+        def kept(m: int, k: int) -> float:
+            lengths = dataclasses.replace(self, min_sentence_tokens=m, max_sentence_tokens=k)
+            return sum(lengths.layout(t, ids).kept_slots() for t in texts) / total
+
+        scored = [(kept(m, k), m, k) for m, k in candidates]
+        fitting = [c for c in scored if c[0] <= kv_budget]
+        _, m, k = max(fitting) if fitting else min(scored)
+        return {**self.params(), "min_sentence_tokens": m, "max_sentence_tokens": k}
 
     @property
     def special_tokens(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -105,17 +106,6 @@ class Gist(Method):
 
     def decode_policy(self, prompt: Layout, token_ids: dict[str, int], seed: int = 0) -> GistPolicy:
         return GistPolicy(prompt, [token_ids[t] for t in self.special_tokens], self.max_sentence_tokens, self.bos_sink)
-
-
-def _smallest(ok, lo: int, hi: int) -> int:
-    """The smallest x in [lo, hi] with ok(x), for ok monotone (False ... True); hi when none is."""
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if ok(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
 
 
 def gist_layout(ids: torch.Tensor, after: list[int], gist_ids: list[int], bos_sink: bool = False) -> Layout:
