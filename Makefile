@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test demo lint clean lock test-latest
+.PHONY: setup test demo lint clean lock test-latest test-oldest
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,24 @@ test-latest:
 	.venv-latest/bin/python -m pip install -q torch==2.13.0
 	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
 	.venv-latest/bin/python -m pytest -q -k 'not installed_versions_are_the_locked'
+
+# The lower bounds of pyproject.toml, in their own venv: every core dependency but torch at its lower bound (torch
+# stays at the CPU wheel: an older one is a CUDA download), the extras at the lock's versions; not run by CI.
+OLDEST_PINS := import re, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+  norm = lambda n: re.sub(r"[-_.]+", "-", n).lower(); \
+  lock = {norm(k): v for k, v in (s.strip().partition("==")[::2] for s in open("requirements.lock")) if v}; \
+  core = [re.sub(r">=([^,]+).*", r"==\1", d) for d in p["dependencies"] if not d.startswith("torch")]; \
+  names = [re.split(r"[<>=!~\[; ]", d)[0] for e in p["optional-dependencies"].values() for d in e]; \
+  print(" ".join(core + [n + "==" + lock[norm(n)] for n in names if n != "kvcondense"]))
+
+test-oldest:
+	rm -rf .venv-oldest
+	$(PY) -m venv .venv-oldest
+	.venv-oldest/bin/python -m pip install -q --upgrade pip
+	.venv-oldest/bin/python -m pip install -q torch==2.13.0
+	pins="$$(.venv-oldest/bin/python -c '$(OLDEST_PINS)')" && .venv-oldest/bin/python -m pip install -q -e '.[dev]' torch==2.13.0 $$pins
+	.venv-oldest/bin/python -m pip freeze | grep -iE '^(torch|transformers|peft|accelerate|safetensors|tqdm|gguf|mwparserfromhell)=='
+	.venv-oldest/bin/python -m pytest -q -k 'not installed_versions_are_the_locked'
 
 # The kvpress peer runner's own venv (benchmarks/peers/kvpress/README.md): kvpress 0.5.5 needs transformers<5.3.
 PEERS_DIR := benchmarks/peers/kvpress
