@@ -35,6 +35,10 @@ if [ ! -f "$OUT/kvcondense.json" ] || [ "$(.venv/bin/python -c \
     sleep 20
   done
   wait "$train"
+  if [ ! -d "$OUT-snaps/step$STEPS" ]; then   # the last save can land after the loop's last look
+    mkdir -p "$OUT-snaps/step$STEPS" && cp "$OUT"/{kvcondense.json,adapter.safetensors,train_log.jsonl} \
+      "$OUT-snaps/step$STEPS/"
+  fi
 fi
 prefix=(--task prefix --prefix-tokens 1024 --new-tokens 128 --docs 6 --kv-budget 0.5 0.25 0.125)
 for ck in "$OUT"-snaps/step*; do
