@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .cache import EvictingCache
-from .engine import Sampling, Stream, generate_step
+from .engine import PREFILL_CHUNK, Sampling, Stream, generate_step
 from .errors import UsageError
 from .generate import context_limit
 from .methods import Method, TokenizedText, tokenize
@@ -26,7 +26,7 @@ def generate_batch(
     token_ids: dict[str, int],
     prompts: list[str | TokenizedText],
     max_new_tokens: int = 32,
-    chunk_tokens: int = 64,
+    chunk_tokens: int = PREFILL_CHUNK,
     seed: int = 0,
     sampling: Sampling | None = None,
 ) -> tuple[list[list[int]], EvictingCache]:

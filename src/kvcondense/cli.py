@@ -71,7 +71,12 @@ def _generate_flags(p: argparse.ArgumentParser) -> None:
     group.add_argument("--prompt")
     group.add_argument("--prompt-file")
     p.add_argument("--max-new-tokens", type=_positive_int, default=64)
-    p.add_argument("--prefill-chunk", type=_positive_int, default=64, help="prefill chunk size (tokens per forward)")
+    p.add_argument(
+        "--prefill-chunk",
+        type=_positive_int,
+        default=512,
+        help="prefill chunk size: tokens per forward; the peak KV is what is kept plus one chunk (default 512)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for span placement and sampling (default 0)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (default 0: off)")

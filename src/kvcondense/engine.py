@@ -37,6 +37,10 @@ from .masks import to_attention_mask
 from .methods import Method, StepPiece, TokenizedText
 from .sampling import Sampling
 
+PREFILL_CHUNK = 512
+"""Default tokens per prefill forward: the peak stored KV is what is kept plus one chunk, and on 2 CPU cores chunks
+of 64 made a 1024-token prefill 2.3x slower than chunks of 512 (``benchmarks/prefill.py --chunk 64``)."""
+
 
 @dataclass
 class IncrementalStats:
@@ -96,7 +100,11 @@ class Stream:
     # -- prompts ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(
-        self, prompt: TokenizedText | Layout, chunk_tokens: int = 64, seed: int = 0, keep_logits: bool = False
+        self,
+        prompt: TokenizedText | Layout,
+        chunk_tokens: int = PREFILL_CHUNK,
+        seed: int = 0,
+        keep_logits: bool = False,
     ) -> torch.Tensor:
         """Lay out a one-row prompt (unless it is a layout already), feed it in chunks of ``chunk_tokens``, free
         what expires after each, and set up the decode policy that continues it.
@@ -136,7 +144,7 @@ class Stream:
         method: Method,
         token_ids: dict[str, int],
         prompts: Sequence[TokenizedText],
-        chunk_tokens: int = 64,
+        chunk_tokens: int = PREFILL_CHUNK,
         seed: int = 0,
     ) -> tuple[Stream, torch.Tensor]:
         """Prefill each prompt on its own (row ``i`` with seed ``seed + i``), then stack the rows into one stream

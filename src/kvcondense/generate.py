@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic import check_writable, write_json
-from .engine import Sampling, Stream, generate_step
+from .engine import PREFILL_CHUNK, Sampling, Stream, generate_step
 from .errors import UsageError
 from .methods import Method, TokenizedText, tokenize
 
@@ -49,7 +49,7 @@ def generate(
     token_ids: dict[str, int],
     prompt: str | TokenizedText,
     max_new_tokens: int = 64,
-    chunk_tokens: int = 64,
+    chunk_tokens: int = PREFILL_CHUNK,
     seed: int = 0,
     progress: bool = True,
     slack: int = 0,

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .engine import Stream
+from .engine import PREFILL_CHUNK, Stream
 from .errors import UsageError
 from .methods import Method, TokenizedText, tokenize
 
@@ -56,7 +56,13 @@ class CompressedDecoding:
     """
 
     def __init__(
-        self, method: Method, token_ids: dict[str, int], tokenizer=None, chunk_tokens: int = 64, seed=0, streamer=None
+        self,
+        method: Method,
+        token_ids: dict[str, int],
+        tokenizer=None,
+        chunk_tokens: int = PREFILL_CHUNK,
+        seed=0,
+        streamer=None,
     ):
         self.method, self.token_ids, self.tokenizer = method, token_ids, tokenizer
         self.chunk_tokens, self.seed, self.streamer = chunk_tokens, seed, streamer
