@@ -235,3 +235,20 @@ def test_report_to_a_tracker_that_cannot_run_is_one_line(capsys, tiny_dir, sampl
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and match in err[0]
     assert not (tmp_path / "ck" / "adapter.safetensors").exists()
+
+
+def test_a_checkpoint_is_readable_by_others_as_the_umask_allows(tiny_dir, sample_path, tmp_path):
+    """Every folder and file of a checkpoint gets the mode the user's umask gives new files (the adapter was 0600:
+    safetensors writes through a private temp file)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = train(config(tiny_dir, sample_path, tmp_path / "ck", steps=1, save_every=1))
+    finally:
+        os.umask(old)
+    paths = [out, *out.rglob("*")]
+    assert any(p.name == "adapter.safetensors" for p in paths) and any(p.is_dir() for p in paths[1:])
+    for p in paths:
+        assert stat.S_IMODE(p.stat().st_mode) == (0o755 if p.is_dir() else 0o644), p

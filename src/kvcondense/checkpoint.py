@@ -124,11 +124,11 @@ def _reason(e: BaseException) -> str:
 
 
 def make_readable(folder: Path) -> None:
-    """mkdtemp makes 0700: give the folder the permissions any folder the user creates would get (umask)."""
+    """mkdtemp makes 0700 and safetensors writes its file through a 0600 temp file: give the folder, its subfolders
+    and every file the permissions any the user creates would get (umask), so colleagues can read a checkpoint."""
     mask = current_umask()
-    os.chmod(folder, 0o777 & ~mask)
-    if (folder / RESUME).is_dir():
-        os.chmod(folder / RESUME, 0o777 & ~mask)
+    for path in (folder, *folder.rglob("*")):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _check_replaceable(out: Path, replaces: tuple[str | None, ...]) -> None:
