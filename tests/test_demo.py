@@ -1,5 +1,7 @@
 """`kvcondense demo --quick` end to end on a tiny model, tiny checkpoints and the committed sample text."""
 
+import json
+
 from kvcondense.cli import main
 
 
@@ -42,6 +44,10 @@ def test_demo_quick(capsys, tiny_dir, sample_path, tiny_encoder, tmp_path):
         str(out),
         "--bertscore-encoder",
         str(tiny_encoder),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
     ]
     capsys.readouterr()
     assert main(argv) == 0
@@ -57,6 +63,12 @@ def test_demo_quick(capsys, tiny_dir, sample_path, tiny_encoder, tmp_path):
     assert benches == ["bench-local-r0.5", "bench-sentinel", "bench-sentinel-r0.5", "bench-streaming"]
     report = (out / "report" / "report.md").read_text()
     assert "| local (trained) | 0.5 | 128 |" in report and "| sentinel (untrained tokens) | 0.5 | 128 |" in report
+    # --device/--dtype reach every measurement the demo stores
+    configs = [json.loads(p.read_text()) for p in out.glob("*/result.json")]
+    records = [r for c in configs for r in (c if isinstance(c, list) else c.get("results", [c]))]
+    placed = [r.get("config", {}) for r in records]
+    assert placed and all((p.get("device"), p.get("dtype")) == ("cpu", "float32") for p in placed if "device" in p)
+    assert sum("device" in p for p in placed) >= 4
     # a rerun reuses every stored result
     n_results = len(list(out.rglob("result.json")))
     assert main(argv) == 0 and len(list(out.rglob("result.json"))) == n_results

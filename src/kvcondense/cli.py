@@ -130,6 +130,7 @@ def _demo_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="where results, report and plots go")
     p.add_argument("--bertscore-encoder", default=None, help="local encoder dir (default MiniLM)")
     p.add_argument("--force", action="store_true", help="recompute results that exist")
+    _add_device(p)
 
 
 def _list_flags(p: argparse.ArgumentParser) -> None:

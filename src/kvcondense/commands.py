@@ -111,6 +111,8 @@ def cmd_demo(args) -> int:
         out=args.out,
         bertscore_encoder=args.bertscore_encoder,
         force=args.force,
+        device=args.device,
+        dtype=args.dtype,
     )
 
 

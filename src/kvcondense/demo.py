@@ -20,7 +20,7 @@ from .evaluate import EvalConfig, run_eval
 from .generate import generate
 from .loader import load
 from .methods import build_method, tokenize
-from .models import DEFAULT_MODEL, add_special_tokens, load_model
+from .models import DEFAULT_MODEL, add_special_tokens
 from .report import find_result_file, write_json, write_report
 
 CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
@@ -72,8 +72,10 @@ def cached(out: Path, kind: str, config: dict, force: bool, compute):
     return result
 
 
-def measure_row(label: str, source: dict, model, data, ratio, budget, encoder, out, force) -> dict:
-    base = dict(model=model, data=data, ratios=(ratio,), **source)
+def measure_row(label: str, source: dict, model, data, ratio, budget, encoder, out, force, where=None) -> dict:
+    """One row of the table; ``where``: the device and dtype (``{"device": ..., "dtype": ...}``)."""
+    where = where or {}
+    base = dict(model=model, data=data, ratios=(ratio,), **source, **where)
     ppl_cfg = EvalConfig(max_tokens=budget.ppl_tokens, verify=True, **base)
     ppl = cached(out, "eval-perplexity", asdict(ppl_cfg), force, lambda: run_eval(ppl_cfg))[0]
     cont_cfg = EvalConfig(
@@ -106,6 +108,7 @@ def measure_row(label: str, source: dict, model, data, ratio, budget, encoder, o
             contexts=[budget.context],
             batches=[budget.batch],
             decode_steps=budget.steps,
+            **where,
         )
         bench = cached(out, "bench", asdict(bench_cfg), force, lambda: run_bench(bench_cfg))
         row["decode_speedup"] = bench["decode_speedup"]
@@ -128,15 +131,19 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def side_by_side(model_name: str, data: str, checkpoints: Path, ratio: float, budget: DemoBudget) -> str:
+def side_by_side(
+    model_name: str, data: str, checkpoints: Path, ratio: float, budget: DemoBudget, where: dict | None = None
+) -> str:
     """One continuation of a held-out document prefix with the full cache and with the sentinel cache."""
-    model, tokenizer = load_model(model_name)
+    where = where or {}
+    base = load(method="full", model=model_name, **where)
+    model, tokenizer = base.model, base.tokenizer
     prompt = tokenize(load_split(data, "test")[0].text, tokenizer)[: budget.show_prompt]
     shown = tokenizer.decode(prompt.ids[-60:].tolist())
     full = generate(model, tokenizer, build_method("full"), {}, prompt, budget.show_new, progress=False)
     ck = checkpoints / f"sentinel-r{ratio}"
     if (ck / "kvcondense.json").exists():
-        got = load(ck, params={"ratio": ratio}, model=model_name)
+        got = load(ck, params={"ratio": ratio}, model=model_name, **where)
         model, tokenizer, method, token_ids = got.model, got.tokenizer, got.method, got.token_ids
         name = "trained sentinel"
     else:
@@ -152,7 +159,7 @@ def side_by_side(model_name: str, data: str, checkpoints: Path, ratio: float, bu
     )
 
 
-def ccm_chat(checkpoints: Path, out: Path, model_name: str | None, turns: int = 8) -> str:
+def ccm_chat(checkpoints: Path, out: Path, model_name: str | None, turns: int = 8, where: dict | None = None) -> str:
     """A held-out chitchat conversation fed turn by turn into CCM memory (when the CCM checkpoints exist): the
     memory after every turn, and the real last turn's perplexity from memory against no memory and full context."""
     import math
@@ -167,7 +174,7 @@ def ccm_chat(checkpoints: Path, out: Path, model_name: str | None, turns: int = 
     episode = next(e for e in load_episodes("chitchat", "test") if len(e.chunks) >= turns).truncated(turns)
     lines, records = [f"A held-out chat of {turns} turns, fed turn by turn into compressed memory:"], []
     for name in names:
-        session = MemorySession.from_checkpoint(checkpoints / name, model_name)
+        session = MemorySession.from_checkpoint(checkpoints / name, model_name, **(where or {}))
         by_turn, slots = [], []
         for chunk in episode.chunks:
             session.feed(chunk)
@@ -197,8 +204,11 @@ def run_demo(
     bertscore_encoder: str | None = None,
     force: bool = False,
     ratio: float = 0.5,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> int:
     budget = QUICK if quick else DemoBudget()
+    where = {"device": device, "dtype": dtype}
     if max_tokens:
         budget = replace(budget, ppl_tokens=max_tokens)
     model_name = model or DEFAULT_MODEL
@@ -209,10 +219,10 @@ def run_demo(
     with tqdm(todo, desc="demo rows", unit="row") as bar:  # the bar's ETA is the whole table's
         for label, source in bar:
             bar.set_postfix_str(label)
-            rows.append(measure_row(label, source, model, data, ratio, budget, bertscore_encoder, out, force))
+            rows.append(measure_row(label, source, model, data, ratio, budget, bertscore_encoder, out, force, where))
     text = table(rows)
-    gen = side_by_side(model_name, data, checkpoints, ratio, budget)
-    chat = ccm_chat(checkpoints, out, model) if not quick else ""
+    gen = side_by_side(model_name, data, checkpoints, ratio, budget, where)
+    chat = ccm_chat(checkpoints, out, model, where=where) if not quick else ""
     report, pngs = write_report([out], out / "report")
     summary = (
         f"Held-out {data} test split, r = {ratio}: perplexity over text tokens ({budget.ppl_tokens} tokens, "
