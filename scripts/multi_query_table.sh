@@ -11,6 +11,7 @@ OUT=runs/multi
 common=(--task qa --data recall --episodes 30 --questions 4 --out-dir "$OUT")
 mkdir -p "$OUT/kvpress"
 $K eval --method full "${common[@]}" --export-tasks "$OUT/multi_tasks.json"
+$K eval --method no-context "${common[@]}"   # every context token sees only itself: the lower bound
 $K eval --method streaming --kv-budget 0.5 0.25 0.125 "${common[@]}"
 for ck in ${CHECKPOINTS:-runs/distill/sentinel-recent-special-kl-240}; do
   $K eval --checkpoint "$ck" --kv-budget 0.5 0.25 0.125 "${common[@]}"

@@ -11,6 +11,7 @@ OUT=runs/recall
 common=(--task qa --data recall --episodes 30 --out-dir "$OUT")
 mkdir -p "$OUT/kvpress"
 $K eval --method full "${common[@]}" --export-tasks "$OUT/recall_tasks.json"
+$K eval --method no-context "${common[@]}"   # every context token sees only itself: the lower bound
 $K eval --method streaming --kv-budget 0.5 0.25 0.125 "${common[@]}"
 for ck in ${CHECKPOINTS:-checkpoints/sentinel-r0.5}; do
   $K eval --checkpoint "$ck" "${common[@]}" --reference   # also its weights with nothing compressed

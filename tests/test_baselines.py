@@ -51,10 +51,18 @@ def test_what_a_method_reads_is_what_it_implements():
 
     reads = {name: (cls.reads_text(), cls.reads_episodes()) for name, cls in METHODS.items()}
     assert reads["full"] == (True, True) and reads["ccm-concat"] == (True, True) and reads["ccm-merge"] == (True, True)
-    assert reads["window"] == (False, True) and reads["no-context"] == (False, True)
+    assert reads["window"] == (False, True) and reads["no-context"] == (True, True)
     assert reads["sentinel"] == (True, False) and reads["streaming"] == (True, False)
     with pytest.raises(UsageError, match="online episodes only") as text_refused:
         build_method("window").layout(text(8), {})
     with pytest.raises(UsageError, match="does not read online episodes") as episode_refused:
         build_method("sentinel").episode_layout(episode(), {})
     assert "\n" not in str(text_refused.value) + str(episode_refused.value)
+
+
+def test_no_context_keeps_nothing_of_a_context():
+    from kvcondense.methods import build_method
+
+    lay = build_method("no-context").layout(text(12), {})
+    vis = layout_visibility(lay)
+    assert torch.equal(vis, torch.eye(12, dtype=torch.bool)) and lay.kept_slots() == 0

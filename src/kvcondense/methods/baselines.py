@@ -66,7 +66,8 @@ class FullAttention(Method):
 
 @dataclass
 class NoContext(Method):
-    """No context at all: an online episode's query and answer alone (the lower bound of CCM's table)."""
+    """No context at all: an online episode's query and answer alone (the lower bound of CCM's table); on plain
+    text, every token sees only itself (the lower bound of the prefix and QA tasks)."""
 
     name: ClassVar[str] = "no-context"
     trainable: ClassVar[bool] = False
@@ -74,6 +75,11 @@ class NoContext(Method):
     def memory_writer(self, token_ids: dict[str, int]) -> TextWriter:
         """Nothing kept: every turn is forgotten at once."""
         return TextWriter(keep=False)
+
+    def layout(self, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:
+        """Plain text where every token sees itself only: nothing of a context is kept for what follows it (the
+        lower bound of the prefix and QA tasks)."""
+        return text_layout(text.ids, torch.arange(len(text)))
 
     def episode_layout(self, episode, token_ids: dict[str, int]) -> Layout:
         """The query and the answer alone."""
