@@ -134,7 +134,7 @@ def timed_prefill(model, method: Method, text: TokenizedText, token_ids, chunk: 
 
 def measure_decode(variants: dict[str, Stream], batch: int, steps: int, slack: int = 0) -> dict:
     """Decode ``steps`` steps of ``batch`` identical rows from each prefilled stream (each from the same history:
-        the streams are cloned, not grown), the variants' steps interleaved. Per variant: the median step time and
+    the streams are cloned, not grown), the variants' steps interleaved. Per variant: the median step time and
     every step's time (``step_ms``)."""
     streams = {}
     for name, prefilled in variants.items():
@@ -143,7 +143,8 @@ def measure_decode(variants: dict[str, Stream], batch: int, steps: int, slack: i
         stream.repeat(batch)
     out = {}
     for name, ms in decode_step_times(streams, steps).items():
-        out[name] = {"decode_ms_per_step": _median(ms), "decode_tokens_per_s": 1e3 * batch / _median(ms), "step_ms": ms}
+        median = _median(ms)
+        out[name] = {"decode_ms_per_step": median, "decode_tokens_per_s": 1e3 * batch / median, "step_ms": ms}
     return out
 
 

@@ -114,17 +114,13 @@ def episodes_as_qa(episodes, limit: int, questions: int = 1) -> list[QAItem]:
     return items
 
 
-RECALL_CHUNK = re.compile(r"The code word for (.+) is (.+)\.\n")  # data.episodes.RECALL_FACT
-
-
 def recall_questions(episode, n: int, rng: random.Random) -> list[Question]:
     """``n`` more 4-option questions about a recall episode's facts (not the one it asks), in its own format."""
-    from .data.episodes import RECALL_QUERY
+    from .data.episodes import RECALL_QUERY, recall_facts
 
-    facts = [RECALL_CHUNK.fullmatch(c) for c in episode.chunks]
-    if not all(facts):
+    pairs = recall_facts(episode)
+    if pairs is None:
         raise DataError("--questions > 1 needs --data recall (or a .jsonl with several questions per context)")
-    pairs = [m.groups() for m in facts]
     others = [j for j in range(len(pairs)) if j != episode.evidence]
     if n > len(others):
         raise DataError(f"--questions {n + 1} asks more than the {len(pairs)} facts of an episode")

@@ -7,30 +7,19 @@ import importlib.util
 
 from .errors import UsageError
 
-# tracker name -> the package it needs (Accelerate's names; see accelerate.tracking)
-TRACKERS = {
-    "tensorboard": "tensorboard",
-    "wandb": "wandb",
-    "mlflow": "mlflow",
-    "comet_ml": "comet_ml",
-    "aim": "aim",
-    "clearml": "clearml",
-    "dvclive": "dvclive",
-    "swanlab": "swanlab",
-    "trackio": "trackio",
-}
-
 
 def check_trackers(names: list) -> None:
     """Refuse an unknown tracker name, or one whose package is not installed, in one line. Tracker objects
     (``accelerate.tracking.GeneralTracker`` instances, from the Python API) pass as they are."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS  # Accelerate's trackers; each is named after its package
+
     for name in names:
         if not isinstance(name, str):
             continue
-        if name not in TRACKERS:
-            raise UsageError(f"unknown tracker {name!r} for --report-to; choose from {', '.join(TRACKERS)}")
-        if importlib.util.find_spec(TRACKERS[name]) is None:
-            raise UsageError(f"--report-to {name} needs the {TRACKERS[name]} package: pip install {TRACKERS[name]}")
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise UsageError(f"unknown tracker {name!r} for --report-to; choose from {', '.join(LOGGER_TYPE_TO_CLASS)}")
+        if importlib.util.find_spec(name) is None:
+            raise UsageError(f"--report-to {name} needs the {name} package: pip install {name}")
 
 
 def tracker_names(names: list) -> list[str]:
@@ -42,7 +31,5 @@ def tracker_config(cfg) -> dict:
     """The run's settings for a tracker's hyperparameter table: scalars as they are, anything else as JSON (what
     TensorBoard's hparams accept)."""
     import json
-    from dataclasses import asdict
 
-    flat = {**asdict(cfg), "report_to": tracker_names(cfg.report_to)}
-    return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in flat.items()}
+    return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in cfg.to_dict().items()}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .checkpoint import read_meta
@@ -109,6 +109,11 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
 
+    def to_dict(self) -> dict:
+        """The settings as JSON values, as checkpoints and ``--config`` files hold them (a tracker object from the
+        Python API by its name)."""
+        return {**asdict(replace(self, report_to=[])), "report_to": tracker_names(self.report_to)}
+
 
 def checkpoint_meta(
     cfg: TrainConfig, method: Method, token_ids: dict, identity: dict, step: int, run_id: str | None = None
@@ -120,8 +125,7 @@ def checkpoint_meta(
         "base_model": identity,
         "lora": asdict(cfg.lora),
         "training": {
-            **{k: v for k, v in asdict(cfg).items() if k not in ("lora", "report_to")},
-            "report_to": tracker_names(cfg.report_to),
+            **{k: v for k, v in cfg.to_dict().items() if k != "lora"},
             "steps_done": step,
         },
         "command": " ".join(["kvcondense", *sys.argv[1:]]) if sys.argv[0].endswith("kvcondense") else None,
@@ -136,7 +140,7 @@ def check_resumable(cfg: TrainConfig, previous: dict, out: Path) -> None:
     """Refuse to continue the run in ``out`` with settings that contradict it (one line naming both values)."""
     stored = asdict(config_from_meta(previous))
     stored["lora"] = previous["lora"]
-    now = asdict(cfg)
+    now = cfg.to_dict()
     for key, value in now.items():
         if key in RESUMABLE_CHANGES or key not in stored:
             continue
@@ -193,4 +197,4 @@ def config_from_checkpoint(path: str | Path) -> TrainConfig:
 
 
 def dump_config(cfg: TrainConfig) -> str:
-    return json.dumps({**asdict(cfg), "report_to": tracker_names(cfg.report_to)}, indent=2)
+    return json.dumps(cfg.to_dict(), indent=2)

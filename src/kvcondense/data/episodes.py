@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -107,6 +108,17 @@ def recall_episode(facts: Sequence[tuple[str, str]], asked: int, options: Sequen
     subject, answer = facts[asked]
     query = RECALL_QUERY.format(subject=subject)
     return Episode(chunks, query, " " + answer, tuple(" " + o for o in options), evidence=asked)
+
+
+RECALL_FACT_PATTERN = re.compile(
+    re.escape(RECALL_FACT).replace(re.escape("{subject}"), "(.+)").replace(re.escape("{value}"), "(.+)")
+)
+
+
+def recall_facts(episode: Episode) -> list[tuple[str, str]] | None:
+    """The (subject, value) facts of a recall episode's chunks (:data:`RECALL_FACT`); None if a chunk is not one."""
+    found = [RECALL_FACT_PATTERN.fullmatch(c) for c in episode.chunks]
+    return [m.groups() for m in found] if all(found) else None
 
 
 def recall_quiz_episode(facts: Sequence[tuple[str, str]], asked: Sequence[int]) -> Episode:

@@ -69,7 +69,7 @@ class Gist(Method):
         the budget check then refuses). Without texts, blocks of at least ``n_gist / kv_budget`` tokens."""
         if not texts:
             least = math.ceil(self.n_gist / kv_budget)
-            return {**self.params(), "min_sentence_tokens": least, "max_sentence_tokens": max(least, 2 * least)}
+            return {**self.params(), "min_sentence_tokens": least, "max_sentence_tokens": 2 * least}
         ids = {t: i for i, t in enumerate(self.special_tokens)}
         total = sum(len(t) for t in texts)
         longest = max(len(t) for t in texts)
