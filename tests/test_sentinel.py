@@ -193,12 +193,12 @@ def test_sampled_ratios_vary_by_block_and_repeat_by_seed():
     method = build_method("sentinel", placement="recent", ratio=0.5)
     cfg = TrainConfig(sample_ratios=[0.5, 0.75, 0.875])
     text, ids = _text(256), {"<CL>": 94, "<CR>": 95}
-    kept = [block_layout(method, cfg, text, ids, seed).kept_slots() / 256 for seed in range(12)]
+    kept = [block_layout(None, method, cfg, text, ids, seed).kept_slots() / 256 for seed in range(12)]
     assert len({round(k, 2) for k in kept}) == 3  # all three budgets drawn
-    assert kept == [block_layout(method, cfg, text, ids, seed).kept_slots() / 256 for seed in range(12)]
+    assert kept == [block_layout(None, method, cfg, text, ids, seed).kept_slots() / 256 for seed in range(12)]
     assert {round(k * 8) / 8 for k in kept} == {0.5, 0.25, 0.125}
     fixed = TrainConfig()
-    assert {block_layout(method, fixed, text, ids, s).kept_slots() for s in range(4)} == {
+    assert {block_layout(None, method, fixed, text, ids, s).kept_slots() for s in range(4)} == {
         method.layout(text, ids).kept_slots()
     }
 

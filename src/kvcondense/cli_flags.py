@@ -66,6 +66,12 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
         "--max-grad-norm", type=float, default=None, help="clip the gradient norm to this (default 1.0; 0: off)"
     )
     p.add_argument(
+        "--continuation-tokens",
+        type=int,
+        default=None,
+        help="the last N tokens of each block are plain text reading the compressed rest (the prefix task's shape)",
+    )
+    p.add_argument(
         "--sample-ratios",
         type=_ratio_list,
         default=None,

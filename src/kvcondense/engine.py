@@ -36,6 +36,7 @@ from .lora import lora_gate
 from .masks import to_attention_mask
 from .methods import Method, StepPiece, TokenizedText
 from .sampling import Sampling
+from .scoring import method_layout
 
 PREFILL_CHUNK = 512
 """Default tokens per prefill forward: the peak stored KV is what is kept plus one chunk, and on 2 CPU cores chunks
@@ -116,7 +117,9 @@ class Stream:
             raise ValueError("prefill feeds one row; stack one-row streams with Stream.batch")
         if self.seen[0] != 0:  # a layout's expiry and starts are indices from its own first token
             raise ValueError("prefill starts a stream on an empty cache; continue a stream with step()")
-        layout = prompt if isinstance(prompt, Layout) else self.method.layout(prompt, self.token_ids, seed=seed)
+        if not isinstance(prompt, Layout):  # (a method that reads token scores gets its scoring pass here)
+            prompt = method_layout(self.model, self.method, prompt, self.token_ids, seed)
+        layout = prompt
         predict_from = self.method.predict_from if self.method is not None else (Kind.TEXT,)
         predictors = torch.isin(layout.kinds, torch.tensor([int(k) for k in predict_from]))
         last = int(torch.nonzero(predictors).max()) if bool(predictors.any()) else len(layout) - 1

@@ -169,10 +169,12 @@ def run_budgets(cfg: EvalConfig, model, tokenizer, base_method, token_ids, label
         prefix_windows,
     )
     from .qa_task import export_qa, needle_grid, needle_items, qa_task
+    from .scoring import with_scores
 
     name = f"{Path(cfg.data).stem}-{cfg.split}"
     if cfg.task == "prefix":
         windows = prefix_windows(docs, tokenizer, cfg.prefix_tokens, cfg.new_tokens, cfg.docs)
+        windows = [(with_scores(model, base_method, ctx), nxt) for ctx, nxt in windows]  # one pass, every budget
         contexts = [ctx for ctx, _ in windows]
         if cfg.export_tasks:
             export_windows(windows, cfg.export_tasks, f"{name}-P{cfg.prefix_tokens}-S{cfg.new_tokens}")
@@ -192,7 +194,7 @@ def run_budgets(cfg: EvalConfig, model, tokenizer, base_method, token_ids, label
         elif has_ratio:
             params = {**params, "ratio": value}
         method = build_method(base_method.name, **params)
-        check_reachable(method, token_ids, [(c, None) for c in contexts], value if kind == "kv_budget" else None)
+        check_reachable(model, method, token_ids, [(c, None) for c in contexts], value if kind == "kv_budget" else None)
         res = {"method": method.name, "label": label, "params": method.params(), "task": cfg.task, "kind": cfg.task}
         res["kv_budget"] = value if kind == "kv_budget" else None
         if cfg.task == "prefix":

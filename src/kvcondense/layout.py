@@ -126,6 +126,17 @@ def text_layout(input_ids: torch.Tensor, expire: torch.Tensor | None = None) -> 
     )
 
 
+def with_continuation(prompt: Layout, ids: torch.Tensor) -> Layout:
+    """``prompt`` followed by plain text ``ids`` that reads what the prompt left (indices and positions after its
+    own: a continuation after a compressed context), every text token predicting the next text token."""
+    piece = text_layout(ids)
+    n = len(prompt)
+    piece.position_ids += int(prompt.position_ids.max()) + 1 if n else 0
+    joined = concat([prompt, piece])
+    joined.targets = next_text_targets(joined.input_ids, joined.kinds)
+    return joined
+
+
 def next_text_targets(input_ids: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
     """Targets where each text token predicts the next *text* token, skipping special tokens in between.
 

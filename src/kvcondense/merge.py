@@ -101,7 +101,7 @@ def batch_rules(rules: list[MixRules | None]) -> tuple[torch.Tensor, torch.Tenso
 MERGING = "kvcondense_merge"  # the registered attention implementation that mixes keys/values
 
 
-def _eager_of(module) -> callable:
+def eager_of(module) -> callable:
     """The eager attention function of ``module``'s modeling file (eager is per family, not in the registry)."""
     return sys.modules[type(module).__module__].eager_attention_forward
 
@@ -113,7 +113,7 @@ def _mixing_attention(
         dst, src, weight = kvc_mix
         key, value = mix_slots(key, dst, src, weight), mix_slots(value, dst, src, weight)
         kvc_calls.append(1)  # the list belongs to the merging_attention block that made these kwargs
-    base = _eager_of(module) if kvc_base == "eager" else ALL_ATTENTION_FUNCTIONS[kvc_base]
+    base = eager_of(module) if kvc_base == "eager" else ALL_ATTENTION_FUNCTIONS[kvc_base]
     return base(module, query, key, value, attention_mask, **kwargs)
 
 

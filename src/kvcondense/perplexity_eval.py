@@ -17,6 +17,7 @@ from .engine import incremental_forward
 from .forward import parallel_forward
 from .layout import IGNORE, Kind
 from .methods import Method, TokenizedText
+from .scoring import method_layout
 from .verify import max_abs_diff
 
 
@@ -41,7 +42,10 @@ def perplexity(
     special = torch.tensor(sorted(token_ids.values()), dtype=torch.long)
     nll, n_scored, nll_all, n_all, kept, n_text, n_special = 0.0, 0, 0.0, 0, 0, 0, 0
     for lo in tqdm(range(0, len(blocks), batch_size), desc=f"eval {method.name}", leave=False):
-        layouts = [method.layout(b, token_ids, seed=seed + lo + i) for i, b in enumerate(blocks[lo : lo + batch_size])]
+        layouts = [
+            method_layout(model, method, b, token_ids, seed=seed + lo + i)
+            for i, b in enumerate(blocks[lo : lo + batch_size])
+        ]
         logits = parallel_forward(model, layouts).logits.float().cpu()  # scored on the CPU, whatever the device
         for b, lay in enumerate(layouts):
             scored = lay.targets != IGNORE
@@ -82,7 +86,7 @@ def perplexity(
 
 def measured_kv(model, method: Method, block: TokenizedText, token_ids: dict, seed: int, verify: bool) -> dict:
     """Run one block through the evicting cache: bytes stored with compression, and without (full attention)."""
-    layout = method.layout(block, token_ids, seed=seed)
+    layout = method_layout(model, method, block, token_ids, seed=seed)
     _, stats = incremental_forward(model, layout)
     per_slot = stats.kv_bytes / max(stats.stored_slots, 1)
     out = {

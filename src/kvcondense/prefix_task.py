@@ -26,6 +26,7 @@ from .engine import Stream
 from .errors import UsageError
 from .forward import feed_text
 from .methods import FullAttention, Method, TokenizedText, tokenize
+from .scoring import method_layout
 
 Window = tuple[TokenizedText, torch.Tensor]  # (context of P tokens, the S + 1 tokens that follow)
 
@@ -73,11 +74,11 @@ def budget_params(method: Method, kv_budget: float | None, texts=()) -> dict:
     return method.params_for_budget(kv_budget, texts)
 
 
-def check_reachable(method: Method, token_ids: dict, windows: list[Window], kv_budget: float | None) -> None:
+def check_reachable(model, method: Method, token_ids: dict, windows: list[Window], kv_budget: float | None) -> None:
     """A budget the method cannot reach on this text is one line, not a silently different point."""
     if kv_budget is None:
         return
-    kept = sum(method.layout(ctx, token_ids, seed=i).kept_slots() for i, (ctx, _) in enumerate(windows))
+    kept = sum(method_layout(model, method, ctx, token_ids, seed=i).kept_slots() for i, (ctx, _) in enumerate(windows))
     kept /= sum(len(ctx) for ctx, _ in windows)
     if kept > kv_budget + 0.02:
         raise UsageError(

@@ -39,7 +39,7 @@ from .data import load_split
 from .data.episodes import is_episode_data, load_episodes
 from .distributed import check_distributed, checkpoint_tensors, is_main_process, load_resume
 from .errors import UsageError
-from .layout import Layout
+from .layout import Layout, with_continuation
 from .lora import attach_lora, load_adapter_state, set_stage
 from .methods import EpisodeTokens, Method, TokenizedText, build_method, tokenize, tokenize_episode
 from .models import add_special_tokens, load_model, model_identity
@@ -47,6 +47,7 @@ from .models import add_special_tokens, load_model, model_identity
 # the settings and the objectives live in train_config.py and objectives.py; callers import them from here too
 from .objectives import lm_loss as lm_loss
 from .objectives import objective_loss
+from .scoring import method_layout
 from .trackers import check_trackers, tracker_config
 from .train_config import OBJECTIVES as OBJECTIVES
 from .train_config import RESUMABLE_CHANGES as RESUMABLE_CHANGES
@@ -103,15 +104,20 @@ def batches(blocks: list, batch_size: int, seed: int, rank: int = 0, world: int 
 
 
 def block_layout(
-    method: Method, cfg: TrainConfig, block, token_ids: dict[str, int], seed: int, episodic: bool = False
+    model, method: Method, cfg: TrainConfig, block, token_ids: dict[str, int], seed: int, episodic: bool = False
 ) -> Layout:
     """One block's layout: a text block, or with ``episodic`` an online episode (training on chats); with
-    ``cfg.sample_ratios`` a text block's ratio is drawn from them (fixed by ``seed``)."""
+    ``cfg.sample_ratios`` a text block's ratio is drawn from them (fixed by ``seed``); with
+    ``cfg.continuation_tokens`` the method lays out the block's start and the rest follows as plain text. A method
+    that reads token scores gets them from ``model`` as it is at this step (:mod:`kvcondense.scoring`)."""
     if episodic:
         return method.episode_layout(block, token_ids)
     if cfg.sample_ratios:
         method = dataclasses.replace(method, ratio=random.Random(seed).choice(cfg.sample_ratios))
-    return method.layout(block, token_ids, seed=seed)
+    if not cfg.continuation_tokens:
+        return method_layout(model, method, block, token_ids, seed=seed)
+    cut = len(block) - cfg.continuation_tokens
+    return with_continuation(method_layout(model, method, block[:cut], token_ids, seed=seed), block.ids[cut:])
 
 
 # ---------------------------------------------------------------------------------------------------------------- model
@@ -175,6 +181,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     episodic = is_episode_data(cfg.data)
     if episodic and not method.reads_episodes():
         raise UsageError(f"--data {cfg.data} holds online episodes, which only the ccm methods train on")
+    if episodic and cfg.continuation_tokens:
+        raise UsageError("--continuation-tokens splits text blocks; an episode already ends in its query and answer")
     resumable = resume and (out / META).is_file()
     previous = read_meta(out) if (out / META).is_file() else None
     if resumable:
@@ -247,7 +255,9 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     while step < cfg.steps:
         for _ in range(cfg.grad_accum):
             epoch, batch = next(stream)
-            layouts = [block_layout(method, cfg, b, token_ids, cfg.seed + 7919 * epoch + i, episodic) for i, b in batch]
+            layouts = [
+                block_layout(model, method, cfg, b, token_ids, cfg.seed + 7919 * epoch + i, episodic) for i, b in batch
+            ]
             with accelerator.accumulate(model):
                 loss, parts = objective_loss(model, layouts, cfg, accelerator)
                 accelerator.backward(loss)

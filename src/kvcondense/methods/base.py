@@ -26,12 +26,15 @@ class TokenizedText:
         word_ids: index of the whitespace-separated word each token starts in, -1 for pure whitespace. (T,) int64.
         line_ids: index of the line (newline-separated) each token is in. (T,) int64.
         sentence_end: whether a sentence ends with this token (see ``methods.gist.sentence_ends``). (T,) bool.
+        scores: how much the model needs each token, from a scoring pass (:mod:`kvcondense.scoring`), or None.
+            (T,) float. Only a method whose layout reads scores needs them.
     """
 
     ids: torch.Tensor
     word_ids: torch.Tensor
     line_ids: torch.Tensor
     sentence_end: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.sentence_end is None:
@@ -41,7 +44,8 @@ class TokenizedText:
         return self.ids.shape[0]
 
     def __getitem__(self, sl: slice) -> TokenizedText:
-        return TokenizedText(self.ids[sl], self.word_ids[sl], self.line_ids[sl], self.sentence_end[sl])
+        scores = None if self.scores is None else self.scores[sl]
+        return TokenizedText(self.ids[sl], self.word_ids[sl], self.line_ids[sl], self.sentence_end[sl], scores)
 
     @classmethod
     def from_ids(cls, ids) -> TokenizedText:
@@ -151,6 +155,11 @@ class Method:
     def reads_episodes(cls) -> bool:
         """Whether :meth:`episode_layout` is implemented (online episodes: CCM data, chat memory)."""
         return cls.episode_layout is not Method.episode_layout
+
+    def scoring_window(self) -> int | None:
+        """How many final tokens of a text score it, when this method's layout reads token scores
+        (``TokenizedText.scores``, from :func:`kvcondense.scoring.method_layout`); None when it reads none."""
+        return None
 
     def decode_policy(self, prompt: Layout, token_ids: dict[str, int], seed: int = 0):
         """The method's rule for generated tokens after ``prompt``: an object whose ``step(token)`` returns the

@@ -15,42 +15,20 @@ import torch
 from ..errors import UsageError
 from ..layout import NEVER, Kind, Layout, next_text_targets
 from .base import Method, StepPiece, TokenizedText, param, piece_layout
+from .placements import PLACEMENTS, recent_spans, scored_spans, select_spans, word_spans_to_tokens
 
 OPEN, CLOSE = "<CL>", "<CR>"
-
-
-def select_spans(n_words: int, ratio: float, max_words: int, rng: random.Random) -> list[tuple[int, int]]:
-    """Non-overlapping random word spans covering about ``ratio`` of the KV of ``n_words`` words.
-
-    Each span keeps one ``<CR>`` slot, so the covered fraction is inflated by avg/(avg-1) (as the authors do).
-    Spans are 2..``max_words`` words long and placed uniformly; adjacent spans are allowed. The attempt cap means
-    the reached ratio can fall below the target at high ratios: callers report the measured ratio.
-
-    Returns:
-        Sorted (first_word, last_word) pairs, both inclusive.
-    """
-    hi = min(max_words, n_words)
-    if hi < 2 or ratio <= 0:
-        return []
-    avg = (2 + hi) / 2
-    target = min(n_words, ratio * n_words * avg / (avg - 1))
-    taken = [False] * n_words
-    spans, covered = [], 0
-    for _ in range(20 * n_words + 100):
-        if covered >= target:
-            break
-        length = rng.randint(2, hi)
-        first = rng.randint(0, n_words - length)
-        if any(taken[first : first + length]):
-            continue
-        taken[first : first + length] = [True] * length
-        spans.append((first, first + length - 1))
-        covered += length
-    return sorted(spans)
+LORA_SCOPES = ("all", "special")
+EVICTS = ("close", "end")
 
 
 def sentinel_layout(
-    ids: torch.Tensor, spans: list[tuple[int, int]], open_id: int, close_id: int, cr_sees_prefix: bool = False
+    ids: torch.Tensor,
+    spans: list[tuple[int, int]],
+    open_id: int,
+    close_id: int,
+    cr_sees_prefix: bool = False,
+    evict_at_end: bool = False,
 ) -> Layout:
     """Insert ``<CL>``/``<CR>`` around token spans and derive positions, expiry and targets.
 
@@ -59,6 +37,8 @@ def sentinel_layout(
         spans: sorted, non-overlapping (first_token, last_token) pairs, both inclusive.
         open_id, close_id: ids of ``<CL>`` and ``<CR>``.
         cr_sees_prefix: let ``<CR>`` also see the uncompressed prefix (default: only its own span, as the authors).
+        evict_at_end: a span's text stays visible to the rest of the text and leaves the cache when the text ends,
+            not when its ``<CR>`` closes it (the text is a prompt read whole, then compressed, as a KV press does).
     """
     opens = {s: e for s, e in spans}
     closes = {e for _, e in spans}
@@ -84,6 +64,8 @@ def sentinel_layout(
             out_ids.append(close_id), kinds.append(Kind.CLOSE), pos.append(n_text - 1)
             expire.append(NEVER), start.append(0 if cr_sees_prefix else span_open), closer.append(False)
             span_open, members = -1, []
+    if evict_at_end:  # span text (not the <CL>s: only their <CR> reads them) is seen up to the last row
+        expire = [len(out_ids) - 1 if k == Kind.TEXT and e != NEVER else e for k, e in zip(kinds, expire, strict=True)]
     input_ids = torch.tensor(out_ids, dtype=torch.long)
     kinds_t = torch.tensor([int(k) for k in kinds], dtype=torch.long)
     return Layout(
@@ -95,34 +77,6 @@ def sentinel_layout(
         closer_only=torch.tensor(closer, dtype=torch.bool),
         targets=next_text_targets(input_ids, kinds_t),
     )
-
-
-PLACEMENTS = ("lines", "recent")
-LORA_SCOPES = ("all", "special")
-
-
-def recent_spans(n: int, kept: float, sinks: int, window_share: float = 0.5) -> list[tuple[int, int]]:
-    """Token spans for the ``recent`` placement: ``sinks`` raw, then the older tokens split evenly into spans (2+
-    tokens each), then a raw recent window, so that sinks + window + one ``<CR>`` per span is about ``kept * n``;
-    the window takes ``window_share`` of the kept slots after the sinks, the ``<CR>``s the rest."""
-    budget = max(1.0, kept * n - sinks)
-    window = int(budget * window_share)
-    older = n - sinks - window
-    n_spans = min(max(1, round(budget - window)), older // 2)
-    if n_spans < 1:
-        return []
-    cuts = [sinks + round(i * older / n_spans) for i in range(n_spans + 1)]
-    return [(a, b - 1) for a, b in zip(cuts, cuts[1:], strict=False)]
-
-
-def word_spans_to_tokens(text: TokenizedText, word_spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Map (first_word, last_word) spans to contiguous (first_token, last_token) spans."""
-    first, last = {}, {}
-    for t, w in enumerate(text.word_ids.tolist()):
-        if w >= 0:
-            first.setdefault(w, t)
-            last[w] = t
-    return [(first[a], last[b]) for a, b in word_spans if a in first and b in last and first[a] <= last[b]]
 
 
 class SentinelPolicy:
@@ -200,8 +154,18 @@ class Sentinel(Method):
         placement: ``lines`` (the paper's: random word spans inside lines of ``min_line_words``+ words) or
             ``recent`` (Activation Beacon's layout, Zhang et al. 2024: the first ``sinks`` tokens and the most recent
             tokens stay raw, everything older is tiled with token spans, each condensed into its ``<CR>``), which
-            reaches any budget on any text: half of the kept slots go to the recent window, half to the ``<CR>``s.
+            reaches any budget on any text: half of the kept slots go to the recent window, half to the ``<CR>``s;
+            or ``scored``: the sinks and the recent window (``window_share`` of the budget, at least ``score_window``
+            tokens) stay raw, a scoring pass (:mod:`kvcondense.scoring`) keeps the older tokens the last
+            ``score_window`` tokens attend to most raw too, and every run of the others is condensed into ``<CR>``s
+            of at most ``span_tokens`` tokens (RestoreKV's pairing of score-based
+            pruning with learned tokens, in one budget).
         sinks: ``recent`` placement: initial tokens that stay raw (attention sinks).
+        score_window, span_tokens: the ``scored`` placement's observation window and longest span (see above).
+        evict: when the text of a prompt span leaves the cache: ``close`` (at its ``<CR>``, the paper's: the rest
+            of the prompt reads the ``<CR>`` only) or ``end`` (at the end of the prompt, which is read whole first,
+            as a KV press compresses after the prefill: the kept tokens' keys and values are exactly full
+            attention's, the peak memory is the whole prompt's). Generated text is always condensed at its ``<CR>``.
         lora_scope: where the LoRA update acts: ``all`` tokens (the paper's) or only the ``special`` ones
             (``<CL>``/``<CR>``, a conditional LoRA as in CCM): text then runs the base model exactly, so with nothing
             compressed the checkpoint *is* the base model, and only the condensing tokens are learned.
@@ -209,7 +173,8 @@ class Sentinel(Method):
 
     name: ClassVar[str] = "sentinel"
     special_tokens: ClassVar[tuple[str, ...]] = (OPEN, CLOSE)
-    inference_params: ClassVar[tuple[str, ...]] = ("window_share",)  # the split of a budget, chosen at inference
+    # where the budget goes is chosen at inference: the same <CL>/<CR> rows condense a span wherever it lies
+    inference_params: ClassVar[tuple[str, ...]] = ("window_share", "placement", "score_window", "span_tokens", "evict")
 
     ratio: float = param(0.5, "compression ratio in (0, 1)")
     max_span_words: int = param(25, "longest span, in words (lines placement)")
@@ -219,12 +184,23 @@ class Sentinel(Method):
     placement: str = param(
         "lines",
         "spans inside long lines (lines, the paper's) or sinks + recent window raw and all older text condensed "
-        "(recent, Activation Beacon's layout: reaches any budget)",
+        "(recent, Activation Beacon's layout: reaches any budget) or the tokens a scoring pass ranks highest raw and "
+        "the rest condensed (scored)",
         choices=PLACEMENTS,
     )
     sinks: int = param(4, "initial tokens never evicted (recent placement; streaming; window; ccm streaming)")
     window_share: float = param(
-        0.5, "recent placement: share of the kept slots (after the sinks) given to the raw recent window"
+        0.5,
+        "recent and scored placements: share of the kept slots (after the sinks) given to the raw recent window "
+        "(scored: at least --score-window tokens)",
+    )
+    score_window: int = param(32, "scored placement: the last tokens, kept raw, whose attention scores the others")
+    span_tokens: int = param(32, "scored placement: longest span condensed into one <CR>, in tokens")
+    evict: str = param(
+        "close",
+        "when a prompt span's text leaves the cache: when its <CR> closes it (close, the paper's) or when the prompt "
+        "ends (end: the rest of the prompt still reads it, as a KV press compresses after the prefill)",
+        choices=EVICTS,
     )
     lora_scope: str = param(
         "all", "LoRA on every token (all, the paper's) or only on <CL>/<CR> (special)", choices=LORA_SCOPES
@@ -245,13 +221,33 @@ class Sentinel(Method):
             raise UsageError(f"sinks must be >= 0, got {self.sinks}")
         if not 0 < self.ratio < 1:
             raise UsageError(f"ratio must be in (0, 1), got {self.ratio}; pass e.g. --ratio 0.5")
+        if self.evict not in EVICTS:
+            raise UsageError(f"unknown evict {self.evict!r}; choose one of {', '.join(EVICTS)}")
+        if self.score_window < 1 or self.span_tokens < 2:
+            raise UsageError(
+                f"score_window must be >= 1 and span_tokens >= 2, got {self.score_window} and {self.span_tokens}"
+            )
         if self.max_span_words < 2:
             raise UsageError(f"max_span_words must be >= 2, got {self.max_span_words}")
 
+    def scoring_window(self) -> int | None:
+        return self.score_window if self.placement == "scored" else None
+
     def layout(self, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:
-        if self.placement == "recent":
-            spans = recent_spans(len(text), 1 - self.ratio, self.sinks, self.window_share)
-            return sentinel_layout(text.ids, spans, token_ids[OPEN], token_ids[CLOSE], self.cr_sees_prefix)
+        if self.placement in ("recent", "scored"):
+            if self.placement == "recent":
+                spans = recent_spans(len(text), 1 - self.ratio, self.sinks, self.window_share)
+            elif text.scores is None:
+                raise UsageError(
+                    "the scored placement reads token scores: lay the text out with "
+                    "kvcondense.scoring.method_layout(model, method, text, token_ids), which runs the scoring pass"
+                )
+            else:
+                window = max(self.score_window, int(((1 - self.ratio) * len(text) - self.sinks) * self.window_share))
+                spans = scored_spans(text.scores, 1 - self.ratio, self.sinks, window, self.span_tokens)
+            return sentinel_layout(
+                text.ids, spans, token_ids[OPEN], token_ids[CLOSE], self.cr_sees_prefix, self.evict == "end"
+            )
         rng = random.Random(seed)
         word_spans = []
         lines: dict[int, list[int]] = {}
@@ -264,7 +260,9 @@ class Sentinel(Method):
             for a, b in select_spans(len(words), self.ratio, self.max_span_words, rng):
                 word_spans.append((words[a], words[b]))
         spans = word_spans_to_tokens(text, sorted(word_spans))
-        return sentinel_layout(text.ids, spans, token_ids[OPEN], token_ids[CLOSE], self.cr_sees_prefix)
+        return sentinel_layout(
+            text.ids, spans, token_ids[OPEN], token_ids[CLOSE], self.cr_sees_prefix, self.evict == "end"
+        )
 
     def decode_policy(self, prompt: Layout, token_ids: dict[str, int], seed: int = 0) -> SentinelPolicy:
         """Generated text is compressed as it is produced: spans of ``decode_span`` tokens at this ratio."""

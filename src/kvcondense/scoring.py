@@ -1,0 +1,88 @@
+"""A scoring pass: how much the last tokens of a text attend to each of its tokens.
+
+The score of token ``t`` is the attention probability that the last ``window`` queries of the text put on it,
+summed over those queries and every query head and averaged over the layers, then smoothed over neighbouring tokens
+(SnapKV's observation window, Li et al. 2024, taken across all heads: a kvcondense layout keeps or frees a token in
+every layer at once). It is computed by the model itself on the raw text with full causal attention, in one forward
+through a registered attention implementation that adds the scores beside the ordinary sdpa/eager output.
+
+A method whose layout reads scores (the sentinel ``scored`` placement: keep the highest-scoring tokens raw, condense
+the rest into ``<CR>``s) says so with :meth:`kvcondense.methods.base.Method.scoring_window`; :func:`method_layout`
+is the one place that runs the pass before asking such a method for a layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .forward import attention_implementation, attn_implementation
+from .layout import Kind, Layout
+from .lora import lora_gate
+from .merge import eager_of
+from .methods.base import Method, TokenizedText
+
+SCORING = "kvcondense_score"
+"""The registered attention implementation of the scoring pass (see :func:`_scoring_attention`)."""
+POOL = 5
+"""Width of the window over which a token's score is averaged with its neighbours' (SnapKV's kernel)."""
+
+
+def _scoring_attention(module, query, key, value, attention_mask, kvc_window=1, kvc_scores=None, kvc_base="sdpa", **kw):
+    """The model's own attention, plus the attention probabilities of the last ``kvc_window`` queries (causal)
+    summed over queries and heads, appended to ``kvc_scores`` as (B, T)."""
+    base = eager_of(module) if kvc_base == "eager" else ALL_ATTENTION_FUNCTIONS[kvc_base]
+    out = base(module, query, key, value, attention_mask, **kw)
+    q = query[:, :, -kvc_window:].float()  # (B, H, w, d)
+    k = repeat_kv(key, query.shape[1] // key.shape[1]).float()  # (B, H, T, d)
+    t, w = k.shape[2], q.shape[2]
+    logits = q @ k.transpose(-1, -2) * (module.scaling if kw.get("scaling") is None else kw["scaling"])
+    future = torch.arange(t, device=q.device)[None, :] > torch.arange(t - w, t, device=q.device)[:, None]
+    probs = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
+    kvc_scores.append(probs.sum(dim=(1, 2)))
+    return out
+
+
+AttentionInterface.register(SCORING, _scoring_attention)
+
+
+@torch.no_grad()
+def token_scores(model, ids: torch.Tensor, window: int) -> torch.Tensor:
+    """Scores (T,) of the tokens ``ids`` (T,): see the module docstring. The model runs the raw text as plain
+    text (a conditional LoRA stays off, as on any text token); ``window`` is clipped to the text."""
+    inner = getattr(model, "module", model)
+    window = max(1, min(int(window), ids.shape[0]))
+    scores: list[torch.Tensor] = []
+    kinds = torch.full((1, ids.shape[0]), int(Kind.TEXT), dtype=torch.long)
+    base = attn_implementation(inner)
+    with lora_gate(inner, kinds), attention_implementation(inner, SCORING):
+        inner(
+            input_ids=ids[None].to(inner.device),
+            use_cache=False,
+            logits_to_keep=1,
+            kvc_window=window,
+            kvc_scores=scores,
+            kvc_base=base,
+        )
+    if not scores:
+        raise RuntimeError(f"the scoring pass saw no attention call: {type(inner).__name__} drops attention kwargs")
+    mean = torch.stack(scores).mean(0)[0].float().cpu()
+    return F.avg_pool1d(mean[None, None], POOL, stride=1, padding=POOL // 2, count_include_pad=False)[0, 0]
+
+
+def with_scores(model, method: Method, text: TokenizedText) -> TokenizedText:
+    """``text`` with the scores its method's layout reads (unchanged if it reads none or has them already)."""
+    window = method.scoring_window()
+    if window is None or text.scores is not None:
+        return text
+    return dataclasses.replace(text, scores=token_scores(model, text.ids, window))
+
+
+def method_layout(model, method: Method, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:
+    """The layout of ``text`` under ``method``, after the scoring pass if the method reads scores."""
+    return method.layout(with_scores(model, method, text), token_ids, seed=seed)

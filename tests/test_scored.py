@@ -1,0 +1,163 @@
+"""The scoring pass and the sentinel ``scored`` placement: scores equal the attention they claim to be, the
+placement keeps the highest-scoring tokens raw within the budget, and the engine, evaluation and training run it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_equivalent, decode_with_policy, tiny_model
+
+from kvcondense.engine import Stream
+from kvcondense.errors import UsageError
+from kvcondense.forward import parallel_forward
+from kvcondense.layout import NEVER, Kind
+from kvcondense.methods import TokenizedText, build_method
+from kvcondense.methods.placements import scored_spans
+from kvcondense.scoring import POOL, method_layout, token_scores, with_scores
+
+TOKENS = {"<CL>": 94, "<CR>": 95}
+
+
+def text(n=120, seed=0):
+    ids = torch.randint(0, 90, (n,), generator=torch.Generator().manual_seed(seed))
+    return TokenizedText(ids, torch.arange(n), torch.zeros(n, dtype=torch.long))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_scores_are_the_last_queries_attention(family):
+    """Against the eager model's own attention probabilities: the last w rows, summed over heads and rows, averaged
+    over layers, averaged over POOL neighbours."""
+    model = tiny_model(family, attn="eager")
+    ids, w = text(50).ids, 6
+    with torch.no_grad():
+        att = model(input_ids=ids[None], output_attentions=True).attentions  # per layer (1, H, T, T)
+    want = torch.stack([a[0, :, -w:].sum((0, 1)) for a in att]).mean(0)
+    want = F.avg_pool1d(want[None, None], POOL, stride=1, padding=POOL // 2, count_include_pad=False)[0, 0]
+    got = token_scores(tiny_model(family), ids, w)  # through sdpa: the scores come from the wrapper
+    assert got.shape == (50,)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert abs(float(torch.stack([a[0, :, -w:].sum((0, 1)) for a in att]).mean(0).sum()) - w * att[0].shape[1]) < 1e-3
+
+
+def test_scores_depend_on_the_text():
+    model = tiny_model("llama")
+    assert not torch.allclose(token_scores(model, text(40, 0).ids, 4), token_scores(model, text(40, 1).ids, 4))
+
+
+@pytest.mark.parametrize("kept", [0.5, 0.25, 0.125])
+def test_scored_spans_fit_the_budget_and_keep_the_top_tokens(kept):
+    n, sinks, window = 1024, 4, 32
+    scores = torch.rand(n, generator=torch.Generator().manual_seed(1))
+    scores[500] = 10.0  # the best token stays raw whatever the budget
+    spans = scored_spans(scores, kept, sinks, window, 32)
+    covered = torch.zeros(n, dtype=torch.bool)
+    for a, b in spans:
+        assert sinks <= a < b < n - window  # 2+ tokens, inside the older region
+        assert not bool(covered[a : b + 1].any())  # no overlap
+        covered[a : b + 1] = True
+    slots = int((~covered).sum()) + len(spans)  # raw tokens + one <CR> per span
+    assert slots <= kept * n and slots >= kept * n - 2
+    assert not bool(covered[500])
+    raw_older = ~covered[sinks : n - window]
+    if bool(raw_older.any()) and bool((~raw_older).any()):  # raw tokens score higher than condensed ones on average
+        older = scores[sinks : n - window]
+        assert float(older[raw_older].mean()) > float(older[~raw_older].mean())
+
+
+def test_scored_spans_reach_low_budgets_by_longer_spans():
+    n = 512
+    spans = scored_spans(torch.rand(n), 0.05, 4, 8, 16)  # 25 slots for 500 older tokens: spans of 20+ tokens
+    assert spans and max(b - a + 1 for a, b in spans) > 16
+    assert n - sum(b - a + 1 for a, b in spans) + len(spans) <= 0.05 * n
+    near_full = scored_spans(torch.rand(n), 0.99, 4, 8, 16)  # 5 slots to free: a few short spans
+    assert 0 < sum(b - a for a, b in near_full) <= 0.01 * n + 1
+    assert scored_spans(torch.rand(n), 0.5, 400, 111, 16) == []  # one older token: nothing to condense
+
+
+def test_scored_layout_needs_scores_and_the_engine_scores():
+    model = tiny_model("llama")
+    m = build_method("sentinel", ratio=0.5, placement="scored", score_window=8, span_tokens=6)
+    assert m.scoring_window() == 8 and build_method("sentinel").scoring_window() is None
+    with pytest.raises(UsageError, match="scored placement reads token scores"):
+        m.layout(text(), TOKENS)
+    scored = with_scores(model, m, text())
+    assert with_scores(model, m, scored) is scored  # scored once
+    lay = method_layout(model, m, text(), TOKENS)
+    assert torch.equal(lay.input_ids, m.layout(scored, TOKENS).input_ids)
+    assert abs(lay.kept_slots() / 120 - 0.5) < 0.02
+    raw = (lay.kinds == Kind.TEXT) & (lay.expire == NEVER)
+    assert bool(raw[-8:].all())  # the observation window stays raw
+    stream = Stream(model, m, TOKENS)
+    stream.prefill(text(), chunk_tokens=16)
+    assert torch.equal(stream.layouts[0].input_ids, lay.input_ids)
+    assert int(stream.cache.stored_slots()[0]) == lay.kept_slots()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_scored_placement_is_equivalent_with_eviction(family):
+    """The backbone for the new placement: parallel masked forward = incremental with real eviction, prompt and
+    generated text alike."""
+    model = tiny_model(family)
+    m = build_method("sentinel", ratio=0.6, placement="scored", score_window=8, span_tokens=6)
+    lay = method_layout(model, m, text(), TOKENS)
+    for chunk in (1, 7, 64):
+        assert_equivalent(model, lay, chunk)
+    tokens = torch.randint(0, 90, (20,), generator=torch.Generator().manual_seed(3)).tolist()
+    full, got, rows, _, _ = decode_with_policy(model, lay, m.decode_policy(lay, TOKENS), tokens)
+    with torch.no_grad():
+        parallel = parallel_forward(model, [full]).logits[0]
+    assert (parallel[rows] - got).abs().max() < 1e-4
+
+
+def test_placement_is_an_inference_parameter(tmp_path):
+    from kvcondense.methods import override
+
+    trained = build_method("sentinel", ratio=0.5, placement="recent")
+    run = override(trained, {"placement": "scored", "span_tokens": 16, "ratio": 0.75}, "checkpoint x")
+    assert (run.placement, run.span_tokens, run.ratio) == ("scored", 16, 0.75)
+    with pytest.raises(UsageError):
+        build_method("sentinel", placement="scored", span_tokens=1)
+
+
+def test_evict_at_end_keeps_spans_visible_to_the_prompt_only():
+    """``evict="end"``: a span's text is read by the rest of the prompt and gone after it; the same slots are kept
+    at the end as with ``close``; parallel = incremental, continuation included."""
+    from kvcondense.layout import with_continuation
+    from kvcondense.masks import layout_visibility
+
+    model = tiny_model("llama")
+    close = build_method("sentinel", ratio=0.5, placement="recent")
+    end = build_method("sentinel", ratio=0.5, placement="recent", evict="end")
+    a, b = close.layout(text(), TOKENS), end.layout(text(), TOKENS)
+    assert torch.equal(a.input_ids, b.input_ids) and a.kept_slots() == b.kept_slots()
+    member = int(torch.nonzero((b.kinds == Kind.TEXT) & (b.expire != NEVER))[0])
+    assert not bool(layout_visibility(a)[-1, member]) and bool(layout_visibility(b)[-1, member])  # the last token
+    after = torch.randint(0, 90, (12,), generator=torch.Generator().manual_seed(4))
+    lay = with_continuation(b, after)
+    vis = layout_visibility(lay)
+    assert not bool(vis[len(b):, member].any())  # the continuation reads what the prompt left
+    assert int(lay.targets[len(b) - 1]) == int(after[0])  # the last prompt token predicts the continuation
+    assert torch.equal(lay.position_ids[len(b):], torch.arange(12) + int(b.position_ids.max()) + 1)
+    for chunk in (1, 9, 200):
+        assert_equivalent(model, lay, chunk)
+    with pytest.raises(UsageError, match="unknown evict"):
+        build_method("sentinel", evict="later")
+
+
+def test_training_on_scored_prompts_with_a_continuation(tiny_dir, sample_path, tmp_path):
+    """The scoring pass runs inside training (its layout comes from the model at each step), the method lays out
+    the block's start only, and each step logs a finite KL."""
+    from kvcondense.checkpoint import read_log, read_meta
+    from kvcondense.lora import LoraSettings
+    from kvcondense.train import TrainConfig, train
+
+    params = {"ratio": 0.5, "placement": "scored", "evict": "end", "score_window": 4, "span_tokens": 6,
+              "lora_scope": "special"}  # fmt: skip
+    cfg = TrainConfig(method="sentinel", method_params=params, model=str(tiny_dir), data=str(sample_path),
+                      out=str(tmp_path / "scored"), steps=6, batch_size=2, block_tokens=64, lr=1e-2, save_every=0,
+                      objective="kl", continuation_tokens=16, lora=LoraSettings(dropout=0.0))  # fmt: skip
+    train(cfg)
+    log = read_log(cfg.out)
+    assert len(log) == 6 and all(r["loss_kl"] == r["loss_kl"] for r in log)  # finite
+    assert read_meta(cfg.out)["training"]["continuation_tokens"] == 16
+    with pytest.raises(UsageError, match="continuation-tokens"):
+        TrainConfig(block_tokens=64, continuation_tokens=64)
