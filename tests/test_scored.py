@@ -134,9 +134,9 @@ def test_evict_at_end_keeps_spans_visible_to_the_prompt_only():
     after = torch.randint(0, 90, (12,), generator=torch.Generator().manual_seed(4))
     lay = with_continuation(b, after)
     vis = layout_visibility(lay)
-    assert not bool(vis[len(b):, member].any())  # the continuation reads what the prompt left
+    assert not bool(vis[len(b) :, member].any())  # the continuation reads what the prompt left
     assert int(lay.targets[len(b) - 1]) == int(after[0])  # the last prompt token predicts the continuation
-    assert torch.equal(lay.position_ids[len(b):], torch.arange(12) + int(b.position_ids.max()) + 1)
+    assert torch.equal(lay.position_ids[len(b) :], torch.arange(12) + int(b.position_ids.max()) + 1)
     for chunk in (1, 9, 200):
         assert_equivalent(model, lay, chunk)
     with pytest.raises(UsageError, match="unknown evict"):
