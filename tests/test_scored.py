@@ -161,3 +161,22 @@ def test_training_on_scored_prompts_with_a_continuation(tiny_dir, sample_path, t
     assert read_meta(cfg.out)["training"]["continuation_tokens"] == 16
     with pytest.raises(UsageError, match="continuation-tokens"):
         TrainConfig(block_tokens=64, continuation_tokens=64)
+
+
+def test_scored_eviction_keeps_the_budget_and_the_top_tokens():
+    """The training-free ablation: the prompt is read whole, then sinks + window + the best-scored tokens stay."""
+    from kvcondense.masks import layout_visibility
+
+    t = text(200)
+    t.scores = torch.rand(200, generator=torch.Generator().manual_seed(2))
+    t.scores[50] = 5.0
+    m = build_method("scored", ratio=0.75, score_window=8)
+    lay = m.layout(t, {})
+    kept = lay.expire == NEVER
+    assert int(kept.sum()) == 50 == lay.kept_slots()
+    assert bool(kept[:4].all()) and bool(kept[-23:].all()) and bool(kept[50])  # window: (50 - 4) / 2 tokens
+    assert bool(layout_visibility(lay)[-1].all())  # every prompt token is read before anything is dropped
+    older = t.scores[4:-23]
+    assert float(older[kept[4:-23]].min()) >= float(older[~kept[4:-23]].max())
+    with pytest.raises(UsageError, match="reads token scores"):
+        m.layout(text(), {})

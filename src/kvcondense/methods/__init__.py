@@ -6,7 +6,15 @@ import dataclasses
 
 from ..errors import UsageError
 from .base import Method, StepPiece, TextPolicy, TokenizedText, param, tokenize
-from .baselines import FullAttention, LocalAttention, NoContext, ScatteredAttention, SlidingWindow, StreamingLLM
+from .baselines import (
+    FullAttention,
+    LocalAttention,
+    NoContext,
+    ScatteredAttention,
+    ScoredEviction,
+    SlidingWindow,
+    StreamingLLM,
+)
 from .ccm import CCMConcat, CCMMerge
 from .episode import EpisodeTokens, tokenize_episode
 from .gist import Gist
@@ -21,6 +29,7 @@ METHODS: dict[str, type[Method]] = {
     "local": LocalAttention,
     "scattered": ScatteredAttention,
     "streaming": StreamingLLM,
+    "scored": ScoredEviction,
     "no-context": NoContext,
     "window": SlidingWindow,
 }

@@ -1,4 +1,5 @@
-"""Baselines through the same interface as the methods: full, local, scattered attention and StreamingLLM.
+"""Baselines through the same interface as the methods: full, local, scattered attention, StreamingLLM and a
+scored eviction (the scoring pass alone, nothing condensed).
 
 All of them keep plain text with contiguous positions and differ only in key expiry, so the evicting cache serves
 them exactly as it serves the learned methods.
@@ -17,6 +18,7 @@ from ..errors import UsageError
 from ..layout import IGNORE, NEVER, Layout, text_layout
 from .base import Method, TextPolicy, TokenizedText, param
 from .memory import TextWriter
+from .placements import scored_window
 
 
 def _check_ratio(ratio: float) -> None:
@@ -215,3 +217,53 @@ class StreamingLLM(Method):
     def decode_policy(self, prompt: Layout, token_ids: dict[str, int], seed: int = 0) -> TextPolicy:
         window = self.window(len(prompt))  # the budget is fixed by the prompt
         return TextPolicy.after(prompt, lambda index: NEVER if index < self.sinks else index + window)
+
+
+@dataclass
+class ScoredEviction(Method):
+    """The sentinel ``scored`` placement without the learned tokens: the prompt is read whole, then only the sinks,
+    the recent window and the older tokens the scoring pass ranks highest stay (SnapKV's rule, Li et al. 2024, with
+    one choice for every head and layer: a kvcondense cache keeps or frees a token everywhere); the rest is dropped,
+    not condensed. Training-free; what ``sentinel --placement scored`` must beat to show its ``<CR>``s help.
+
+    Attributes:
+        ratio: fraction of the prompt's KV to drop, in (0, 1).
+        sinks: initial tokens that are always kept.
+        window_share: share of the kept slots (after the sinks) given to the recent window.
+        score_window: the last tokens whose attention scores the others (kept, at least).
+    """
+
+    name: ClassVar[str] = "scored"
+    trainable: ClassVar[bool] = False
+    ratio: float = param(0.5, "compression ratio in (0, 1)")
+    sinks: int = param(4, "initial tokens never evicted")
+    window_share: float = param(0.5, "share of the kept slots (after the sinks) given to the raw recent window")
+    score_window: int = param(32, "the last tokens, kept, whose attention scores the others")
+
+    def __post_init__(self) -> None:
+        _check_ratio(self.ratio)
+        if self.sinks < 0 or self.score_window < 1 or not 0 < self.window_share < 1:
+            raise UsageError("scored needs sinks >= 0, score_window >= 1 and window_share in (0, 1)")
+
+    def scoring_window(self) -> int | None:
+        return self.score_window
+
+    def layout(self, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:
+        if text.scores is None:
+            raise UsageError(
+                "the scored method reads token scores: lay the text out with "
+                "kvcondense.scoring.method_layout(model, method, text, token_ids), which runs the scoring pass"
+            )
+        n, kept = len(text), 1 - self.ratio
+        budget = max(1, int(kept * n))
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[: self.sinks] = True
+        keep[max(0, n - scored_window(n, kept, self.sinks, self.window_share, self.score_window)) :] = True
+        rest = budget - int(keep.sum())
+        if rest > 0:
+            older = torch.nonzero(~keep).flatten()
+            keep[older[torch.topk(text.scores[older].float(), min(rest, len(older))).indices]] = True
+        return text_layout(text.ids, torch.where(keep, NEVER, n - 1))
+
+    def decode_policy(self, prompt: Layout, token_ids: dict[str, int], seed: int = 0) -> TextPolicy:
+        return TextPolicy.after(prompt)  # only the prompt is compressed, as a press does

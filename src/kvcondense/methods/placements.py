@@ -71,6 +71,12 @@ def word_spans_to_tokens(text: TokenizedText, word_spans: list[tuple[int, int]])
     return [(first[a], last[b]) for a, b in word_spans if a in first and b in last and first[a] <= last[b]]
 
 
+def scored_window(n: int, kept: float, sinks: int, window_share: float, score_window: int) -> int:
+    """The raw recent window of a scored layout of ``n`` tokens keeping ``kept`` of them: ``window_share`` of the
+    slots after the sinks, and at least the ``score_window`` tokens that scored the rest, within the budget."""
+    return max(0, min(max(score_window, int((kept * n - sinks) * window_share)), math.floor(kept * n) - sinks))
+
+
 def scored_spans(scores: torch.Tensor, kept: float, sinks: int, window: int, span_tokens: int) -> list[tuple[int, int]]:
     """Token spans for the ``scored`` placement: the first ``sinks`` and the last ``window`` tokens stay raw; of the
     tokens between, the highest-scoring stay raw too and every run of the others is tiled with spans of at most

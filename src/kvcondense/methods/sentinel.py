@@ -15,7 +15,7 @@ import torch
 from ..errors import UsageError
 from ..layout import NEVER, Kind, Layout, next_text_targets
 from .base import Method, StepPiece, TokenizedText, param, piece_layout
-from .placements import PLACEMENTS, recent_spans, scored_spans, select_spans, word_spans_to_tokens
+from .placements import PLACEMENTS, recent_spans, scored_spans, scored_window, select_spans, word_spans_to_tokens
 
 OPEN, CLOSE = "<CL>", "<CR>"
 LORA_SCOPES = ("all", "special")
@@ -243,7 +243,7 @@ class Sentinel(Method):
                     "kvcondense.scoring.method_layout(model, method, text, token_ids), which runs the scoring pass"
                 )
             else:
-                window = max(self.score_window, int(((1 - self.ratio) * len(text) - self.sinks) * self.window_share))
+                window = scored_window(len(text), 1 - self.ratio, self.sinks, self.window_share, self.score_window)
                 spans = scored_spans(text.scores, 1 - self.ratio, self.sinks, window, self.span_tokens)
             return sentinel_layout(
                 text.ids, spans, token_ids[OPEN], token_ids[CLOSE], self.cr_sees_prefix, self.evict == "end"
