@@ -164,8 +164,9 @@ class Sentinel(Method):
         score_window, span_tokens: the ``scored`` placement's observation window and longest span (see above).
         evict: when the text of a prompt span leaves the cache: ``close`` (at its ``<CR>``, the paper's: the rest
             of the prompt reads the ``<CR>`` only) or ``end`` (at the end of the prompt, which is read whole first,
-            as a KV press compresses after the prefill: the kept tokens' keys and values are exactly full
-            attention's, the peak memory is the whole prompt's). Generated text is always condensed at its ``<CR>``.
+            as a KV press compresses after the prefill: every kept token was computed reading the whole prompt
+            (and the ``<CR>``s before it); the peak memory is the whole prompt's). Generated text is always
+            condensed at its ``<CR>``.
         lora_scope: where the LoRA update acts: ``all`` tokens (the paper's) or only the ``special`` ones
             (``<CL>``/``<CR>``, a conditional LoRA as in CCM): text then runs the base model exactly, so with nothing
             compressed the checkpoint *is* the base model, and only the condensing tokens are learned.
