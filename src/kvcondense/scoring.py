@@ -17,7 +17,7 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
+from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -52,23 +52,30 @@ AttentionInterface.register(SCORING, _scoring_attention)
 
 
 @torch.no_grad()
-def token_scores(model, ids: torch.Tensor, window: int) -> torch.Tensor:
+def token_scores(model, ids: torch.Tensor, window: int, chunk_tokens: int = 512) -> torch.Tensor:
     """Scores (T,) of the tokens ``ids`` (T,): see the module docstring. The model runs the raw text as plain
-    text (a conditional LoRA stays off, as on any text token); ``window`` is clipped to the text."""
+    text (a conditional LoRA stays off, as on any text token); ``window`` is clipped to the text. The text before
+    the window is fed in chunks of ``chunk_tokens`` through a cache (memory bounded as in a chunked prefill), then
+    the window, whose attention is the score."""
     inner = getattr(model, "module", model)
     window = max(1, min(int(window), ids.shape[0]))
     scores: list[torch.Tensor] = []
-    kinds = torch.full((1, ids.shape[0]), int(Kind.TEXT), dtype=torch.long)
     base = attn_implementation(inner)
-    with lora_gate(inner, kinds), attention_implementation(inner, SCORING):
-        inner(
-            input_ids=ids[None].to(inner.device),
-            use_cache=False,
-            logits_to_keep=1,
-            kvc_window=window,
-            kvc_scores=scores,
-            kvc_base=base,
-        )
+    cache = DynamicCache(config=inner.config)
+    bounds = [*range(0, ids.shape[0] - window, chunk_tokens), ids.shape[0] - window, ids.shape[0]]
+    bounds = sorted(set(bounds))
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
+        last = hi == ids.shape[0]
+        kinds = torch.full((1, hi - lo), int(Kind.TEXT), dtype=torch.long)
+        with lora_gate(inner, kinds), attention_implementation(inner, SCORING if last else base):
+            inner(
+                input_ids=ids[None, lo:hi].to(inner.device),
+                position_ids=torch.arange(lo, hi, device=inner.device)[None],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                **({"kvc_window": window, "kvc_scores": scores, "kvc_base": base} if last else {}),
+            )
     if not scores:
         raise RuntimeError(f"the scoring pass saw no attention call: {type(inner).__name__} drops attention kwargs")
     mean = torch.stack(scores).mean(0)[0].float().cpu()
