@@ -37,6 +37,8 @@ def test_scores_are_the_last_queries_attention(family):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     chunked = token_scores(tiny_model(family), ids, w, chunk_tokens=7)  # the text before the window through a cache
     torch.testing.assert_close(chunked, want, atol=1e-5, rtol=1e-4)
+    on_eager = token_scores(model, ids, w, chunk_tokens=7)  # an eager model: its own mask function, not sdpa's
+    torch.testing.assert_close(on_eager, want, atol=1e-5, rtol=1e-4)
     assert abs(float(torch.stack([a[0, :, -w:].sum((0, 1)) for a in att]).mean(0).sum()) - w * att[0].shape[1]) < 1e-3
 
 

@@ -3,8 +3,9 @@
 The score of token ``t`` is the attention probability that the last ``window`` queries of the text put on it,
 summed over those queries and every query head and averaged over the layers, then smoothed over neighbouring tokens
 (SnapKV's observation window, Li et al. 2024, taken across all heads: a kvcondense layout keeps or frees a token in
-every layer at once). It is computed by the model itself on the raw text with full causal attention, in one forward
-through a registered attention implementation that adds the scores beside the ordinary sdpa/eager output.
+every layer at once). It is computed by the model itself on the raw text with full causal attention: the text before
+the window is read in chunks through a cache (a chunked prefill's memory), then the window runs through a registered
+attention implementation that adds the scores beside the ordinary sdpa/eager output.
 
 A method whose layout reads scores (the sentinel ``scored`` placement: keep the highest-scoring tokens raw, condense
 the rest into ``<CR>``s) says so with :meth:`kvcondense.methods.base.Method.scoring_window`; :func:`method_layout`
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import repeat_kv
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .forward import attention_implementation, attn_implementation
@@ -27,8 +29,10 @@ from .lora import lora_gate
 from .merge import eager_of
 from .methods.base import Method, TokenizedText
 
-SCORING = "kvcondense_score"
-"""The registered attention implementation of the scoring pass (see :func:`_scoring_attention`)."""
+SCORING = {"sdpa": "kvcondense_score", "eager": "kvcondense_score_eager"}
+"""The registered attention implementations of the scoring pass (see :func:`_scoring_attention`), by the attention
+they compute the output with; each is registered with that attention's mask function (a name transformers' mask
+registry does not know gets no causal mask at all, which is wrong for a window read over a cache)."""
 POOL = 5
 """Width of the window over which a token's score is averaged with its neighbours' (SnapKV's kernel)."""
 
@@ -48,7 +52,9 @@ def _scoring_attention(module, query, key, value, attention_mask, kvc_window=1, 
     return out
 
 
-AttentionInterface.register(SCORING, _scoring_attention)
+for _name, _mask in ((SCORING["sdpa"], sdpa_mask), (SCORING["eager"], eager_mask)):
+    AttentionInterface.register(_name, _scoring_attention)
+    AttentionMaskInterface.register(_name, _mask)
 
 
 @torch.no_grad()
@@ -61,20 +67,21 @@ def token_scores(model, ids: torch.Tensor, window: int, chunk_tokens: int = 512)
     window = max(1, min(int(window), ids.shape[0]))
     scores: list[torch.Tensor] = []
     base = attn_implementation(inner)
+    score_base = "eager" if base == "eager" else "sdpa"  # flash/flex kernels cannot take the mask the scores need
     cache = DynamicCache(config=inner.config)
     bounds = [*range(0, ids.shape[0] - window, chunk_tokens), ids.shape[0] - window, ids.shape[0]]
     bounds = sorted(set(bounds))
     for lo, hi in zip(bounds, bounds[1:], strict=False):
         last = hi == ids.shape[0]
         kinds = torch.full((1, hi - lo), int(Kind.TEXT), dtype=torch.long)
-        with lora_gate(inner, kinds), attention_implementation(inner, SCORING if last else base):
+        with lora_gate(inner, kinds), attention_implementation(inner, SCORING[score_base] if last else base):
             inner(
                 input_ids=ids[None, lo:hi].to(inner.device),
                 position_ids=torch.arange(lo, hi, device=inner.device)[None],
                 past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
-                **({"kvc_window": window, "kvc_scores": scores, "kvc_base": base} if last else {}),
+                **({"kvc_window": window, "kvc_scores": scores, "kvc_base": score_base} if last else {}),
             )
     if not scores:
         raise RuntimeError(f"the scoring pass saw no attention call: {type(inner).__name__} drops attention kwargs")
