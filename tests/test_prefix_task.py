@@ -76,7 +76,7 @@ def test_a_budget_out_of_reach_is_one_line(setup):
     method = build_method("sentinel", ratio=0.9, min_line_words=10_000)  # no line is long enough for a span
     token_ids = add_special_tokens(model, tok, method.special_tokens)
     with pytest.raises(ValueError, match="out of its reach"):
-        check_reachable(method, token_ids, windows, 0.1)
+        check_reachable(model, method, token_ids, windows, 0.1)
 
 
 def test_budget_needs_a_method_with_a_ratio():
