@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The scored rows of the recall, multi-query and needle tables: the training-free `scored` eviction (SnapKV's rule
+# with one choice for every head: what a kvcondense cache can free) and, if CHECKPOINT is set, a sentinel checkpoint
+# run with the scored placement (e.g. the one scripts/scored_distill.sh makes), at 50 / 25 / 12.5 % KV kept.
+# The settings are those of scripts/recall_table.sh, scripts/multi_query_table.sh and scripts/needle_table.sh, so
+# the rows sit beside theirs (same episodes, same token ids as kvpress); results into runs/recall, runs/multi and
+# runs/needle.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+K=.venv/bin/kvcondense
+budgets=(--kv-budget 0.5 0.25 0.125)
+recall=(--task qa --data recall --episodes 30 --out-dir runs/recall)
+multi=(--task qa --data recall --episodes 30 --questions 4 --out-dir runs/multi)
+needle=(--task needle --needle-lengths 512 1024 --needle-depths 0 0.5 1 --docs 2 --out-dir runs/needle)
+for task in recall multi needle; do
+  declare -n flags=$task
+  $K eval --method scored "${budgets[@]}" "${flags[@]}"
+  if [ -n "${CHECKPOINT:-}" ]; then
+    $K eval --checkpoint "$CHECKPOINT" --placement scored --evict end "${budgets[@]}" "${flags[@]}"
+  fi
+done
