@@ -224,7 +224,9 @@ class ScoredEviction(Method):
     """The sentinel ``scored`` placement without the learned tokens: the prompt is read whole, then only the sinks,
     the recent window and the older tokens the scoring pass ranks highest stay (SnapKV's rule, Li et al. 2024, with
     one choice for every head and layer: a kvcondense cache keeps or frees a token everywhere); the rest is dropped,
-    not condensed. Training-free; what ``sentinel --placement scored`` must beat to show its ``<CR>``s help.
+    not condensed. Training-free as it stands (what ``sentinel --placement scored`` must beat to show its ``<CR>``s
+    help); ``kvcondense train --method scored`` fits a LoRA that reads the pruned cache (as local and scattered
+    attention do: the model learns to do without the dropped tokens).
 
     Attributes:
         ratio: fraction of the prompt's KV to drop, in (0, 1).
@@ -234,7 +236,6 @@ class ScoredEviction(Method):
     """
 
     name: ClassVar[str] = "scored"
-    trainable: ClassVar[bool] = False
     ratio: float = param(0.5, "compression ratio in (0, 1)")
     sinks: int = param(4, "initial tokens never evicted")
     window_share: float = param(0.5, "share of the kept slots (after the sinks) given to the raw recent window")
