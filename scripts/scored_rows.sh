@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The scored rows of the recall, multi-query and needle tables: the training-free `scored` eviction (SnapKV's rule
-# with one choice for every head: what a kvcondense cache can free) and, if CHECKPOINT is set, a sentinel checkpoint
-# run with the scored placement (e.g. the one scripts/scored_distill.sh makes), at 50 / 25 / 12.5 % KV kept.
+# with one choice for every head: what a kvcondense cache can free) and, if CHECKPOINT is set, a checkpoint with its
+# own settings (the sentinel of scripts/scored_distill.sh, or `train --method scored`), at 50 / 25 / 12.5 % KV kept.
 # The settings are those of scripts/recall_table.sh, scripts/multi_query_table.sh and scripts/needle_table.sh, so
 # the rows sit beside theirs (same episodes, same token ids as kvpress); results into runs/recall, runs/multi and
 # runs/needle.
@@ -16,6 +16,6 @@ for task in recall multi needle; do
   declare -n flags=$task
   $K eval --method scored "${budgets[@]}" "${flags[@]}"
   if [ -n "${CHECKPOINT:-}" ]; then
-    $K eval --checkpoint "$CHECKPOINT" --placement scored --evict end "${budgets[@]}" "${flags[@]}"
+    $K eval --checkpoint "$CHECKPOINT" "${budgets[@]}" "${flags[@]}"
   fi
 done
