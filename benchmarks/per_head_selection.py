@@ -1,0 +1,115 @@
+"""One choice of kept tokens for the whole cache against one choice per (layer, KV head), in one harness.
+
+    .venv/bin/python benchmarks/per_head_selection.py [--model smollm2-135m] [--docs 6] [--window 32]
+        [--kept 0.5 0.25 0.125]
+
+kvcondense's ``scored`` eviction keeps or frees a token in every layer and head at once (a layout has one
+visibility rule per token); kvpress's SnapKV applies the same kind of rule per layer and KV head. This measures
+what that difference alone is worth, with everything else equal: the prefix task's windows (``--docs`` held-out
+wiki windows, a 1024-token context then 128 tokens scored, as ``kvcondense eval --task prefix``), one scoring pass
+(the attention of the context's last ``--window`` queries, summed over them, pooled over 5 neighbours), the same
+4 sinks and the same ``--window`` recent tokens always kept, and exactly ``floor(kept x 1024)`` tokens kept per
+head. ``uniform`` ranks tokens by the score summed over heads and averaged over layers (kvcondense's rule);
+``per head`` ranks them separately in every layer and KV head (SnapKV's). The context is read whole, then the
+continuation attends only to what each head kept (a mask: this measures quality, not memory). Prints the mean
+per-token KL(p_full || p) over the scored tokens for each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+from kvcondense.data import load_split
+from kvcondense.models import load_model
+from kvcondense.prefix_task import prefix_windows
+
+POOL, SINKS = 5, 4
+
+
+class Heads:
+    """Two attention implementations sharing one state: ``score`` records each layer's (KV heads, T) scores,
+    ``keep`` masks, for the queries after the context, the context keys a head did not keep."""
+
+    def __init__(self, window: int):
+        self.window, self.scores, self.keep = window, {}, {}
+
+    def score(self, module, query, key, value, attention_mask, **kw):
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+        q, k = query[:, :, -self.window :].float(), repeat_kv(key, query.shape[1] // key.shape[1]).float()
+        t = k.shape[2]
+        future = torch.arange(t)[None] > torch.arange(t - self.window, t)[:, None]
+        logits = (q @ k.transpose(-1, -2) * module.scaling).masked_fill(future, float("-inf"))
+        probs = torch.softmax(logits, -1).sum(2)[0]  # (query heads, T)
+        self.scores[module.layer_idx] = probs.view(key.shape[1], -1, t).sum(1)  # summed over each KV head's group
+        return out
+
+    def masked(self, module, query, key, value, attention_mask, **kw):
+        keep = self.keep[module.layer_idx].repeat_interleave(query.shape[1] // key.shape[1], 0)  # (query heads, P)
+        n, p = query.shape[2], keep.shape[1]
+        mask = torch.ones(n, n, dtype=torch.bool).tril()[None].repeat(query.shape[1], 1, 1)
+        mask[:, p:, :p] &= keep[:, None, :]
+        kw.pop("is_causal", None)
+        return sdpa_attention_forward(module, query, key, value, mask[None], is_causal=False, **kw)
+
+
+def keep_top(scores: torch.Tensor, kept: float, window: int) -> torch.Tensor:
+    """Bool (T,): the sinks, the last ``window`` tokens and the best pooled scores, floor(kept x T) in all."""
+    t = scores.shape[0]
+    pooled = F.avg_pool1d(scores[None, None], POOL, 1, POOL // 2, count_include_pad=False)[0, 0].clone()
+    pooled[:SINKS] = pooled[t - window :] = float("inf")
+    keep = torch.zeros(t, dtype=torch.bool)
+    keep[pooled.topk(math.floor(kept * t)).indices] = True
+    return keep
+
+
+def with_attention(model, name: str):
+    model.config._attn_implementation = name
+    return model
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--docs", type=int, default=6)
+    ap.add_argument("--window", type=int, default=32)
+    ap.add_argument("--kept", type=float, nargs="+", default=[0.5, 0.25, 0.125])
+    args = ap.parse_args()
+    model, tokenizer = load_model(args.model)
+    model.eval()
+    heads = Heads(args.window)
+    AttentionInterface.register("bench_score", heads.score)
+    AttentionInterface.register("bench_masked", heads.masked)
+    windows = prefix_windows(load_split("wiki", "test"), tokenizer, 1024, 128, args.docs)
+    kl: dict[tuple[float, str], list[torch.Tensor]] = {}
+    for ctx, nxt in windows:
+        ids, p = torch.cat([ctx.ids, nxt])[None], ctx.ids.shape[0]
+        full = with_attention(model, "sdpa")(ids).logits[0, p - 1 : -1].float().log_softmax(-1)
+        with_attention(model, "bench_score")(ctx.ids[None])
+        layers = sorted(heads.scores)
+        uniform = torch.stack([heads.scores[i].sum(0) for i in layers]).mean(0)
+        for kept in args.kept:
+            one = keep_top(uniform, kept, args.window)
+            choices = {
+                "uniform": {i: one[None].expand_as(heads.scores[i]) for i in layers},
+                "per head": {i: torch.stack([keep_top(s, kept, args.window) for s in heads.scores[i]]) for i in layers},
+            }
+            for name, keep in choices.items():
+                heads.keep = keep
+                logp = with_attention(model, "bench_masked")(ids).logits[0, p - 1 : -1].float().log_softmax(-1)
+                kl.setdefault((kept, name), []).append((full.exp() * (full - logp)).sum(-1))
+        with_attention(model, "sdpa")
+    print(f"{'kept':>6}  {'uniform':>9}  {'per head':>9}  ratio")
+    for kept in args.kept:
+        u, h = (float(torch.cat(kl[(kept, n)]).mean()) for n in ("uniform", "per head"))
+        print(f"{kept:6.3f}  {u:9.4f}  {h:9.4f}  {u / h:5.2f}")
+
+
+if __name__ == "__main__":
+    main()
