@@ -206,3 +206,60 @@ def test_scored_eviction_trains_a_lora_that_reads_the_pruned_cache(tiny_dir, sam
     windows = [(text(40, 5), torch.randint(0, 90, (8,), generator=torch.Generator().manual_seed(6)))]
     res = prefix_task(got.model, got.method, got.token_ids, windows)
     assert res["kv_kept"] == 10 / 40 and res["kl_to_full"] > 0
+
+
+def test_scoring_pass_is_the_same_in_training_mode_with_gradient_checkpointing():
+    """Training lays blocks out on a model in train mode: no dropout in the pass, no checkpointing dropping the
+    chunks' cache, and every module's mode restored afterwards."""
+    ids, want = text(50).ids, token_scores(tiny_model("llama"), text(50).ids, 6, chunk_tokens=16)
+    model = tiny_model("llama")
+    model.config.attention_dropout = 0.5
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    model.model.norm.eval()  # a module left in eval mode by its owner stays so
+    torch.testing.assert_close(token_scores(model, ids, 6, chunk_tokens=16), want)
+    assert model.training and model.model.layers[0].training and not model.model.norm.training
+
+
+def test_scoring_pass_refuses_a_sliding_window_cache():
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    cfg = MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=16)  # fmt: skip
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    with pytest.raises(UsageError, match="sliding"):
+        token_scores(model, text(50).ids, 6, chunk_tokens=16)
+
+
+@pytest.mark.parametrize("n", [64, 100, 512])
+def test_scored_sentinel_never_exceeds_the_budget_when_the_window_could_take_it_all(n):
+    """The default window (32) can take every slot left after the sinks at a small budget: one slot stays for the
+    older region's <CR>, so the layout keeps at most kept x n."""
+    t = text(n)
+    t.scores = torch.rand(n, generator=torch.Generator().manual_seed(n))
+    for ratio in (0.75, 0.9, 0.9375):
+        lay = build_method("sentinel", ratio=ratio, placement="scored").layout(t, TOKENS)
+        assert lay.kept_slots() <= int((1 - ratio) * n + 1e-9), (n, ratio)
+
+
+def test_scored_eviction_keeps_the_last_token_when_the_sinks_fill_the_budget():
+    t = text(22)
+    t.scores = torch.rand(22, generator=torch.Generator().manual_seed(0))
+    lay = build_method("scored", ratio=0.75, sinks=16, score_window=4).layout(t, {})
+    assert int(lay.expire[-1]) == NEVER and lay.kept_slots() == 5
+
+
+def test_prompt_end_compression_refuses_what_would_measure_full_attention(tiny_dir, sample_path, tmp_path):
+    """Scored eviction and sentinel evict=end free nothing while the text is read: perplexity over the text and a
+    training loss without a continuation would be full attention's, so both are one clear line."""
+    from kvcondense.cli import main
+    from kvcondense.train import TrainConfig, train
+
+    for method in (["--method", "scored"], ["--method", "sentinel", "--placement", "scored", "--evict", "end"]):
+        argv = ["eval", *method, "--model", tiny_dir, "--data", sample_path, "--split", "train"]
+        assert main([str(a) for a in argv]) == 2
+    cfg = TrainConfig(method="scored", model=str(tiny_dir), data=str(sample_path), out=str(tmp_path / "x"),
+                      steps=1, batch_size=1, block_tokens=64, save_every=0)  # fmt: skip
+    with pytest.raises(UsageError, match="continuation-tokens"):
+        train(cfg)
+    assert not (tmp_path / "x").exists()

@@ -134,6 +134,11 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
         samples = continuation_samples(docs, tokenizer, cfg.prefix_tokens, cfg.new_tokens, cfg.docs)
         scorer = BertScore(cfg.bertscore_encoder) if cfg.bertscore else None
     else:
+        if base_method.compresses_at_prompt_end():
+            raise UsageError(
+                f"{label} frees nothing until a prompt has been read whole, so perplexity over the text itself would "
+                "be full attention's: score what reads the compressed prompt with --task prefix, qa or needle"
+            )
         chosen = scored_blocks(docs, tokenizer, cfg)
     results = []
     has_ratio = "ratio" in base_method.params()

@@ -23,6 +23,7 @@ from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .errors import UsageError
 from .forward import attention_implementation, attn_implementation
 from .layout import Kind, Layout
 from .lora import lora_gate
@@ -64,6 +65,23 @@ def token_scores(model, ids: torch.Tensor, window: int, chunk_tokens: int = 512)
     the window is fed in chunks of ``chunk_tokens`` through a cache (memory bounded as in a chunked prefill), then
     the window, whose attention is the score."""
     inner = getattr(model, "module", model)
+    modes = [(m, m.training) for m in inner.modules()]
+    inner.eval()  # no dropout, and no gradient checkpointing (which would drop the cache of the chunks)
+    try:
+        mean = _layer_mean_scores(inner, ids, window, chunk_tokens)
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    if mean.shape[0] != ids.shape[0]:
+        raise UsageError(
+            f"the scoring pass saw {mean.shape[0]} of {ids.shape[0]} keys: {type(inner).__name__} keeps a sliding "
+            "window in its cache; a scored layout needs full attention in every layer"
+        )
+    return F.avg_pool1d(mean[None, None], POOL, stride=1, padding=POOL // 2, count_include_pad=False)[0, 0]
+
+
+def _layer_mean_scores(inner, ids: torch.Tensor, window: int, chunk_tokens: int) -> torch.Tensor:
+    """The scores before pooling: (T,) attention of the last ``window`` queries, mean over layers."""
     window = max(1, min(int(window), ids.shape[0]))
     scores: list[torch.Tensor] = []
     base = attn_implementation(inner)
@@ -85,8 +103,7 @@ def token_scores(model, ids: torch.Tensor, window: int, chunk_tokens: int = 512)
             )
     if not scores:
         raise RuntimeError(f"the scoring pass saw no attention call: {type(inner).__name__} drops attention kwargs")
-    mean = torch.stack(scores).mean(0)[0].float().cpu()
-    return F.avg_pool1d(mean[None, None], POOL, stride=1, padding=POOL // 2, count_include_pad=False)[0, 0]
+    return torch.stack(scores).mean(0)[0].float().cpu()
 
 
 def with_scores(model, method: Method, text: TokenizedText) -> TokenizedText:

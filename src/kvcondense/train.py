@@ -181,6 +181,11 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     episodic = is_episode_data(cfg.data)
     if episodic and not method.reads_episodes():
         raise UsageError(f"--data {cfg.data} holds online episodes, which only the ccm methods train on")
+    if not episodic and not cfg.continuation_tokens and method.compresses_at_prompt_end():
+        raise UsageError(
+            f"{cfg.method} frees nothing until a block has been read whole, so a loss on the block itself never sees "
+            "the compression: give --continuation-tokens N (the last N tokens read what the method kept)"
+        )
     if episodic and cfg.continuation_tokens:
         raise UsageError("--continuation-tokens splits text blocks; an episode already ends in its query and answer")
     resumable = resume and (out / META).is_file()

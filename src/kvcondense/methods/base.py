@@ -161,6 +161,12 @@ class Method:
         (``TokenizedText.scores``, from :func:`kvcondense.scoring.method_layout`); None when it reads none."""
         return None
 
+    def compresses_at_prompt_end(self) -> bool:
+        """Whether this method frees nothing until the prompt has been read whole (as a KV press compresses after
+        the prefill): every prompt token then sees the whole prompt, so a score over the prompt itself (perplexity,
+        a training loss without ``--continuation-tokens``) measures full attention, not the compression."""
+        return False
+
     def decode_policy(self, prompt: Layout, token_ids: dict[str, int], seed: int = 0):
         """The method's rule for generated tokens after ``prompt``: an object whose ``step(token)`` returns the
         :class:`StepPiece` to feed (see :mod:`kvcondense.engine`). Default: every generated token is kept."""

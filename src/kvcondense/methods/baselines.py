@@ -249,6 +249,9 @@ class ScoredEviction(Method):
     def scoring_window(self) -> int | None:
         return self.score_window
 
+    def compresses_at_prompt_end(self) -> bool:
+        return True
+
     def layout(self, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:
         if text.scores is None:
             raise UsageError(
@@ -257,9 +260,10 @@ class ScoredEviction(Method):
             )
         n, kept = len(text), 1 - self.ratio
         budget = max(1, int(kept * n))
+        sinks = min(self.sinks, budget - 1)  # the last prompt token stays, however short the prompt
         keep = torch.zeros(n, dtype=torch.bool)
-        keep[: self.sinks] = True
-        keep[max(0, n - scored_window(n, kept, self.sinks, self.window_share, self.score_window)) :] = True
+        keep[:sinks] = True
+        keep[n - max(1, scored_window(n, kept, sinks, self.window_share, self.score_window)) :] = True
         rest = budget - int(keep.sum())
         if rest > 0:
             older = torch.nonzero(~keep).flatten()

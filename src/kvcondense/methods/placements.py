@@ -73,8 +73,12 @@ def word_spans_to_tokens(text: TokenizedText, word_spans: list[tuple[int, int]])
 
 def scored_window(n: int, kept: float, sinks: int, window_share: float, score_window: int) -> int:
     """The raw recent window of a scored layout of ``n`` tokens keeping ``kept`` of them: ``window_share`` of the
-    slots after the sinks, and at least the ``score_window`` tokens that scored the rest, within the budget."""
-    return max(0, min(max(score_window, int((kept * n - sinks) * window_share)), math.floor(kept * n) - sinks))
+    slots after the sinks, and at least the ``score_window`` tokens that scored the rest, within the budget; when
+    older tokens remain between the sinks and the window, one slot is left for them (a ``<CR>`` or a raw token)."""
+    room = math.floor(kept * n) - sinks
+    if n - sinks - room >= 2:
+        room -= 1
+    return max(0, min(max(score_window, int((kept * n - sinks) * window_share)), room))
 
 
 def scored_spans(scores: torch.Tensor, kept: float, sinks: int, window: int, span_tokens: int) -> list[tuple[int, int]]:

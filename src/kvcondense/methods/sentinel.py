@@ -6,6 +6,7 @@ Ren, Jia, Zhu. "Context Compression for Auto-regressive Transformers with Sentin
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import ClassVar
@@ -234,6 +235,9 @@ class Sentinel(Method):
     def scoring_window(self) -> int | None:
         return self.score_window if self.placement == "scored" else None
 
+    def compresses_at_prompt_end(self) -> bool:
+        return self.evict == "end"
+
     def layout(self, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:
         if self.placement in ("recent", "scored"):
             if self.placement == "recent":
@@ -244,8 +248,10 @@ class Sentinel(Method):
                     "kvcondense.scoring.method_layout(model, method, text, token_ids), which runs the scoring pass"
                 )
             else:
-                window = scored_window(len(text), 1 - self.ratio, self.sinks, self.window_share, self.score_window)
-                spans = scored_spans(text.scores, 1 - self.ratio, self.sinks, window, self.span_tokens)
+                n, kept = len(text), 1 - self.ratio
+                sinks = min(self.sinks, max(0, math.floor(kept * n) - 2))  # room for a <CR> and the last token
+                window = scored_window(n, kept, sinks, self.window_share, self.score_window)
+                spans = scored_spans(text.scores, kept, sinks, window, self.span_tokens)
             return sentinel_layout(
                 text.ids, spans, token_ids[OPEN], token_ids[CLOSE], self.cr_sees_prefix, self.evict == "end"
             )
