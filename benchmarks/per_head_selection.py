@@ -23,33 +23,24 @@ import math
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvcondense.data import load_split
 from kvcondense.models import load_model
 from kvcondense.prefix_task import prefix_windows
+from kvcondense.scoring import head_scores
 
 POOL, SINKS = 5, 4
 
 
-class Heads:
-    """Two attention implementations sharing one state: ``score`` records each layer's (KV heads, T) scores,
-    ``keep`` masks, for the queries after the context, the context keys a head did not keep."""
+class HeadMask:
+    """An attention implementation that hides, from the queries after the context, the context keys a KV head did
+    not keep (``keep[layer]``: (KV heads, context) bool)."""
 
-    def __init__(self, window: int):
-        self.window, self.scores, self.keep = window, {}, {}
+    def __init__(self):
+        self.keep: dict[int, torch.Tensor] = {}
 
-    def score(self, module, query, key, value, attention_mask, **kw):
-        out = sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
-        q, k = query[:, :, -self.window :].float(), repeat_kv(key, query.shape[1] // key.shape[1]).float()
-        t = k.shape[2]
-        future = torch.arange(t)[None] > torch.arange(t - self.window, t)[:, None]
-        logits = (q @ k.transpose(-1, -2) * module.scaling).masked_fill(future, float("-inf"))
-        probs = torch.softmax(logits, -1).sum(2)[0]  # (query heads, T)
-        self.scores[module.layer_idx] = probs.view(key.shape[1], -1, t).sum(1)  # summed over each KV head's group
-        return out
-
-    def masked(self, module, query, key, value, attention_mask, **kw):
+    def __call__(self, module, query, key, value, attention_mask, **kw):
         keep = self.keep[module.layer_idx].repeat_interleave(query.shape[1] // key.shape[1], 0)  # (query heads, P)
         n, p = query.shape[2], keep.shape[1]
         mask = torch.ones(n, n, dtype=torch.bool).tril()[None].repeat(query.shape[1], 1, 1)
@@ -83,28 +74,26 @@ def main() -> None:
     args = ap.parse_args()
     model, tokenizer = load_model(args.model)
     model.eval()
-    heads = Heads(args.window)
-    AttentionInterface.register("bench_score", heads.score)
-    AttentionInterface.register("bench_masked", heads.masked)
+    heads = HeadMask()
+    AttentionInterface.register("bench_masked", heads)
     windows = prefix_windows(load_split("wiki", "test"), tokenizer, 1024, 128, args.docs)
     kl: dict[tuple[float, str], list[torch.Tensor]] = {}
     for ctx, nxt in windows:
         ids, p = torch.cat([ctx.ids, nxt])[None], ctx.ids.shape[0]
         full = with_attention(model, "sdpa")(ids).logits[0, p - 1 : -1].float().log_softmax(-1)
-        with_attention(model, "bench_score")(ctx.ids[None])
-        layers = sorted(heads.scores)
-        uniform = torch.stack([heads.scores[i].sum(0) for i in layers]).mean(0)
+        scores = head_scores(model, ctx.ids, args.window)  # the library's scoring pass: (layers, KV heads, T)
+        layers = range(scores.shape[0])
+        uniform = scores.sum(1).mean(0)
         for kept in args.kept:
             one = keep_top(uniform, kept, args.window)
             choices = {
-                "uniform": {i: one[None].expand_as(heads.scores[i]) for i in layers},
-                "per head": {i: torch.stack([keep_top(s, kept, args.window) for s in heads.scores[i]]) for i in layers},
+                "uniform": {i: one[None].expand_as(scores[i]) for i in layers},
+                "per head": {i: torch.stack([keep_top(s, kept, args.window) for s in scores[i]]) for i in layers},
             }
             for name, keep in choices.items():
                 heads.keep = keep
                 logp = with_attention(model, "bench_masked")(ids).logits[0, p - 1 : -1].float().log_softmax(-1)
                 kl.setdefault((kept, name), []).append((full.exp() * (full - logp)).sum(-1))
-        with_attention(model, "sdpa")
     print(f"{'kept':>6}  {'uniform':>9}  {'per head':>9}  ratio")
     for kept in args.kept:
         u, h = (float(torch.cat(kl[(kept, n)]).mean()) for n in ("uniform", "per head"))

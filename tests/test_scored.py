@@ -12,7 +12,7 @@ from kvcondense.forward import parallel_forward
 from kvcondense.layout import NEVER, Kind
 from kvcondense.methods import TokenizedText, build_method
 from kvcondense.methods.placements import scored_spans
-from kvcondense.scoring import POOL, method_layout, token_scores, with_scores
+from kvcondense.scoring import POOL, head_scores, method_layout, token_scores, with_scores
 
 TOKENS = {"<CL>": 94, "<CR>": 95}
 
@@ -263,3 +263,18 @@ def test_prompt_end_compression_refuses_what_would_measure_full_attention(tiny_d
     with pytest.raises(UsageError, match="continuation-tokens"):
         train(cfg)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_head_scores_are_each_kv_heads_attention(family):
+    """Per layer and KV head: the eager attention of the last w rows, summed over them and over the query heads
+    that share the KV head (GQA groups for llama, one head each for gpt2)."""
+    model = tiny_model(family, attn="eager")
+    ids, w = text(40).ids, 5
+    with torch.no_grad():
+        att = model(input_ids=ids[None], output_attentions=True).attentions  # per layer (1, H, T, T)
+    kv = model.config.num_key_value_heads if family == "llama" else model.config.n_head
+    want = torch.stack([a[0, :, -w:].sum(1).view(kv, -1, 40).sum(1) for a in att])
+    got = head_scores(tiny_model(family), ids, w, chunk_tokens=9)
+    assert got.shape == (len(att), kv, 40)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

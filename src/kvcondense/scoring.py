@@ -40,7 +40,8 @@ POOL = 5
 
 def _scoring_attention(module, query, key, value, attention_mask, kvc_window=1, kvc_scores=None, kvc_base="sdpa", **kw):
     """The model's own attention, plus the attention probabilities of the last ``kvc_window`` queries (causal)
-    summed over queries and heads, appended to ``kvc_scores`` as (B, T)."""
+    summed over those queries and over each KV head's group of query heads, appended to ``kvc_scores`` as
+    (B, KV heads, T)."""
     base = eager_of(module) if kvc_base == "eager" else ALL_ATTENTION_FUNCTIONS[kvc_base]
     out = base(module, query, key, value, attention_mask, **kw)
     q = query[:, :, -kvc_window:].float()  # (B, H, w, d)
@@ -49,7 +50,8 @@ def _scoring_attention(module, query, key, value, attention_mask, kvc_window=1, 
     logits = q @ k.transpose(-1, -2) * (module.scaling if kw.get("scaling") is None else kw["scaling"])
     future = torch.arange(t, device=q.device)[None, :] > torch.arange(t - w, t, device=q.device)[:, None]
     probs = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
-    kvc_scores.append(probs.sum(dim=(1, 2)))
+    b, h, _, _ = probs.shape
+    kvc_scores.append(probs.sum(dim=2).view(b, key.shape[1], h // key.shape[1], t).sum(dim=2))
     return out
 
 
@@ -64,24 +66,33 @@ def token_scores(model, ids: torch.Tensor, window: int, chunk_tokens: int = 512)
     text (a conditional LoRA stays off, as on any text token); ``window`` is clipped to the text. The text before
     the window is fed in chunks of ``chunk_tokens`` through a cache (memory bounded as in a chunked prefill), then
     the window, whose attention is the score."""
-    inner = getattr(model, "module", model)
-    modes = [(m, m.training) for m in inner.modules()]
-    inner.eval()  # no dropout, and no gradient checkpointing (which would drop the cache of the chunks)
-    try:
-        mean = _layer_mean_scores(inner, ids, window, chunk_tokens)
-    finally:
-        for module, mode in modes:
-            module.training = mode
-    if mean.shape[0] != ids.shape[0]:
-        raise UsageError(
-            f"the scoring pass saw {mean.shape[0]} of {ids.shape[0]} keys: {type(inner).__name__} keeps a sliding "
-            "window in its cache; a scored layout needs full attention in every layer"
-        )
+    mean = head_scores(model, ids, window, chunk_tokens).sum(1).mean(0)
     return F.avg_pool1d(mean[None, None], POOL, stride=1, padding=POOL // 2, count_include_pad=False)[0, 0]
 
 
-def _layer_mean_scores(inner, ids: torch.Tensor, window: int, chunk_tokens: int) -> torch.Tensor:
-    """The scores before pooling: (T,) attention of the last ``window`` queries, mean over layers."""
+@torch.no_grad()
+def head_scores(model, ids: torch.Tensor, window: int, chunk_tokens: int = 512) -> torch.Tensor:
+    """Scores before pooling, per layer and KV head: (layers, KV heads, T), the attention probability the last
+    ``window`` queries put on each token, summed over them and over the query heads that share the KV head.
+    The pass runs in eval mode (no dropout; gradient checkpointing would drop the cache), every module's mode
+    restored afterwards."""
+    inner = getattr(model, "module", model)
+    modes = [(m, m.training) for m in inner.modules()]
+    inner.eval()
+    try:
+        scores = _scores_by_layer(inner, ids, window, chunk_tokens)
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    if scores.shape[-1] != ids.shape[0]:
+        raise UsageError(
+            f"the scoring pass saw {scores.shape[-1]} of {ids.shape[0]} keys: {type(inner).__name__} keeps a sliding "
+            "window in its cache; a scored layout needs full attention in every layer"
+        )
+    return scores
+
+
+def _scores_by_layer(inner, ids: torch.Tensor, window: int, chunk_tokens: int) -> torch.Tensor:
     window = max(1, min(int(window), ids.shape[0]))
     scores: list[torch.Tensor] = []
     base = attn_implementation(inner)
@@ -103,7 +114,7 @@ def _layer_mean_scores(inner, ids: torch.Tensor, window: int, chunk_tokens: int)
             )
     if not scores:
         raise RuntimeError(f"the scoring pass saw no attention call: {type(inner).__name__} drops attention kwargs")
-    return torch.stack(scores).mean(0)[0].float().cpu()
+    return torch.stack(scores)[:, 0].float().cpu()
 
 
 def with_scores(model, method: Method, text: TokenizedText) -> TokenizedText:
