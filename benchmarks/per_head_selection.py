@@ -80,7 +80,7 @@ def main() -> None:
     kl: dict[tuple[float, str], list[torch.Tensor]] = {}
     for ctx, nxt in windows:
         ids, p = torch.cat([ctx.ids, nxt])[None], ctx.ids.shape[0]
-        full = with_attention(model, "sdpa")(ids).logits[0, p - 1 : -1].float().log_softmax(-1)
+        full = with_attention(model, "sdpa")(ids).logits[0, p:-1].float().log_softmax(-1)
         scores = head_scores(model, ctx.ids, args.window)  # the library's scoring pass: (layers, KV heads, T)
         layers = range(scores.shape[0])
         uniform = scores.sum(1).mean(0)
@@ -92,7 +92,7 @@ def main() -> None:
             }
             for name, keep in choices.items():
                 heads.keep = keep
-                logp = with_attention(model, "bench_masked")(ids).logits[0, p - 1 : -1].float().log_softmax(-1)
+                logp = with_attention(model, "bench_masked")(ids).logits[0, p:-1].float().log_softmax(-1)
                 kl.setdefault((kept, name), []).append((full.exp() * (full - logp)).sum(-1))
     print(f"{'kept':>6}  {'uniform':>9}  {'per head':>9}  ratio")
     for kept in args.kept:

@@ -222,13 +222,18 @@ def test_scoring_pass_is_the_same_in_training_mode_with_gradient_checkpointing()
 
 
 def test_scoring_pass_refuses_a_sliding_window_cache():
-    from transformers import AutoModelForCausalLM, MistralConfig
+    """Every layer sliding (Mistral), or some (Qwen2 with max_window_layers): a text longer than the window is one
+    line, including one short enough that the cache still holds every key (its scores would be wrong)."""
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
 
-    cfg = MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, sliding_window=16)  # fmt: skip
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
-    with pytest.raises(UsageError, match="sliding"):
-        token_scores(model, text(50).ids, 6, chunk_tokens=16)
+    shape = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, sliding_window=16)  # fmt: skip
+    for cfg in (MistralConfig(**shape), Qwen2Config(**shape, use_sliding_window=True, max_window_layers=1)):
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+        for n in (20, 60):
+            with pytest.raises(UsageError, match="sliding window"):
+                token_scores(model, text(n).ids, 6, chunk_tokens=16)
+        assert token_scores(model, text(16).ids, 6).shape == (16,)  # within the window: every layer sees it all
 
 
 @pytest.mark.parametrize("n", [64, 100, 512])

@@ -77,6 +77,7 @@ def head_scores(model, ids: torch.Tensor, window: int, chunk_tokens: int = 512) 
     The pass runs in eval mode (no dropout; gradient checkpointing would drop the cache), every module's mode
     restored afterwards."""
     inner = getattr(model, "module", model)
+    check_full_attention(inner.config, ids.shape[0])
     modes = [(m, m.training) for m in inner.modules()]
     inner.eval()
     try:
@@ -84,12 +85,21 @@ def head_scores(model, ids: torch.Tensor, window: int, chunk_tokens: int = 512) 
     finally:
         for module, mode in modes:
             module.training = mode
-    if scores.shape[-1] != ids.shape[0]:
-        raise UsageError(
-            f"the scoring pass saw {scores.shape[-1]} of {ids.shape[0]} keys: {type(inner).__name__} keeps a sliding "
-            "window in its cache; a scored layout needs full attention in every layer"
-        )
     return scores
+
+
+def check_full_attention(config, n: int) -> None:
+    """Refuse, in one line, a text longer than a sliding window of the model: its layers do not see every token, so
+    a score of every token by every layer does not exist (and the scoring attention applies no window)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    sliding = any("sliding" in t for t in types) if types else bool(getattr(cfg, "use_sliding_window", True))
+    if window and sliding and n > window:
+        raise UsageError(
+            f"the scoring pass needs full attention over the text: this model's layers see a sliding window of "
+            f"{window} tokens and the text has {n}; use a placement without scores"
+        )
 
 
 def _scores_by_layer(inner, ids: torch.Tensor, window: int, chunk_tokens: int) -> torch.Tensor:
@@ -114,6 +124,9 @@ def _scores_by_layer(inner, ids: torch.Tensor, window: int, chunk_tokens: int) -
             )
     if not scores:
         raise RuntimeError(f"the scoring pass saw no attention call: {type(inner).__name__} drops attention kwargs")
+    if any(s.shape[-1] != ids.shape[0] for s in scores):  # a cache that kept fewer keys than the text
+        raise UsageError(f"the scoring pass saw fewer than the text's {ids.shape[0]} keys in some layer: it needs "
+                         "full attention in every layer")  # fmt: skip
     return torch.stack(scores)[:, 0].float().cpu()
 
 
