@@ -18,28 +18,9 @@ NAME=sentinel-recent-special-kl-$STEPS
 share_flags=()
 if [ "$SHARE" != 0.5 ]; then NAME=$NAME-ws$SHARE; share_flags=(--window-share "$SHARE"); fi
 OUT=runs/distill/$NAME
-if [ ! -f "$OUT/kvcondense.json" ] || [ "$(.venv/bin/python -c \
-    "import json;print(json.load(open('$OUT/kvcondense.json'))['training']['steps_done'])")" != "$STEPS" ]; then
-  $K train --method sentinel --placement recent --lora-scope special --sample-ratios 0.5,0.75,0.875 \
-    "${share_flags[@]}" --objective kl --steps "$STEPS" --batch-size 4 --lr 5e-4 --schedule cosine --warmup-steps 10 \
-    --save-every 40 --out "$OUT" --resume > "$OUT.log" 2>&1 &
-  train=$!
-  last=""
-  while kill -0 "$train" 2> /dev/null; do   # copy each save aside (a save replaces the previous one)
-    s=$(.venv/bin/python -c "import json;print(json.load(open('$OUT/kvcondense.json'))['training']['steps_done'])" \
-      2> /dev/null) || { sleep 20; continue; }
-    if [ "$s" != "$last" ]; then
-      mkdir -p "$OUT-snaps/step$s" && cp "$OUT"/{kvcondense.json,adapter.safetensors,train_log.jsonl} \
-        "$OUT-snaps/step$s/" && last=$s
-    fi
-    sleep 20
-  done
-  wait "$train"
-  if [ ! -d "$OUT-snaps/step$STEPS" ]; then   # the last save can land after the loop's last look
-    mkdir -p "$OUT-snaps/step$STEPS" && cp "$OUT"/{kvcondense.json,adapter.safetensors,train_log.jsonl} \
-      "$OUT-snaps/step$STEPS/"
-  fi
-fi
+scripts/train_snapshots.sh "$OUT" "$STEPS" --method sentinel --placement recent --lora-scope special \
+  --sample-ratios 0.5,0.75,0.875 "${share_flags[@]}" --objective kl --steps "$STEPS" --batch-size 4 --lr 5e-4 \
+  --schedule cosine --warmup-steps 10 --save-every 40
 prefix=(--task prefix --prefix-tokens 1024 --new-tokens 128 --docs 6 --kv-budget 0.5 0.25 0.125)
 for ck in "$OUT"-snaps/step*; do
   $K eval --checkpoint "$ck" "${prefix[@]}" "${share_flags[@]}" --out-dir runs/press

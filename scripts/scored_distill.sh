@@ -20,29 +20,9 @@ init=()
 if [ -n "$INIT" ]; then init=(--init-from "$INIT"); fi
 NAME=sentinel-scored-end-kl-$STEPS
 OUT=runs/distill/$NAME
-steps_done() { .venv/bin/python -c "import json;print(json.load(open('$OUT/kvcondense.json'))['training']['steps_done'])"; }
-if [ ! -f "$OUT/kvcondense.json" ] || [ "$(steps_done)" != "$STEPS" ]; then
-  mkdir -p "$OUT"
-  $K train --method sentinel --placement scored --evict end --score-window 16 --span-tokens "$SPAN" \
-    --lora-scope special --sample-ratios 0.5,0.75,0.875 --continuation-tokens 64 "${init[@]}" \
-    --objective kl --steps "$STEPS" --batch-size 4 --lr 5e-4 --schedule cosine --warmup-steps 10 \
-    --save-every 40 --out "$OUT" --resume > "$OUT.log" 2>&1 &
-  train=$!
-  last=""
-  while kill -0 "$train" 2> /dev/null; do   # copy each save aside (a save replaces the previous one)
-    s=$(steps_done 2> /dev/null) || { sleep 20; continue; }
-    if [ "$s" != "$last" ]; then
-      mkdir -p "$OUT-snaps/step$s" && cp "$OUT"/{kvcondense.json,adapter.safetensors,train_log.jsonl} \
-        "$OUT-snaps/step$s/" && last=$s
-    fi
-    sleep 20
-  done
-  wait "$train"
-  if [ ! -d "$OUT-snaps/step$STEPS" ]; then   # the last save can land after the loop's last look
-    mkdir -p "$OUT-snaps/step$STEPS" && cp "$OUT"/{kvcondense.json,adapter.safetensors,train_log.jsonl} \
-      "$OUT-snaps/step$STEPS/"
-  fi
-fi
+scripts/train_snapshots.sh "$OUT" "$STEPS" --method sentinel --placement scored --evict end --score-window 16 \
+  --span-tokens "$SPAN" --lora-scope special --sample-ratios 0.5,0.75,0.875 --continuation-tokens 64 "${init[@]}" \
+  --objective kl --steps "$STEPS" --batch-size 4 --lr 5e-4 --schedule cosine --warmup-steps 10 --save-every 40
 prefix=(--task prefix --prefix-tokens 1024 --new-tokens 128 --docs 6 --kv-budget 0.5 0.25 0.125)
 $K eval --method scored "${prefix[@]}" --out-dir runs/press
 if [ -n "$INIT" ]; then
