@@ -21,16 +21,16 @@ import argparse
 import math
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvcondense.data import load_split
+from kvcondense.forward import attention_implementation
 from kvcondense.models import load_model
 from kvcondense.prefix_task import prefix_windows
-from kvcondense.scoring import head_scores
+from kvcondense.scoring import head_scores, pool_scores
 
-POOL, SINKS = 5, 4
+SINKS = 4
 
 
 class HeadMask:
@@ -52,16 +52,11 @@ class HeadMask:
 def keep_top(scores: torch.Tensor, kept: float, window: int) -> torch.Tensor:
     """Bool (T,): the sinks, the last ``window`` tokens and the best pooled scores, floor(kept x T) in all."""
     t = scores.shape[0]
-    pooled = F.avg_pool1d(scores[None, None], POOL, 1, POOL // 2, count_include_pad=False)[0, 0].clone()
+    pooled = pool_scores(scores)  # a fresh tensor: marking sinks and window in it leaves the scores alone
     pooled[:SINKS] = pooled[t - window :] = float("inf")
     keep = torch.zeros(t, dtype=torch.bool)
     keep[pooled.topk(math.floor(kept * t)).indices] = True
     return keep
-
-
-def with_attention(model, name: str):
-    model.config._attn_implementation = name
-    return model
 
 
 @torch.no_grad()
@@ -80,7 +75,7 @@ def main() -> None:
     kl: dict[tuple[float, str], list[torch.Tensor]] = {}
     for ctx, nxt in windows:
         ids, p = torch.cat([ctx.ids, nxt])[None], ctx.ids.shape[0]
-        full = with_attention(model, "sdpa")(ids).logits[0, p:-1].float().log_softmax(-1)
+        full = model(ids).logits[0, p:-1].float().log_softmax(-1)
         scores = head_scores(model, ctx.ids, args.window)  # the library's scoring pass: (layers, KV heads, T)
         layers = range(scores.shape[0])
         uniform = scores.sum(1).mean(0)
@@ -92,7 +87,8 @@ def main() -> None:
             }
             for name, keep in choices.items():
                 heads.keep = keep
-                logp = with_attention(model, "bench_masked")(ids).logits[0, p:-1].float().log_softmax(-1)
+                with attention_implementation(model, "bench_masked"):
+                    logp = model(ids).logits[0, p:-1].float().log_softmax(-1)
                 kl.setdefault((kept, name), []).append((full.exp() * (full - logp)).sum(-1))
     print(f"{'kept':>6}  {'uniform':>9}  {'per head':>9}  ratio")
     for kept in args.kept:

@@ -66,8 +66,12 @@ def token_scores(model, ids: torch.Tensor, window: int, chunk_tokens: int = 512)
     text (a conditional LoRA stays off, as on any text token); ``window`` is clipped to the text. The text before
     the window is fed in chunks of ``chunk_tokens`` through a cache (memory bounded as in a chunked prefill), then
     the window, whose attention is the score."""
-    mean = head_scores(model, ids, window, chunk_tokens).sum(1).mean(0)
-    return F.avg_pool1d(mean[None, None], POOL, stride=1, padding=POOL // 2, count_include_pad=False)[0, 0]
+    return pool_scores(head_scores(model, ids, window, chunk_tokens).sum(1).mean(0))
+
+
+def pool_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Each score (T,) averaged with its neighbours' over ``POOL`` tokens (fewer at the ends)."""
+    return F.avg_pool1d(scores[None, None], POOL, stride=1, padding=POOL // 2, count_include_pad=False)[0, 0]
 
 
 @torch.no_grad()
