@@ -186,15 +186,18 @@ def test_scored_eviction_keeps_the_budget_and_the_top_tokens():
         m.layout(text(), {})
 
 
-def test_scored_eviction_trains_a_lora_that_reads_the_pruned_cache(tiny_dir, sample_path, tmp_path):
+@pytest.mark.parametrize("per_head", [False, True])
+def test_scored_eviction_trains_a_lora_that_reads_the_pruned_cache(tiny_dir, sample_path, tmp_path, per_head):
     """``train --method scored``: the LoRA learns to read a prompt pruned by the scoring pass (KL to the frozen model
-    on the continuation), and the checkpoint evaluates as the trained method on the prefix task."""
+    on the continuation), and the checkpoint evaluates as the trained method on the prefix task; with ``per_head``
+    each (layer, KV head) keeps its own tokens, in training (the parallel forward) and evaluation (the cache)."""
     from kvcondense.checkpoint import read_log
     from kvcondense.loader import load_checkpoint
     from kvcondense.prefix_task import prefix_task
     from kvcondense.train import TrainConfig, train
 
-    cfg = TrainConfig(method="scored", method_params={"ratio": 0.75, "score_window": 4}, model=str(tiny_dir),
+    params = {"ratio": 0.75, "score_window": 4, "per_head": per_head}
+    cfg = TrainConfig(method="scored", method_params=params, model=str(tiny_dir),
                       data=str(sample_path), out=str(tmp_path / "scored-lora"), steps=8, batch_size=2,
                       block_tokens=64, lr=1e-2, save_every=0, objective="kl", continuation_tokens=16)  # fmt: skip
     train(cfg)
@@ -202,7 +205,7 @@ def test_scored_eviction_trains_a_lora_that_reads_the_pruned_cache(tiny_dir, sam
     assert len(log) == 8 and all(r["loss_kl"] > 0 for r in log)  # the pruned prompt differs from the full one
     assert log[-1]["kv_kept"] < 1
     got = load_checkpoint(cfg.out)
-    assert got.method.name == "scored" and got.method.ratio == 0.75
+    assert got.method.name == "scored" and got.method.ratio == 0.75 and got.method.per_head == per_head
     windows = [(text(40, 5), torch.randint(0, 90, (8,), generator=torch.Generator().manual_seed(6)))]
     res = prefix_task(got.model, got.method, got.token_ids, windows)
     assert res["kv_kept"] == 10 / 40 and res["kl_to_full"] > 0

@@ -4,7 +4,8 @@ Keys that no future query may see (their ``expire`` has passed) are physically r
 keeps the **logical** length (tokens processed so far, which drives positions and mask indices) apart from the
 **physical** number of stored slots, and stores per slot the metadata the mask needs: logical index, expiry and the
 closer-only flag. Rows of a batch may evict different amounts; freed slots at a row's end are marked invalid
-(logical index -1) and are never visible.
+(logical index -1) and are never visible. A layout that expires keys per (layer, KV head) adds each slot's expiry
+per head until the heads' choices are applied (:mod:`kvcondense.heads`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from transformers.cache_utils import Cache
 
 from .cache_layer import EvictingLayer
 from .errors import UsageError
+from .heads import head_order
 from .layout import NEVER
 from .masks import visibility
 from .merge import MixRules, mix_slots
@@ -36,6 +38,7 @@ class EvictingCache(Cache):
         self.slot_idx = empty.clone()  # (B, S) logical index of each stored slot, -1 for an invalid slot
         self.slot_expire = empty.clone()  # (B, S)
         self.slot_closer = empty.clone().bool()  # (B, S)
+        self.slot_heads: torch.Tensor | None = None  # (B, layers, KV heads, S) per-head expiry, while one differs
         self._feeding = False  # True only while kvcondense's feed runs the model over this cache
 
     @contextmanager
@@ -78,6 +81,8 @@ class EvictingCache(Cache):
         out.slot_expire = torch.cat([pad(c.slot_expire, NEVER) for c in caches])
         out.slot_closer = torch.cat([pad(c.slot_closer, False) for c in caches])
         out.seen = max(c.seen for c in caches)
+        if any(c.slot_heads is not None for c in caches):
+            raise ValueError("stack caches after their prompts: a per-head expiry is still pending in one of them")
         for i, layer in enumerate(out.layers):
             parts = [c.layers[i] for c in caches]
             keys = [torch.nn.functional.pad(p.keys, (0, 0, 0, width - p.keys.shape[2])) for p in parts]
@@ -101,6 +106,8 @@ class EvictingCache(Cache):
                 layer.values = layer.values.repeat(times, 1, 1, 1)
         self.slot_idx, self.slot_expire = self.slot_idx.repeat(times, 1), self.slot_expire.repeat(times, 1)
         self.slot_closer = self.slot_closer.repeat(times, 1)
+        if self.slot_heads is not None:
+            self.slot_heads = self.slot_heads.repeat(times, 1, 1, 1)
 
     @property
     def physical_length(self) -> int:
@@ -152,8 +159,16 @@ class EvictingCache(Cache):
             vis[:, :, self.physical_length :] |= torch.diag_embed(pad)
         return vis
 
-    def append(self, q_idx: torch.Tensor, k_expire: torch.Tensor, k_closer: torch.Tensor) -> None:
-        """Record the metadata of the tokens a forward pass has just added to every layer."""
+    def append(
+        self, q_idx: torch.Tensor, k_expire: torch.Tensor, k_closer: torch.Tensor, k_heads: torch.Tensor | None = None
+    ) -> None:
+        """Record the metadata of the tokens a forward pass has just added to every layer (``k_heads``: their expiry
+        per layer and KV head, (B, layers, KV heads, n), if it differs from ``k_expire``)."""
+        if k_heads is not None or self.slot_heads is not None:
+            shape = (k_heads if k_heads is not None else self.slot_heads).shape[1:3]
+            old = self.slot_expire[:, None, None].expand(-1, *shape, -1) if self.slot_heads is None else self.slot_heads
+            new = k_expire[:, None, None].expand(-1, *shape, -1) if k_heads is None else k_heads
+            self.slot_heads = torch.cat([old, new], -1)
         self.slot_idx = torch.cat([self.slot_idx, q_idx], 1)
         self.slot_expire = torch.cat([self.slot_expire, k_expire], 1)
         self.slot_closer = torch.cat([self.slot_closer, k_closer], 1)
@@ -163,6 +178,8 @@ class EvictingCache(Cache):
         """Give already stored keys an expiry (used when a span closes during generation)."""
         hit = torch.isin(self.slot_idx[row], logical)
         self.slot_expire[row, hit] = expire
+        if self.slot_heads is not None:
+            self.slot_heads[row, ..., hit] = expire
 
     def clone(self) -> EvictingCache:
         """An independent copy (keys, values and slot metadata): one compressed context, several continuations."""
@@ -174,12 +191,15 @@ class EvictingCache(Cache):
         copy.seen = self.seen
         copy.slot_idx, copy.slot_expire = self.slot_idx.clone(), self.slot_expire.clone()
         copy.slot_closer = self.slot_closer.clone()
+        copy.slot_heads = None if self.slot_heads is None else self.slot_heads.clone()
         return copy
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The stored keys/values (``keys.<layer>``, ``values.<layer>``: (B, H, S, D)) and slot metadata
         (``slot_idx``, ``slot_expire``, ``slot_closer``: (B, S)) as tensors; ``seen`` is :attr:`seen`."""
         state = {"slot_idx": self.slot_idx, "slot_expire": self.slot_expire, "slot_closer": self.slot_closer}
+        if self.slot_heads is not None:
+            state["slot_heads"] = self.slot_heads
         for i, layer in enumerate(self.layers):
             if layer.is_initialized:
                 state[f"keys.{i}"], state[f"values.{i}"] = layer.keys, layer.values
@@ -194,6 +214,7 @@ class EvictingCache(Cache):
         closer = state.get("slot_closer")
         cache.slot_closer = torch.zeros_like(cache.slot_idx, dtype=torch.bool) if closer is None else closer.bool()
         cache.seen = seen
+        cache.slot_heads = state["slot_heads"].long() if "slot_heads" in state else None
         for i, layer in enumerate(cache.layers):
             if f"keys.{i}" in state and cache.physical_length:
                 keys, values = state[f"keys.{i}"].to(device, dtype), state[f"values.{i}"].to(device, dtype)
@@ -205,14 +226,16 @@ class EvictingCache(Cache):
         """A cheap handle to put this cache back later with :meth:`restore`: the key/value buffers are shared,
         not copied (a layer only writes past its used slots or into a fresh buffer), the slot metadata copied."""
         layers = [(la.is_initialized, la._keys, la._values, la._used) for la in self.layers]
-        return layers, (self.slot_idx.clone(), self.slot_expire.clone(), self.slot_closer.clone()), self.seen
+        heads = None if self.slot_heads is None else self.slot_heads.clone()
+        return layers, (self.slot_idx.clone(), self.slot_expire.clone(), self.slot_closer.clone()), heads, self.seen
 
     def restore(self, snapshot: tuple) -> None:
         """Put the cache back exactly as it was at :meth:`snapshot`."""
-        layers, slots, seen = snapshot
+        layers, slots, heads, seen = snapshot
         for layer, (initialized, keys, values, used) in zip(self.layers, layers, strict=True):
             layer.is_initialized, layer._keys, layer._values, layer._used = initialized, keys, values, used
         self.slot_idx, self.slot_expire, self.slot_closer = (t.clone() for t in slots)
+        self.slot_heads = None if heads is None else heads.clone()
         self.seen = seen
 
     def freeze(self) -> None:
@@ -220,6 +243,8 @@ class EvictingCache(Cache):
         compression (the prefix and QA tasks; kvpress's setting). Without this a window's keys would go on
         expiring while the question is read."""
         self.slot_expire = torch.where(self.slot_idx >= 0, torch.full_like(self.slot_expire, NEVER), self.slot_expire)
+        if self.slot_heads is not None:
+            raise ValueError("freeze a cache after its prompt: a per-head expiry is still pending")
 
     def mix(self, rules: MixRules) -> None:
         """Apply merge rules (logical indices, the same for every row) to the stored keys and values of every layer:
@@ -250,6 +275,10 @@ class EvictingCache(Cache):
         nq = self.seen if next_query is None else next_query
         if isinstance(nq, torch.Tensor):  # one next query per row (ragged batches)
             nq = nq.view(-1, 1)
+        if self.slot_heads is not None:  # a head lets a stored key go: the heads' own choices apply now
+            limit = nq if isinstance(nq, int) else nq[:, :, None, None]
+            if bool(((self.slot_heads < limit) & (self.slot_idx >= 0)[:, None, None]).any()):
+                return self._evict_heads(nq)
         keep = (self.slot_idx >= 0) & (self.slot_expire >= nq)
         dead = ((self.slot_idx >= 0) & ~keep).sum(1)
         if bool(keep.all()) or int(dead.max()) <= slack:
@@ -262,6 +291,21 @@ class EvictingCache(Cache):
         self.slot_idx = torch.where(valid, torch.gather(self.slot_idx, 1, order), -1)
         self.slot_expire = torch.where(valid, torch.gather(self.slot_expire, 1, order), NEVER)
         self.slot_closer = torch.gather(self.slot_closer, 1, order) & valid
+        if self.slot_heads is not None:
+            shape = (-1, *self.slot_heads.shape[1:3], -1)
+            self.slot_heads = torch.gather(self.slot_heads, 3, order[:, None, None].expand(shape))
         for layer in self.layers:
             layer.keep(order.to(layer.keys.device) if layer.is_initialized else order)
         return before - int(valid.sum())
+
+    def _evict_heads(self, nq) -> int:
+        """Apply the heads' own choices (see :func:`kvcondense.heads.head_order`): each layer keeps, per KV head,
+        the slots that head still needs; afterwards every head follows the per-slot expiry again."""
+        before = int((self.slot_idx >= 0).sum())
+        order, self.slot_idx, self.slot_expire, self.slot_closer = head_order(
+            self.slot_idx, self.slot_expire, self.slot_closer, self.slot_heads, nq
+        )
+        self.slot_heads = None
+        for i, layer in enumerate(self.layers):
+            layer.keep(order[:, i].to(layer.keys.device) if layer.is_initialized else order[:, i])
+        return before - int((self.slot_idx >= 0).sum())

@@ -76,15 +76,17 @@ class EvictingLayer(DynamicLayer):
         return sum(t.numel() * t.element_size() for t in (self._keys, self._values))
 
     def keep(self, index: torch.Tensor) -> None:
-        """Keep only the slots in ``index`` (B, S') of every row, in that order, in fresh buffers with room to grow
-        (the old buffers, and the memory of what was dropped, are freed)."""
+        """Keep only the slots in ``index`` of every row, in that order, in fresh buffers with room to grow (the old
+        buffers, and the memory of what was dropped, are freed). ``index``: (B, S'), or (B, KV heads, S') when each
+        head keeps its own slots."""
         if not self.is_initialized or self._used == 0:
             return
         b, h, _, d = self._keys.shape
-        width = index.shape[1]
+        width = index.shape[-1]
         # gather straight into a buffer with room: the spare slots read slot 0 and are overwritten before use
         padded = torch.nn.functional.pad(index, (0, self.spare))
-        gather = padded[:, None, :, None].expand(b, h, width + self.spare, d)
+        per_head = padded if padded.dim() == 3 else padded[:, None]
+        gather = per_head[..., None].expand(b, h, width + self.spare, d)
         self._keys = torch.gather(self._keys, 2, gather)
         self._values = torch.gather(self._values, 2, gather)
         self._used = width

@@ -17,6 +17,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .cache import EvictingCache
 from .errors import UsageError
+from .heads import check_chunk, head_attention
 from .layout import Kind, Layout, text_layout
 from .lora import lora_gate
 from .masks import batch_visibility, block_mask, to_attention_mask
@@ -133,16 +134,20 @@ def parallel_forward(model, layouts: list[Layout], attention: str = "auto", **kw
     inner = getattr(model, "module", model)
     device = inner.device
     ids, pos, kinds = pad_layouts(layouts)
-    impl = choose_attention(inner, ids.shape[1], attention)
+    per_head = any(lay.head_expire is not None for lay in layouts)
+    impl = attn_implementation(inner) if per_head else choose_attention(inner, ids.shape[1], attention)
     if impl == "flex_attention":
         mask = block_mask(layouts, ids.shape[1], device=device)
     else:
         mask = to_attention_mask(batch_visibility(layouts), impl, inner.dtype).to(device)
     rules = batch_rules([lay.mix for lay in layouts])
+    if rules is not None and per_head:
+        raise UsageError("a layout cannot both merge slots (CCM-merge) and expire keys per head")
     with (
         attention_implementation(inner, impl),
         lora_gate(inner, kinds),
         merging_attention(inner, rules, num_layers(inner)) as mix_kwargs,
+        head_attention(inner, layouts, ids.shape[1], impl, num_layers(inner)) as head_kwargs,
     ):
         return model(
             input_ids=ids.to(device),
@@ -150,6 +155,7 @@ def parallel_forward(model, layouts: list[Layout], attention: str = "auto", **kw
             attention_mask=mask,
             use_cache=False,
             **mix_kwargs,
+            **head_kwargs,
             **kwargs,
         )
 
@@ -185,6 +191,8 @@ def feed(
     device = model.device
     ids = chunk.input_ids.unsqueeze(0) if input_ids is None else input_ids
     mask = chunk_mask(model, cache, chunk, first) if mask is None else mask
+    if chunk.head_expire is not None or cache.slot_heads is not None:
+        check_chunk(cache.slot_heads, cache.slot_expire, chunk, first)
     with (
         lora_gate(model, chunk.kinds.expand(ids.shape[0], -1)),
         attention_implementation(model, incremental_attention(model)),
@@ -203,6 +211,7 @@ def feed(
         torch.arange(first, first + n).expand(rows, -1),
         chunk.expire.expand(rows, -1),
         chunk.closer_only.expand(rows, -1),
+        None if chunk.head_expire is None else chunk.head_expire.expand(rows, -1, -1, -1),
     )
     if (online := chunk.mix_online) is not None:
         cache.mix(online.within(first, first + n))  # CCM-merge: the memory update, before anything can see it
@@ -220,7 +229,7 @@ def feed_text(model, cache: EvictingCache, ids: torch.Tensor, first: int, positi
 def chunk_bounds(layout: Layout, chunk_size: int) -> list[tuple[int, int]]:
     """Chunks of at most ``chunk_size`` positions that also end at every cut the layout asks for (CCM-merge:
     a memory update must be complete before a later token attends to it)."""
-    cuts = sorted(set(layout.cuts) | {len(layout)})
+    cuts = sorted({c for c in layout.cuts if 0 < c < len(layout)} | {len(layout)})  # a slice keeps later cuts
     bounds, lo = [], 0
     for cut in cuts:
         while lo < cut:

@@ -12,6 +12,10 @@ evicting cache need (SPEC section 0):
   its span tokens do not see it, its ``<CR>`` does).
 - ``position_ids``: the positions fed to the model (RoPE or learned), which need not be ``arange``.
 
+A layout may also give each key an expiry per (layer, KV head), ``head_expire``: a key then stays visible to a
+query in a head only while both its ``expire`` and its head's expiry allow it, and ``expire`` is the latest of its
+heads' (the cache frees a slot once every head has let it go; SnapKV's per-head choice of kept prompt tokens).
+
 Key ``k`` is visible to query ``q`` iff ``k <= q``, ``q <= expire[k]``, ``k >= start[q]`` and
 (``not closer_only[k]`` or ``q in (k, expire[k])``).
 """
@@ -62,6 +66,8 @@ class Layout:
         mix_online: CCM-merge only: the same update applied recursively as the cache is fed (the incremental
             forward), absolute indices.
         cuts: indices where an incremental chunk must end (a memory update is complete before anything reads it).
+        head_expire: the expiry of each key per layer and KV head, or None (every head follows ``expire``).
+            (layers, KV heads, L) int64, whose maximum over the heads is ``expire``.
     """
 
     input_ids: torch.Tensor
@@ -74,6 +80,7 @@ class Layout:
     mix: MixRules | None = None
     mix_online: MixRules | None = None
     cuts: tuple[int, ...] = ()
+    head_expire: torch.Tensor | None = None
 
     @classmethod
     def tensor_fields(cls) -> tuple[str, ...]:
@@ -85,6 +92,10 @@ class Layout:
         for name in self.tensor_fields()[1:]:
             if getattr(self, name).shape != n:
                 raise ValueError(f"Layout.{name} has shape {tuple(getattr(self, name).shape)}, expected {tuple(n)}")
+        heads = self.head_expire
+        if heads is not None:
+            if heads.dim() != 3 or heads.shape[-1] != n[0] or not heads.amax((0, 1)).equal(self.expire):
+                raise ValueError("Layout.head_expire must be (layers, KV heads, L), its maximum over heads = expire")
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -95,9 +106,18 @@ class Layout:
         return int((self.kinds == Kind.TEXT).sum())
 
     def kept_slots(self, upto: int | None = None) -> int:
-        """Number of KV slots an evicting cache holds after processing positions ``0..upto`` (default: all)."""
+        """Number of KV slots an evicting cache holds after processing positions ``0..upto`` (default: all): with
+        per-head expiry, the slots of the fullest head (every head of a cache row holds that many)."""
         last = len(self) - 1 if upto is None else upto
+        if self.head_expire is not None:
+            return int((self.head_expire[..., : last + 1] > last).sum(-1).max())
         return int((self.expire[: last + 1] > last).sum())
+
+    def heads_or_tokens(self, layers: int, heads: int) -> torch.Tensor:
+        """The per-head expiry (layers, heads, L): ``head_expire``, or ``expire`` in every head when there is none."""
+        if self.head_expire is not None:
+            return self.head_expire
+        return self.expire.expand(layers, heads, -1)
 
     def compression_ratio(self) -> float:
         """Measured KV kept: stored slots at the end / text tokens (what full attention would store)."""
@@ -106,7 +126,8 @@ class Layout:
     def slice(self, lo: int, hi: int) -> Layout:
         """Positions ``lo..hi-1`` of this layout, with indices kept absolute (used to feed a cache in chunks)."""
         tensors = {k: getattr(self, k)[lo:hi] for k in self.tensor_fields()}
-        return Layout(**tensors, mix=self.mix, mix_online=self.mix_online, cuts=self.cuts)  # rules stay absolute
+        heads = None if self.head_expire is None else self.head_expire[..., lo:hi]
+        return Layout(**tensors, mix=self.mix, mix_online=self.mix_online, cuts=self.cuts, head_expire=heads)
 
 
 def text_layout(input_ids: torch.Tensor, expire: torch.Tensor | None = None) -> Layout:
@@ -157,9 +178,15 @@ def concat(layouts: list[Layout]) -> Layout:
         rules = [r for r in rules if r is not None]
         return sum(rules[1:], rules[0]) if rules else None
 
+    shaped = [x.head_expire for x in layouts if x.head_expire is not None]
+    heads = None
+    if shaped:
+        layers, kv = shaped[0].shape[:2]
+        heads = torch.cat([x.heads_or_tokens(layers, kv) for x in layouts], -1)
     return Layout(
         **{k: torch.cat([getattr(x, k) for x in layouts]) for k in Layout.tensor_fields()},
         mix=joined(x.mix for x in layouts),
         mix_online=joined(x.mix_online for x in layouts),
         cuts=tuple(c for x in layouts for c in x.cuts),
+        head_expire=heads,
     )

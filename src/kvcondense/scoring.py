@@ -70,8 +70,10 @@ def token_scores(model, ids: torch.Tensor, window: int, chunk_tokens: int = 512)
 
 
 def pool_scores(scores: torch.Tensor) -> torch.Tensor:
-    """Each score (T,) averaged with its neighbours' over ``POOL`` tokens (fewer at the ends)."""
-    return F.avg_pool1d(scores[None, None], POOL, stride=1, padding=POOL // 2, count_include_pad=False)[0, 0]
+    """Each score (..., T) averaged with its neighbours' over ``POOL`` tokens (fewer at the ends)."""
+    flat = scores.reshape(-1, 1, scores.shape[-1])
+    pooled = F.avg_pool1d(flat, POOL, stride=1, padding=POOL // 2, count_include_pad=False)
+    return pooled.reshape(scores.shape)
 
 
 @torch.no_grad()
@@ -137,9 +139,13 @@ def _scores_by_layer(inner, ids: torch.Tensor, window: int, chunk_tokens: int) -
 def with_scores(model, method: Method, text: TokenizedText) -> TokenizedText:
     """``text`` with the scores its method's layout reads (unchanged if it reads none or has them already)."""
     window = method.scoring_window()
-    if window is None or text.scores is not None:
+    per_head = method.scores_per_head()
+    if window is None or (text.scores is not None and (text.head_scores is not None or not per_head)):
         return text
-    return dataclasses.replace(text, scores=token_scores(model, text.ids, window))
+    heads = head_scores(model, text.ids, window)
+    return dataclasses.replace(
+        text, scores=pool_scores(heads.sum(1).mean(0)), head_scores=pool_scores(heads) if per_head else None
+    )
 
 
 def method_layout(model, method: Method, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:

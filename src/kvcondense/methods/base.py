@@ -28,6 +28,8 @@ class TokenizedText:
         sentence_end: whether a sentence ends with this token (see ``methods.gist.sentence_ends``). (T,) bool.
         scores: how much the model needs each token, from a scoring pass (:mod:`kvcondense.scoring`), or None.
             (T,) float. Only a method whose layout reads scores needs them.
+        head_scores: the same scores per layer and KV head, or None. (layers, KV heads, T) float. Only a method
+            that chooses per head needs them.
     """
 
     ids: torch.Tensor
@@ -35,6 +37,7 @@ class TokenizedText:
     line_ids: torch.Tensor
     sentence_end: torch.Tensor | None = None
     scores: torch.Tensor | None = None
+    head_scores: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.sentence_end is None:
@@ -45,7 +48,8 @@ class TokenizedText:
 
     def __getitem__(self, sl: slice) -> TokenizedText:
         scores = None if self.scores is None else self.scores[sl]
-        return TokenizedText(self.ids[sl], self.word_ids[sl], self.line_ids[sl], self.sentence_end[sl], scores)
+        heads = None if self.head_scores is None else self.head_scores[..., sl]
+        return TokenizedText(self.ids[sl], self.word_ids[sl], self.line_ids[sl], self.sentence_end[sl], scores, heads)
 
     @classmethod
     def from_ids(cls, ids) -> TokenizedText:
@@ -160,6 +164,10 @@ class Method:
         """How many final tokens of a text score it, when this method's layout reads token scores
         (``TokenizedText.scores``, from :func:`kvcondense.scoring.method_layout`); None when it reads none."""
         return None
+
+    def scores_per_head(self) -> bool:
+        """Whether this method's layout also reads the scores per layer and KV head (``TokenizedText.head_scores``)."""
+        return False
 
     def compresses_at_prompt_end(self) -> bool:
         """Whether this method frees nothing until the prompt has been read whole (as a KV press compresses after

@@ -7,6 +7,7 @@ them exactly as it serves the learned methods.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from fractions import Fraction
@@ -233,6 +234,8 @@ class ScoredEviction(Method):
         sinks: initial tokens that are always kept.
         window_share: share of the kept slots (after the sinks) given to the recent window.
         score_window: the last tokens whose attention scores the others (kept, at least).
+        per_head: choose the older tokens per layer and KV head (SnapKV's own rule), each head keeping as many:
+            the cache then holds a different set in every head (:mod:`kvcondense.heads`), the same memory.
     """
 
     name: ClassVar[str] = "scored"
@@ -240,6 +243,7 @@ class ScoredEviction(Method):
     sinks: int = param(4, "initial tokens never evicted")
     window_share: float = param(0.5, "share of the kept slots (after the sinks) given to the raw recent window")
     score_window: int = param(32, "the last tokens, kept, whose attention scores the others")
+    per_head: bool = param(False, "choose the kept older tokens per (layer, KV head), not once for every head")
 
     def __post_init__(self) -> None:
         _check_ratio(self.ratio)
@@ -252,8 +256,11 @@ class ScoredEviction(Method):
     def compresses_at_prompt_end(self) -> bool:
         return True
 
+    def scores_per_head(self) -> bool:
+        return self.per_head
+
     def layout(self, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:
-        if text.scores is None:
+        if text.scores is None or (self.per_head and text.head_scores is None):
             raise UsageError(
                 "the scored method reads token scores: lay the text out with "
                 "kvcondense.scoring.method_layout(model, method, text, token_ids), which runs the scoring pass"
@@ -264,11 +271,17 @@ class ScoredEviction(Method):
         keep = torch.zeros(n, dtype=torch.bool)
         keep[:sinks] = True
         keep[n - max(1, scored_window(n, kept, sinks, self.window_share, self.score_window)) :] = True
-        rest = budget - int(keep.sum())
+        rest = min(budget - int(keep.sum()), int((~keep).sum()))
+        older = torch.nonzero(~keep).flatten()
+        scores = text.head_scores if self.per_head else text.scores[None, None]  # (layers, heads, T)
+        keep = keep.repeat(*scores.shape[:2], 1)
         if rest > 0:
-            older = torch.nonzero(~keep).flatten()
-            keep[older[torch.topk(text.scores[older].float(), min(rest, len(older))).indices]] = True
-        return text_layout(text.ids, torch.where(keep, NEVER, n - 1))
+            top = torch.topk(scores[..., older].float(), rest, dim=-1).indices
+            keep.scatter_(-1, older[top], True)
+        layout = text_layout(text.ids, torch.where(keep.any((0, 1)), NEVER, n - 1))
+        if self.per_head:  # each head hides, after the prompt, what it did not keep; chunks end with the prompt
+            layout = dataclasses.replace(layout, head_expire=torch.where(keep, NEVER, n - 1), cuts=(n,))
+        return layout
 
     def decode_policy(self, prompt: Layout, token_ids: dict[str, int], seed: int = 0) -> TextPolicy:
         return TextPolicy.after(prompt)  # only the prompt is compressed, as a press does

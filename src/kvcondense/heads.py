@@ -1,0 +1,133 @@
+"""Per-(layer, KV head) expiry: each head of a layer may keep its own keys (SnapKV's per-head choice, Li et al. 2024).
+
+A :class:`~kvcondense.layout.Layout` with ``head_expire`` hides key ``k`` from query ``q`` in head ``(l, h)`` once
+``q > head_expire[l, h, k]``, on top of the per-token rule. Both forwards honour it:
+
+- the parallel forward (:func:`head_attention`): the model's attention implementation is switched to a registered
+  wrapper that narrows the shared (B, 1, L, L) mask per query head of each layer, then calls sdpa or eager;
+- the evicting cache (:func:`head_order`): when the heads of a row let different keys go, each layer gathers, per
+  KV head, the slots that head keeps, so a cache row holds the same number of slots in every head and memory is
+  really freed. The heads must keep equally many, and what they keep must then be alike for every later query
+  (same expiry, not closer-only): a slot position holds a different token in each head.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .errors import UsageError
+from .layout import NEVER, Layout
+from .merge import eager_of
+
+HEADS = "kvcondense_heads"
+"""The registered attention implementation of a parallel forward whose layouts expire keys per head."""
+
+
+def _head_attention(module, query, key, value, attention_mask, kvc_heads=None, kvc_base="sdpa", kvc_calls=None, **kw):
+    expire = kvc_heads[:, module.layer_idx]  # (B, KV heads, L)
+    groups = query.shape[1] // expire.shape[1]
+    q_idx = torch.arange(query.shape[2], device=query.device)
+    hidden = q_idx[None, None, :, None] > expire.repeat_interleave(groups, 1)[:, :, None, : key.shape[2]]
+    if attention_mask.dtype == torch.bool:
+        attention_mask = attention_mask & ~hidden
+    else:
+        attention_mask = attention_mask.masked_fill(hidden, torch.finfo(attention_mask.dtype).min)
+    kvc_calls.append(module.layer_idx)
+    base = eager_of(module) if kvc_base == "eager" else ALL_ATTENTION_FUNCTIONS[kvc_base]
+    return base(module, query, key, value, attention_mask, **kw)
+
+
+AttentionInterface.register(HEADS, _head_attention)
+
+
+def batch_head_expire(layouts: list[Layout], length: int) -> torch.Tensor | None:
+    """Right-padded (B, layers, KV heads, L) per-head expiry (pads: NEVER, hidden by the shared mask anyway), or
+    None when no layout has one."""
+    shaped = [x.head_expire for x in layouts if x.head_expire is not None]
+    if not shaped:
+        return None
+    layers, heads = shaped[0].shape[:2]
+    out = torch.full((len(layouts), layers, heads, length), NEVER, dtype=torch.long)
+    for b, lay in enumerate(layouts):
+        out[b, ..., : len(lay)] = lay.heads_or_tokens(layers, heads)
+    return out
+
+
+@contextmanager
+def head_attention(model, layouts: list[Layout], length: int, impl: str, n_layers: int):
+    """Within the block, a forward called with the yielded kwargs hides keys per head as the layouts' ``head_expire``
+    says (nothing changes when no layout has one). ``impl``: the attention to compute with (sdpa or eager). Checks
+    on exit that every layer applied it (a family that drops attention kwargs fails loudly)."""
+    expire = batch_head_expire(layouts, length)
+    if expire is None:
+        yield {}
+        return
+    if impl not in ("sdpa", "eager"):
+        raise UsageError(f"per-head expiry runs on sdpa or eager attention, not {impl}; load the model with sdpa")
+    config = model.config
+    before = config._attn_implementation
+    config._attn_implementation = HEADS
+    calls: list[int] = []
+    try:
+        yield {"kvc_heads": expire.to(model.device), "kvc_base": impl, "kvc_calls": calls}
+    finally:
+        config._attn_implementation = before
+    if len(calls) != n_layers:
+        raise RuntimeError(f"per-head expiry reached {len(calls)} of {n_layers} layers: this model family does not "
+                           "pass attention kwargs through")  # fmt: skip
+
+
+def head_order(
+    slot_idx: torch.Tensor, slot_expire: torch.Tensor, slot_closer: torch.Tensor, head_expire: torch.Tensor, nq
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-head compaction of a cache whose heads keep different slots from query ``nq`` (int or (B, 1)) on.
+
+    Args:
+        slot_idx, slot_expire, slot_closer: (B, S) the cache's slot metadata (logical index -1: invalid).
+        head_expire: (B, layers, KV heads, S) each slot's expiry per head.
+
+    Returns:
+        ``order`` (B, layers, KV heads, S') the slots each head keeps, in their order (padding: slot 0), and the
+        new (B, S') metadata: logical index (that of layer 0's first head; -1 past a row's count), expiry and
+        closer flag, alike in every head.
+    """
+    keep = (slot_idx >= 0)[:, None, None] & (head_expire >= (nq if isinstance(nq, int) else nq[:, :, None, None]))
+    count = keep.sum(-1)  # (B, layers, heads)
+    per_row = count.flatten(1)
+    if not bool((per_row == per_row[:, :1]).all()):
+        raise ValueError("per-head eviction needs every head of a row to keep the same number of keys")
+    width = int(per_row.max())
+    order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., :width]
+    valid = torch.arange(width)[None, :] < per_row[:, :1]  # (B, S')
+    flat = order.flatten(1, 2)  # (B, layers * heads, S')
+
+    def gathered(t: torch.Tensor) -> torch.Tensor:
+        return torch.gather(t[:, None].expand(-1, flat.shape[1], -1), 2, flat)
+
+    expire, closer = gathered(slot_expire), gathered(slot_closer)
+    heads_expire = torch.gather(head_expire.flatten(1, 2), 2, flat)
+    alike = (expire == expire[:, :1]) & (closer == closer[:, :1]) & (heads_expire == expire)
+    if not bool((alike | ~valid[:, None]).all()):
+        raise ValueError("after a per-head eviction the heads' kept keys must share one expiry and not be closer-only")
+    idx = torch.where(valid, gathered(slot_idx)[:, 0], -1)
+    return order, idx, torch.where(valid, expire[:, 0], NEVER), closer[:, 0] & valid
+
+
+def check_chunk(slot_heads: torch.Tensor | None, slot_expire: torch.Tensor, chunk: Layout, first: int) -> None:
+    """Refuse a chunk (logical indices ``first..``) whose queries would go past a per-head expiry that the cache
+    has not applied: inside a chunk every head of the cache sees the same slots (the layout's ``cuts`` must end a
+    chunk there, as :class:`~kvcondense.methods.baselines.ScoredEviction`'s do)."""
+    last = first + len(chunk) - 1
+    parts = [] if slot_heads is None else [(slot_heads, slot_expire[:, None, None])]
+    if chunk.head_expire is not None:
+        parts.append((chunk.head_expire, chunk.expire))
+    for heads, expire in parts:
+        if bool(((heads < expire) & (heads < last)).any()):
+            raise ValueError(
+                f"a chunk ending at {last} runs past a per-head expiry the cache has not applied: end the chunk "
+                "there (Layout.cuts) and evict before feeding on"
+            )
