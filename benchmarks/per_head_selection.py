@@ -1,7 +1,7 @@
 """One choice of kept tokens for the whole cache against one choice per (layer, KV head), in one harness.
 
     .venv/bin/python benchmarks/per_head_selection.py [--model smollm2-135m] [--docs 6] [--window 32]
-        [--kept 0.5 0.25 0.125]
+        [--recent N] [--per-query] [--score window|repeat] [--kept 0.5 0.25 0.125]
 
 kvcondense's ``scored`` eviction keeps or frees a token in every layer and head at once (a layout has one
 visibility rule per token); kvpress's SnapKV applies the same kind of rule per layer and KV head. This measures
@@ -13,6 +13,13 @@ head. ``uniform`` ranks tokens by the score summed over heads and averaged over 
 ``per head`` ranks them separately in every layer and KV head (SnapKV's). The context is read whole, then the
 continuation attends only to what each head kept (a mask: this measures quality, not memory). Prints the mean
 per-token KL(p_full || p) over the scored tokens for each.
+
+``--recent N`` keeps N recent tokens instead of ``--window`` (to score with many queries, e.g. ``--window 1024``:
+every query of the context, H2O's accumulated attention, while keeping a short window); ``--per-query`` divides a
+token's score by the number of scoring queries that see it (the mean, not the sum: early tokens are not favoured
+for being seen by more queries). ``--score repeat`` scores by KVzip's replay instead
+(:func:`kvcondense.scoring.repeat_scores`: the model is asked to repeat the context, and a token's score is the
+largest attention the replay puts on it), with ``--recent`` (default 0) recent tokens kept.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from kvcondense.data import load_split
 from kvcondense.forward import attention_implementation
 from kvcondense.models import load_model
 from kvcondense.prefix_task import prefix_windows
-from kvcondense.scoring import head_scores, pool_scores
+from kvcondense.scoring import head_scores, pool_scores, repeat_scores
 
 SINKS = 4
 
@@ -49,14 +56,25 @@ class HeadMask:
         return sdpa_attention_forward(module, query, key, value, mask[None], is_causal=False, **kw)
 
 
-def keep_top(scores: torch.Tensor, kept: float, window: int) -> torch.Tensor:
-    """Bool (T,): the sinks, the last ``window`` tokens and the best pooled scores, floor(kept x T) in all."""
+def keep_top(scores: torch.Tensor, kept: float, window: int, pool: bool = True) -> torch.Tensor:
+    """Bool (T,): the sinks, the last ``window`` tokens and the best (pooled) scores, floor(kept x T) in all."""
     t = scores.shape[0]
-    pooled = pool_scores(scores)  # a fresh tensor: marking sinks and window in it leaves the scores alone
+    pooled = pool_scores(scores) if pool else scores.clone()  # marking sinks and window leaves the scores alone
     pooled[:SINKS] = pooled[t - window :] = float("inf")
     keep = torch.zeros(t, dtype=torch.bool)
     keep[pooled.topk(math.floor(kept * t)).indices] = True
     return keep
+
+
+def replay_instruction(tokenizer) -> torch.Tensor:
+    """KVzip's request to repeat the context, closed as its chat template closes a user turn (as kvpress does)."""
+    text = "\n\nRepeat the previous context exactly."
+    if tokenizer.chat_template:
+        marker = "@@@"
+        turn = tokenizer.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True,
+                                             tokenize=False)  # fmt: skip
+        text += turn.split(marker)[1]
+    return torch.tensor(tokenizer.encode(text, add_special_tokens=False))
 
 
 @torch.no_grad()
@@ -65,6 +83,10 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--docs", type=int, default=6)
     ap.add_argument("--window", type=int, default=32)
+    ap.add_argument("--recent", type=int, default=None)
+    ap.add_argument("--per-query", action="store_true")
+    ap.add_argument("--score", choices=("window", "repeat"), default="window")
+    ap.add_argument("--no-pool", action="store_true", help="rank the raw scores (KVzip does not pool)")
     ap.add_argument("--kept", type=float, nargs="+", default=[0.5, 0.25, 0.125])
     args = ap.parse_args()
     model, tokenizer = load_model(args.model)
@@ -76,14 +98,24 @@ def main() -> None:
     for ctx, nxt in windows:
         ids, p = torch.cat([ctx.ids, nxt])[None], ctx.ids.shape[0]
         full = model(ids).logits[0, p:-1].float().log_softmax(-1)
-        scores = head_scores(model, ctx.ids, args.window)  # the library's scoring pass: (layers, KV heads, T)
+        if args.score == "repeat":
+            scores = repeat_scores(model, ctx.ids, replay_instruction(tokenizer))
+        else:
+            scores = head_scores(model, ctx.ids, args.window)  # the library's scoring pass: (layers, KV heads, T)
+        if args.per_query:
+            t = torch.arange(p)
+            scores = scores / (p - torch.clamp(t, min=p - min(args.window, p)))
+        recent = (0 if args.score == "repeat" else args.window) if args.recent is None else args.recent
         layers = range(scores.shape[0])
         uniform = scores.sum(1).mean(0)
         for kept in args.kept:
-            one = keep_top(uniform, kept, args.window)
+            pool = not args.no_pool
+            one = keep_top(uniform, kept, recent, pool)
             choices = {
                 "uniform": {i: one[None].expand_as(scores[i]) for i in layers},
-                "per head": {i: torch.stack([keep_top(s, kept, args.window) for s in scores[i]]) for i in layers},
+                "per head": {
+                    i: torch.stack([keep_top(s, kept, recent, not args.no_pool) for s in scores[i]]) for i in layers
+                },
             }
             for name, keep in choices.items():
                 heads.keep = keep

@@ -12,7 +12,7 @@ from kvcondense.forward import parallel_forward
 from kvcondense.layout import NEVER, Kind
 from kvcondense.methods import TokenizedText, build_method
 from kvcondense.methods.placements import scored_spans
-from kvcondense.scoring import POOL, head_scores, method_layout, token_scores, with_scores
+from kvcondense.scoring import POOL, head_scores, method_layout, repeat_scores, token_scores, with_scores
 
 TOKENS = {"<CL>": 94, "<CR>": 95}
 
@@ -40,6 +40,21 @@ def test_scores_are_the_last_queries_attention(family):
     on_eager = token_scores(model, ids, w, chunk_tokens=7)  # an eager model: its own mask function, not sdpa's
     torch.testing.assert_close(on_eager, want, atol=1e-5, rtol=1e-4)
     assert abs(float(torch.stack([a[0, :, -w:].sum((0, 1)) for a in att]).mean(0).sum()) - w * att[0].shape[1]) < 1e-3
+
+
+def test_repeat_scores_are_the_replays_largest_attention():
+    """KVzip's score against the eager model's own attention over text + instruction + text: per layer and KV head,
+    the maximum over the replay's queries and the query heads of the group, on the first copy's keys."""
+    model = tiny_model("llama", attn="eager")
+    ids, ask = text(30).ids, torch.tensor([91, 92, 93])
+    replay = torch.cat([ids, ask, ids])
+    with torch.no_grad():
+        att = model(input_ids=replay[None], output_attentions=True).attentions  # per layer (1, H, L, L)
+    kv = model.config.num_key_value_heads
+    want = torch.stack([a[0, :, 30:, :30].amax(1).view(kv, -1, 30).amax(1) for a in att])
+    got = repeat_scores(tiny_model("llama"), ids, ask, chunk_tokens=7)
+    assert got.shape == (model.config.num_hidden_layers, kv, 30)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 def test_scores_depend_on_the_text():

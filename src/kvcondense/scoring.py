@@ -38,10 +38,12 @@ POOL = 5
 """Width of the window over which a token's score is averaged with its neighbours' (SnapKV's kernel)."""
 
 
-def _scoring_attention(module, query, key, value, attention_mask, kvc_window=1, kvc_scores=None, kvc_base="sdpa", **kw):
+def _scoring_attention(
+    module, query, key, value, attention_mask, kvc_window=1, kvc_scores=None, kvc_base="sdpa", kvc_reduce="sum", **kw
+):
     """The model's own attention, plus the attention probabilities of the last ``kvc_window`` queries (causal)
-    summed over those queries and over each KV head's group of query heads, appended to ``kvc_scores`` as
-    (B, KV heads, T)."""
+    summed (``kvc_reduce="max"``: their maximum) over those queries and over each KV head's group of query heads,
+    appended to ``kvc_scores`` as (B, KV heads, T)."""
     base = eager_of(module) if kvc_base == "eager" else ALL_ATTENTION_FUNCTIONS[kvc_base]
     out = base(module, query, key, value, attention_mask, **kw)
     q = query[:, :, -kvc_window:].float()  # (B, H, w, d)
@@ -51,7 +53,10 @@ def _scoring_attention(module, query, key, value, attention_mask, kvc_window=1, 
     future = torch.arange(t, device=q.device)[None, :] > torch.arange(t - w, t, device=q.device)[:, None]
     probs = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
     b, h, _, _ = probs.shape
-    kvc_scores.append(probs.sum(dim=2).view(b, key.shape[1], h // key.shape[1], t).sum(dim=2))
+    if kvc_reduce == "max":
+        kvc_scores.append(probs.amax(dim=2).view(b, key.shape[1], h // key.shape[1], t).amax(dim=2))
+    else:
+        kvc_scores.append(probs.sum(dim=2).view(b, key.shape[1], h // key.shape[1], t).sum(dim=2))
     return out
 
 
@@ -77,7 +82,7 @@ def pool_scores(scores: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def head_scores(model, ids: torch.Tensor, window: int, chunk_tokens: int = 512) -> torch.Tensor:
+def head_scores(model, ids: torch.Tensor, window: int, chunk_tokens: int = 512, reduce: str = "sum") -> torch.Tensor:
     """Scores before pooling, per layer and KV head: (layers, KV heads, T), the attention probability the last
     ``window`` queries put on each token, summed over them and over the query heads that share the KV head.
     The pass runs in eval mode (no dropout; gradient checkpointing would drop the cache), every module's mode
@@ -87,7 +92,7 @@ def head_scores(model, ids: torch.Tensor, window: int, chunk_tokens: int = 512) 
     modes = [(m, m.training) for m in inner.modules()]
     inner.eval()
     try:
-        scores = _scores_by_layer(inner, ids, window, chunk_tokens)
+        scores = _scores_by_layer(inner, ids, window, chunk_tokens, reduce)
     finally:
         for module, mode in modes:
             module.training = mode
@@ -108,7 +113,7 @@ def check_full_attention(config, n: int) -> None:
         )
 
 
-def _scores_by_layer(inner, ids: torch.Tensor, window: int, chunk_tokens: int) -> torch.Tensor:
+def _scores_by_layer(inner, ids: torch.Tensor, window: int, chunk_tokens: int, reduce: str) -> torch.Tensor:
     window = max(1, min(int(window), ids.shape[0]))
     scores: list[torch.Tensor] = []
     base = attn_implementation(inner)
@@ -126,7 +131,11 @@ def _scores_by_layer(inner, ids: torch.Tensor, window: int, chunk_tokens: int) -
                 past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
-                **({"kvc_window": window, "kvc_scores": scores, "kvc_base": score_base} if last else {}),
+                **(
+                    {"kvc_window": window, "kvc_scores": scores, "kvc_base": score_base, "kvc_reduce": reduce}
+                    if last
+                    else {}
+                ),  # fmt: skip
             )
     if not scores:
         raise RuntimeError(f"the scoring pass saw no attention call: {type(inner).__name__} drops attention kwargs")
@@ -134,6 +143,15 @@ def _scores_by_layer(inner, ids: torch.Tensor, window: int, chunk_tokens: int) -
         raise UsageError(f"the scoring pass saw fewer than the text's {ids.shape[0]} keys in some layer: it needs "
                          "full attention in every layer")  # fmt: skip
     return torch.stack(scores)[:, 0].float().cpu()
+
+
+@torch.no_grad()
+def repeat_scores(model, ids: torch.Tensor, instruction: torch.Tensor, chunk_tokens: int = 512) -> torch.Tensor:
+    """KVzip's score (Kim et al. 2025), per layer and KV head: the model reads ``ids`` (T,), then ``instruction``
+    (a request to repeat it) and ``ids`` again; a token's score is the largest attention any query of that replay
+    (and of any query head of the group) puts on it. Returns (layers, KV heads, T)."""
+    replay = torch.cat([ids, instruction, ids])
+    return head_scores(model, replay, replay.shape[0] - ids.shape[0], chunk_tokens, reduce="max")[..., : ids.shape[0]]
 
 
 def with_scores(model, method: Method, text: TokenizedText) -> TokenizedText:
