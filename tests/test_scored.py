@@ -95,7 +95,7 @@ def test_scored_spans_reach_low_budgets_by_longer_spans():
 def test_scored_layout_needs_scores_and_the_engine_scores():
     model = tiny_model("llama")
     m = build_method("sentinel", ratio=0.5, placement="scored", score_window=8, span_tokens=6)
-    assert m.scoring_window() == 8 and build_method("sentinel").scoring_window() is None
+    assert m.scoring().window == 8 and build_method("sentinel").scoring() is None
     with pytest.raises(UsageError, match="scored placement reads token scores"):
         m.layout(text(), TOKENS)
     scored = with_scores(model, m, text())
@@ -301,3 +301,18 @@ def test_head_scores_are_each_kv_heads_attention(family):
     got = head_scores(tiny_model(family), ids, w, chunk_tokens=9)
     assert got.shape == (len(att), kv, 40)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_mean_scores_divide_by_the_queries_that_see_each_token():
+    """``score_mean``: with the whole text scoring (H2O's accumulated attention), token t is seen by T - t queries;
+    its score is their mean attention, so early tokens are not favoured for being seen more often."""
+    from kvcondense.scoring import pool_scores, seen_by
+
+    assert seen_by(10, 4).tolist() == [4.0] * 7 + [3.0, 2.0, 1.0]
+    model, t = tiny_model("llama"), text(40)
+    m = build_method("scored", ratio=0.5, score_window=40, score_mean=True, per_head=True)
+    got = with_scores(model, m, t)
+    heads = head_scores(model, t.ids, 40)
+    torch.testing.assert_close(got.head_scores, pool_scores(heads / torch.arange(40, 0, -1).float()))
+    summed = with_scores(model, build_method("scored", ratio=0.5, score_window=40, per_head=True), t)
+    assert not torch.allclose(summed.head_scores, got.head_scores)

@@ -8,7 +8,7 @@ the window is read in chunks through a cache (a chunked prefill's memory), then 
 attention implementation that adds the scores beside the ordinary sdpa/eager output.
 
 A method whose layout reads scores (the sentinel ``scored`` placement: keep the highest-scoring tokens raw, condense
-the rest into ``<CR>``s) says so with :meth:`kvcondense.methods.base.Method.scoring_window`; :func:`method_layout`
+the rest into ``<CR>``s) says so with :meth:`kvcondense.methods.base.Method.scoring`; :func:`method_layout`
 is the one place that runs the pass before asking such a method for a layout.
 """
 
@@ -156,14 +156,20 @@ def repeat_scores(model, ids: torch.Tensor, instruction: torch.Tensor, chunk_tok
 
 def with_scores(model, method: Method, text: TokenizedText) -> TokenizedText:
     """``text`` with the scores its method's layout reads (unchanged if it reads none or has them already)."""
-    window = method.scoring_window()
-    per_head = method.scores_per_head()
-    if window is None or (text.scores is not None and (text.head_scores is not None or not per_head)):
+    spec = method.scoring()
+    if spec is None or (text.scores is not None and (text.head_scores is not None or not spec.per_head)):
         return text
-    heads = head_scores(model, text.ids, window)
+    heads = head_scores(model, text.ids, spec.window)
+    if spec.mean:
+        heads = heads / seen_by(text.ids.shape[0], spec.window)
     return dataclasses.replace(
-        text, scores=pool_scores(heads.sum(1).mean(0)), head_scores=pool_scores(heads) if per_head else None
+        text, scores=pool_scores(heads.sum(1).mean(0)), head_scores=pool_scores(heads) if spec.per_head else None
     )
+
+
+def seen_by(n: int, window: int) -> torch.Tensor:
+    """How many of the last ``window`` queries of ``n`` tokens see each token (causal). (n,) float."""
+    return (n - torch.clamp(torch.arange(n), min=n - min(window, n))).float()
 
 
 def method_layout(model, method: Method, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:

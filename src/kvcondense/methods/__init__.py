@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import UsageError
-from .base import Method, StepPiece, TextPolicy, TokenizedText, param, tokenize
+from .base import Method, Scoring, StepPiece, TextPolicy, TokenizedText, param, tokenize
 from .baselines import (
     FullAttention,
     LocalAttention,
@@ -77,6 +77,7 @@ __all__ = [
     "EpisodeTokens",
     "tokenize_episode",
     "Method",
+    "Scoring",
     "TokenizedText",
     "build_method",
     "check_params",

@@ -58,6 +58,23 @@ class TokenizedText:
         return cls(ids, torch.arange(ids.shape[0]), torch.zeros_like(ids))
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """What a method asks of the scoring pass (:mod:`kvcondense.scoring`).
+
+    Attributes:
+        window: the last tokens of the text whose attention scores every token.
+        per_head: also give the scores per layer and KV head (``TokenizedText.head_scores``).
+        mean: a token's score is the mean attention of the scoring queries that see it, not their sum (with a long
+            window, early tokens are then not favoured for being seen by more queries: H2O's accumulated attention,
+            normalised).
+    """
+
+    window: int
+    per_head: bool = False
+    mean: bool = False
+
+
 _WORD = re.compile(r"\S+")
 
 
@@ -160,14 +177,10 @@ class Method:
         """Whether :meth:`episode_layout` is implemented (online episodes: CCM data, chat memory)."""
         return cls.episode_layout is not Method.episode_layout
 
-    def scoring_window(self) -> int | None:
-        """How many final tokens of a text score it, when this method's layout reads token scores
-        (``TokenizedText.scores``, from :func:`kvcondense.scoring.method_layout`); None when it reads none."""
+    def scoring(self) -> Scoring | None:
+        """The scoring pass this method's layout reads (``TokenizedText.scores`` and, per head, ``head_scores``,
+        from :func:`kvcondense.scoring.method_layout`); None when it reads none."""
         return None
-
-    def scores_per_head(self) -> bool:
-        """Whether this method's layout also reads the scores per layer and KV head (``TokenizedText.head_scores``)."""
-        return False
 
     def compresses_at_prompt_end(self) -> bool:
         """Whether this method frees nothing until the prompt has been read whole (as a KV press compresses after

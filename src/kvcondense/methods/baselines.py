@@ -17,7 +17,7 @@ import torch
 
 from ..errors import UsageError
 from ..layout import IGNORE, NEVER, Layout, text_layout
-from .base import Method, TextPolicy, TokenizedText, param
+from .base import Method, Scoring, TextPolicy, TokenizedText, param
 from .memory import TextWriter
 from .placements import scored_window
 
@@ -236,6 +236,8 @@ class ScoredEviction(Method):
         score_window: the last tokens whose attention scores the others (kept, at least).
         per_head: choose the older tokens per layer and KV head (SnapKV's own rule), each head keeping as many:
             the cache then holds a different set in every head (:mod:`kvcondense.heads`), the same memory.
+        score_mean: a token's score is the mean, not the sum, of the attention of the scoring queries that see it
+            (with ``score_window`` the whole prompt: H2O's accumulated attention, normalised).
     """
 
     name: ClassVar[str] = "scored"
@@ -244,20 +246,18 @@ class ScoredEviction(Method):
     window_share: float = param(0.5, "share of the kept slots (after the sinks) given to the raw recent window")
     score_window: int = param(32, "the last tokens, kept, whose attention scores the others")
     per_head: bool = param(False, "choose the kept older tokens per (layer, KV head), not once for every head")
+    score_mean: bool = param(False, "score a token by the mean attention of the scoring queries that see it")
 
     def __post_init__(self) -> None:
         _check_ratio(self.ratio)
         if self.sinks < 0 or self.score_window < 1 or not 0 < self.window_share < 1:
             raise UsageError("scored needs sinks >= 0, score_window >= 1 and window_share in (0, 1)")
 
-    def scoring_window(self) -> int | None:
-        return self.score_window
+    def scoring(self) -> Scoring | None:
+        return Scoring(self.score_window, per_head=self.per_head, mean=self.score_mean)
 
     def compresses_at_prompt_end(self) -> bool:
         return True
-
-    def scores_per_head(self) -> bool:
-        return self.per_head
 
     def layout(self, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:
         if text.scores is None or (self.per_head and text.head_scores is None):

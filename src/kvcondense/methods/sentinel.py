@@ -15,7 +15,7 @@ import torch
 
 from ..errors import UsageError
 from ..layout import NEVER, Kind, Layout, next_text_targets
-from .base import Method, StepPiece, TokenizedText, param, piece_layout
+from .base import Method, Scoring, StepPiece, TokenizedText, param, piece_layout
 from .placements import PLACEMENTS, recent_spans, scored_spans, scored_window, select_spans, word_spans_to_tokens
 
 OPEN, CLOSE = "<CL>", "<CR>"
@@ -232,8 +232,8 @@ class Sentinel(Method):
         if self.max_span_words < 2:
             raise UsageError(f"max_span_words must be >= 2, got {self.max_span_words}")
 
-    def scoring_window(self) -> int | None:
-        return self.score_window if self.placement == "scored" else None
+    def scoring(self) -> Scoring | None:
+        return Scoring(self.score_window) if self.placement == "scored" else None
 
     def compresses_at_prompt_end(self) -> bool:
         return self.evict == "end"
