@@ -10,6 +10,7 @@ from test_equivalence import TOKENS, text
 
 from kvcondense.cache import EvictingCache
 from kvcondense.engine import Stream, generate_step, incremental_forward
+from kvcondense.errors import UsageError
 from kvcondense.forward import parallel_forward
 from kvcondense.heads import head_order
 from kvcondense.layout import NEVER, with_continuation
@@ -137,3 +138,15 @@ def test_cache_state_round_trips_a_pending_per_head_expiry():
     back = EvictingCache.from_state(state, model.config.num_hidden_layers, cache.seen)
     assert torch.equal(back.slot_heads, cache.slot_heads)
     assert torch.equal(cache.clone().slot_heads, cache.slot_heads)
+
+
+def test_recent_keeps_exactly_that_window_and_score_window_0_scores_with_every_token():
+    model = tiny_model("llama")
+    method = build_method("scored", ratio=0.5, per_head=True, score_window=0, score_mean=True, recent=3)
+    assert method.scoring().window >= 10**9  # the scoring pass clips it to the prompt: every query scores
+    lay = method_layout(model, method, text(60), TOKENS)
+    keep = lay.head_expire == NEVER
+    assert bool(keep[..., -3:].all()) and bool((keep.sum(-1) == 30).all())
+    assert not bool(keep[..., -12:-3].all())  # no longer a window of half the budget
+    with pytest.raises(UsageError, match="score_window and recent"):
+        build_method("scored", recent=-1)

@@ -21,6 +21,9 @@ from .base import Method, Scoring, TextPolicy, TokenizedText, param
 from .memory import TextWriter
 from .placements import scored_window
 
+EVERY_TOKEN = 1 << 40
+"""A score window longer than any prompt: every token of the prompt scores."""
+
 
 def _check_ratio(ratio: float) -> None:
     if not 0 < ratio < 1:
@@ -233,7 +236,9 @@ class ScoredEviction(Method):
         ratio: fraction of the prompt's KV to drop, in (0, 1).
         sinks: initial tokens that are always kept.
         window_share: share of the kept slots (after the sinks) given to the recent window.
-        score_window: the last tokens whose attention scores the others (kept, at least).
+        score_window: the last tokens whose attention scores the others (kept, at least, unless ``recent`` is set);
+            0: every token of the prompt scores.
+        recent: keep exactly this many recent tokens raw (within the budget) instead of the window share.
         per_head: choose the older tokens per layer and KV head (SnapKV's own rule), each head keeping as many:
             the cache then holds a different set in every head (:mod:`kvcondense.heads`), the same memory.
         score_mean: a token's score is the mean, not the sum, of the attention of the scoring queries that see it
@@ -244,17 +249,18 @@ class ScoredEviction(Method):
     ratio: float = param(0.5, "compression ratio in (0, 1)")
     sinks: int = param(4, "initial tokens never evicted")
     window_share: float = param(0.5, "share of the kept slots (after the sinks) given to the raw recent window")
-    score_window: int = param(32, "the last tokens, kept, whose attention scores the others")
+    score_window: int = param(32, "the last tokens, kept, whose attention scores the others (0: every token)")
+    recent: int | None = param(None, "recent tokens kept raw, instead of the window share and the score window")
     per_head: bool = param(False, "choose the kept older tokens per (layer, KV head), not once for every head")
     score_mean: bool = param(False, "score a token by the mean attention of the scoring queries that see it")
 
     def __post_init__(self) -> None:
         _check_ratio(self.ratio)
-        if self.sinks < 0 or self.score_window < 1 or not 0 < self.window_share < 1:
-            raise UsageError("scored needs sinks >= 0, score_window >= 1 and window_share in (0, 1)")
+        if self.sinks < 0 or self.score_window < 0 or not 0 < self.window_share < 1 or (self.recent or 0) < 0:
+            raise UsageError("scored needs sinks, score_window and recent >= 0 and window_share in (0, 1)")
 
     def scoring(self) -> Scoring | None:
-        return Scoring(self.score_window, per_head=self.per_head, mean=self.score_mean)
+        return Scoring(self.score_window or EVERY_TOKEN, per_head=self.per_head, mean=self.score_mean)
 
     def compresses_at_prompt_end(self) -> bool:
         return True
@@ -270,7 +276,11 @@ class ScoredEviction(Method):
         sinks = min(self.sinks, budget - 1)  # the last prompt token stays, however short the prompt
         keep = torch.zeros(n, dtype=torch.bool)
         keep[:sinks] = True
-        keep[n - max(1, scored_window(n, kept, sinks, self.window_share, self.score_window)) :] = True
+        if self.recent is None:
+            window = scored_window(n, kept, sinks, self.window_share, self.score_window)
+        else:
+            window = scored_window(n, kept, sinks, 0.0, self.recent)
+        keep[n - max(1, window) :] = True
         rest = min(budget - int(keep.sum()), int((~keep).sum()))
         older = torch.nonzero(~keep).flatten()
         scores = text.head_scores if self.per_head else text.scores[None, None]  # (layers, heads, T)
