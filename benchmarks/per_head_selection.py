@@ -1,7 +1,7 @@
 """One choice of kept tokens for the whole cache against one choice per (layer, KV head), in one harness.
 
     .venv/bin/python benchmarks/per_head_selection.py [--model smollm2-135m] [--docs 6] [--window 32]
-        [--recent N] [--per-query] [--score window|repeat] [--kept 0.5 0.25 0.125]
+        [--recent N] [--per-query] [--value-norm] [--no-pool] [--score window|repeat] [--kept 0.5 0.25 0.125]
 
 kvcondense's ``scored`` eviction keeps or frees a token in every layer and head at once (a layout has one
 visibility rule per token); kvpress's SnapKV applies the same kind of rule per layer and KV head. This measures
@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--per-query", action="store_true")
     ap.add_argument("--score", choices=("window", "repeat"), default="window")
     ap.add_argument("--no-pool", action="store_true", help="rank the raw scores (KVzip does not pool)")
+    ap.add_argument("--value-norm", action="store_true", help="weigh scores by the values' norms (ExpectedAttention)")
     ap.add_argument("--kept", type=float, nargs="+", default=[0.5, 0.25, 0.125])
     args = ap.parse_args()
     model, tokenizer = load_model(args.model)
@@ -101,7 +102,7 @@ def main() -> None:
         if args.score == "repeat":
             scores = repeat_scores(model, ctx.ids, replay_instruction(tokenizer))
         else:
-            scores = head_scores(model, ctx.ids, args.window)  # the library's scoring pass: (layers, KV heads, T)
+            scores = head_scores(model, ctx.ids, args.window, value_norm=args.value_norm)  # (layers, KV heads, T)
         if args.per_query:
             t = torch.arange(p)
             scores = scores / (p - torch.clamp(t, min=p - min(args.window, p)))

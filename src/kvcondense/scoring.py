@@ -39,11 +39,13 @@ POOL = 5
 
 
 def _scoring_attention(
-    module, query, key, value, attention_mask, kvc_window=1, kvc_scores=None, kvc_base="sdpa", kvc_reduce="sum", **kw
-):
+    module, query, key, value, attention_mask, kvc_window=1, kvc_scores=None, kvc_base="sdpa", kvc_reduce="sum",
+    kvc_norms=None, **kw
+):  # fmt: skip
     """The model's own attention, plus the attention probabilities of the last ``kvc_window`` queries (causal)
     summed (``kvc_reduce="max"``: their maximum) over those queries and over each KV head's group of query heads,
-    appended to ``kvc_scores`` as (B, KV heads, T)."""
+    appended to ``kvc_scores`` as (B, KV heads, T); with a ``kvc_norms`` list, the values' norms (B, KV heads, T)
+    are appended to it."""
     base = eager_of(module) if kvc_base == "eager" else ALL_ATTENTION_FUNCTIONS[kvc_base]
     out = base(module, query, key, value, attention_mask, **kw)
     q = query[:, :, -kvc_window:].float()  # (B, H, w, d)
@@ -53,6 +55,8 @@ def _scoring_attention(
     future = torch.arange(t, device=q.device)[None, :] > torch.arange(t - w, t, device=q.device)[:, None]
     probs = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
     b, h, _, _ = probs.shape
+    if kvc_norms is not None:
+        kvc_norms.append(value.float().norm(dim=-1))
     if kvc_reduce == "max":
         kvc_scores.append(probs.amax(dim=2).view(b, key.shape[1], h // key.shape[1], t).amax(dim=2))
     else:
@@ -82,9 +86,12 @@ def pool_scores(scores: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def head_scores(model, ids: torch.Tensor, window: int, chunk_tokens: int = 512, reduce: str = "sum") -> torch.Tensor:
+def head_scores(
+    model, ids: torch.Tensor, window: int, chunk_tokens: int = 512, reduce: str = "sum", value_norm: bool = False
+) -> torch.Tensor:
     """Scores before pooling, per layer and KV head: (layers, KV heads, T), the attention probability the last
-    ``window`` queries put on each token, summed over them and over the query heads that share the KV head.
+    ``window`` queries put on each token, summed over them and over the query heads that share the KV head
+    (``reduce="max"``: the largest; ``value_norm``: times the norm of the token's value, as ExpectedAttention).
     The pass runs in eval mode (no dropout; gradient checkpointing would drop the cache), every module's mode
     restored afterwards."""
     inner = getattr(model, "module", model)
@@ -92,7 +99,7 @@ def head_scores(model, ids: torch.Tensor, window: int, chunk_tokens: int = 512, 
     modes = [(m, m.training) for m in inner.modules()]
     inner.eval()
     try:
-        scores = _scores_by_layer(inner, ids, window, chunk_tokens, reduce)
+        scores = _scores_by_layer(inner, ids, window, chunk_tokens, reduce, value_norm)
     finally:
         for module, mode in modes:
             module.training = mode
@@ -113,14 +120,17 @@ def check_full_attention(config, n: int) -> None:
         )
 
 
-def _scores_by_layer(inner, ids: torch.Tensor, window: int, chunk_tokens: int, reduce: str) -> torch.Tensor:
+def _scores_by_layer(inner, ids, window: int, chunk_tokens: int, reduce: str, value_norm: bool) -> torch.Tensor:
     window = max(1, min(int(window), ids.shape[0]))
     scores: list[torch.Tensor] = []
+    norms: list[torch.Tensor] = []  # the values' norms, if asked
     base = attn_implementation(inner)
     score_base = "eager" if base == "eager" else "sdpa"  # flash/flex kernels cannot take the mask the scores need
     cache = DynamicCache(config=inner.config)
     bounds = [*range(0, ids.shape[0] - window, chunk_tokens), ids.shape[0] - window, ids.shape[0]]
     bounds = sorted(set(bounds))
+    extra = {"kvc_window": window, "kvc_scores": scores, "kvc_base": score_base, "kvc_reduce": reduce,
+             "kvc_norms": norms if value_norm else None}  # fmt: skip
     for lo, hi in zip(bounds, bounds[1:], strict=False):
         last = hi == ids.shape[0]
         kinds = torch.full((1, hi - lo), int(Kind.TEXT), dtype=torch.long)
@@ -131,18 +141,15 @@ def _scores_by_layer(inner, ids: torch.Tensor, window: int, chunk_tokens: int, r
                 past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
-                **(
-                    {"kvc_window": window, "kvc_scores": scores, "kvc_base": score_base, "kvc_reduce": reduce}
-                    if last
-                    else {}
-                ),  # fmt: skip
+                **(extra if last else {}),
             )
     if not scores:
         raise RuntimeError(f"the scoring pass saw no attention call: {type(inner).__name__} drops attention kwargs")
     if any(s.shape[-1] != ids.shape[0] for s in scores):  # a cache that kept fewer keys than the text
         raise UsageError(f"the scoring pass saw fewer than the text's {ids.shape[0]} keys in some layer: it needs "
                          "full attention in every layer")  # fmt: skip
-    return torch.stack(scores)[:, 0].float().cpu()
+    out = torch.stack(scores)[:, 0].float().cpu()
+    return out * torch.stack(norms)[:, 0].cpu() if value_norm else out  # ExpectedAttention's weighting by ||v||
 
 
 @torch.no_grad()
