@@ -316,3 +316,21 @@ def test_mean_scores_divide_by_the_queries_that_see_each_token():
     torch.testing.assert_close(got.head_scores, pool_scores(heads / torch.arange(40, 0, -1).float()))
     summed = with_scores(model, build_method("scored", ratio=0.5, score_window=40, per_head=True), t)
     assert not torch.allclose(summed.head_scores, got.head_scores)
+
+
+def test_value_norm_weighs_each_score_by_its_value_and_pool_1_leaves_them_raw():
+    """``value_norm`` (ExpectedAttention's weighting) against the eager model's own attention and stored values;
+    ``score_pool=1`` ranks the raw scores."""
+    model = tiny_model("llama", attn="eager")
+    ids, w = text(30).ids, 5
+    with torch.no_grad():
+        out = model(input_ids=ids[None], output_attentions=True, use_cache=True)
+    kv = model.config.num_key_value_heads
+    att = torch.stack([a[0, :, -w:].sum(1).view(kv, -1, 30).sum(1) for a in out.attentions])  # (layers, kv, T)
+    norms = torch.stack([layer.values[0].norm(dim=-1) for layer in out.past_key_values.layers])
+    got = head_scores(tiny_model("llama"), ids, w, value_norm=True)
+    torch.testing.assert_close(got, att * norms, atol=1e-5, rtol=1e-4)
+    m = build_method("scored", score_window=w, per_head=True, score_pool=1, value_norm=True)
+    torch.testing.assert_close(with_scores(tiny_model("llama"), m, text(30)).head_scores, got)
+    with pytest.raises(UsageError, match="odd width"):
+        build_method("scored", score_pool=4)

@@ -78,10 +78,12 @@ def token_scores(model, ids: torch.Tensor, window: int, chunk_tokens: int = 512)
     return pool_scores(head_scores(model, ids, window, chunk_tokens).sum(1).mean(0))
 
 
-def pool_scores(scores: torch.Tensor) -> torch.Tensor:
-    """Each score (..., T) averaged with its neighbours' over ``POOL`` tokens (fewer at the ends)."""
+def pool_scores(scores: torch.Tensor, width: int = POOL) -> torch.Tensor:
+    """Each score (..., T) averaged with its neighbours' over ``width`` tokens (fewer at the ends; odd widths)."""
+    if width <= 1:
+        return scores.clone()
     flat = scores.reshape(-1, 1, scores.shape[-1])
-    pooled = F.avg_pool1d(flat, POOL, stride=1, padding=POOL // 2, count_include_pad=False)
+    pooled = F.avg_pool1d(flat, width, stride=1, padding=width // 2, count_include_pad=False)
     return pooled.reshape(scores.shape)
 
 
@@ -166,11 +168,13 @@ def with_scores(model, method: Method, text: TokenizedText) -> TokenizedText:
     spec = method.scoring()
     if spec is None or (text.scores is not None and (text.head_scores is not None or not spec.per_head)):
         return text
-    heads = head_scores(model, text.ids, spec.window)
+    heads = head_scores(model, text.ids, spec.window, value_norm=spec.value_norm)
     if spec.mean:
         heads = heads / seen_by(text.ids.shape[0], spec.window)
     return dataclasses.replace(
-        text, scores=pool_scores(heads.sum(1).mean(0)), head_scores=pool_scores(heads) if spec.per_head else None
+        text,
+        scores=pool_scores(heads.sum(1).mean(0), spec.pool),
+        head_scores=pool_scores(heads, spec.pool) if spec.per_head else None,
     )
 
 

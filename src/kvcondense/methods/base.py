@@ -68,11 +68,15 @@ class Scoring:
         mean: a token's score is the mean attention of the scoring queries that see it, not their sum (with a long
             window, early tokens are then not favoured for being seen by more queries: H2O's accumulated attention,
             normalised).
+        pool: each score is averaged with its neighbours' over this many tokens (SnapKV's kernel); 1: not at all.
+        value_norm: each score is weighed by the norm of the token's value (ExpectedAttention's weighting).
     """
 
     window: int
     per_head: bool = False
     mean: bool = False
+    pool: int = 5
+    value_norm: bool = False
 
 
 _WORD = re.compile(r"\S+")

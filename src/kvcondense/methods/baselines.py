@@ -243,6 +243,8 @@ class ScoredEviction(Method):
             the cache then holds a different set in every head (:mod:`kvcondense.heads`), the same memory.
         score_mean: a token's score is the mean, not the sum, of the attention of the scoring queries that see it
             (with ``score_window`` the whole prompt: H2O's accumulated attention, normalised).
+        score_pool: each score averaged over this many neighbouring tokens (SnapKV's 5; 1: none).
+        value_norm: each score weighed by the norm of the token's value (ExpectedAttention's weighting).
     """
 
     name: ClassVar[str] = "scored"
@@ -253,14 +255,19 @@ class ScoredEviction(Method):
     recent: int | None = param(None, "recent tokens kept raw, instead of the window share and the score window")
     per_head: bool = param(False, "choose the kept older tokens per (layer, KV head), not once for every head")
     score_mean: bool = param(False, "score a token by the mean attention of the scoring queries that see it")
+    score_pool: int = param(5, "average each score over this many neighbouring tokens (odd; 1: no pooling)")
+    value_norm: bool = param(False, "weigh each score by the norm of the token's value (ExpectedAttention)")
 
     def __post_init__(self) -> None:
         _check_ratio(self.ratio)
         if self.sinks < 0 or self.score_window < 0 or not 0 < self.window_share < 1 or (self.recent or 0) < 0:
             raise UsageError("scored needs sinks, score_window and recent >= 0 and window_share in (0, 1)")
+        if self.score_pool < 1 or self.score_pool % 2 == 0:
+            raise UsageError(f"score_pool must be an odd width >= 1, got {self.score_pool}")
 
     def scoring(self) -> Scoring | None:
-        return Scoring(self.score_window or EVERY_TOKEN, per_head=self.per_head, mean=self.score_mean)
+        window = self.score_window or EVERY_TOKEN
+        return Scoring(window, self.per_head, self.score_mean, self.score_pool, self.value_norm)
 
     def compresses_at_prompt_end(self) -> bool:
         return True
