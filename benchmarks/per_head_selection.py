@@ -77,6 +77,29 @@ def replay_instruction(tokenizer) -> torch.Tensor:
     return torch.tensor(tokenizer.encode(text, add_special_tokens=False))
 
 
+def keep_allocated(scores: torch.Tensor, kept: float, window: int, pool: bool, per_layer: bool) -> torch.Tensor:
+    """Bool (layers, KV heads, T): the best floor(kept x T) x heads x layers (pooled) scores over the whole cache
+    (sinks and window in every head). ``per_layer``: only each layer's share is taken from that ranking, then every
+    head of the layer keeps its own best that many (a rectangle per layer); else the ranking decides alone (a
+    ragged cache: what KVzip keeps, masked, not freed)."""
+    layers, heads, t = scores.shape
+    ranked = pool_scores(scores) if pool else scores.clone()
+    ranked[..., :SINKS] = ranked[..., t - window :] = float("inf")
+    n = math.floor(kept * t)
+    keep = torch.zeros(ranked.numel(), dtype=torch.bool)
+    keep[ranked.flatten().topk(n * layers * heads).indices] = True
+    keep = keep.view(layers, heads, t)
+    if not per_layer:
+        return keep
+    share = keep.sum((1, 2)).double() / heads  # slots per head each layer earned in the ranking
+    counts = share.floor().long()
+    counts[(share - counts).argsort(descending=True)[: n * layers - int(counts.sum())]] += 1  # the rounding
+    out = torch.zeros_like(keep)
+    for i in range(layers):
+        out[i].scatter_(-1, ranked[i].topk(int(counts[i]), dim=-1).indices, True)
+    return out
+
+
 @torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -88,6 +111,7 @@ def main() -> None:
     ap.add_argument("--score", choices=("window", "repeat"), default="window")
     ap.add_argument("--no-pool", action="store_true", help="rank the raw scores (KVzip does not pool)")
     ap.add_argument("--value-norm", action="store_true", help="weigh scores by the values' norms (ExpectedAttention)")
+    ap.add_argument("--allocate", action="store_true", help="also: budgets per layer / per head from one ranking")
     ap.add_argument("--kept", type=float, nargs="+", default=[0.5, 0.25, 0.125])
     args = ap.parse_args()
     model, tokenizer = load_model(args.model)
@@ -118,15 +142,21 @@ def main() -> None:
                     i: torch.stack([keep_top(s, kept, recent, not args.no_pool) for s in scores[i]]) for i in layers
                 },
             }
+            if args.allocate:
+                by_layer = keep_allocated(scores, kept, recent, pool, per_layer=True)
+                ragged = keep_allocated(scores, kept, recent, pool, per_layer=False)
+                choices["per layer"] = {i: by_layer[i] for i in layers}
+                choices["global"] = {i: ragged[i] for i in layers}
             for name, keep in choices.items():
                 heads.keep = keep
                 with attention_implementation(model, "bench_masked"):
                     logp = model(ids).logits[0, p:-1].float().log_softmax(-1)
                 kl.setdefault((kept, name), []).append((full.exp() * (full - logp)).sum(-1))
-    print(f"{'kept':>6}  {'uniform':>9}  {'per head':>9}  ratio")
+    names = ["uniform", "per head"] + (["per layer", "global"] if args.allocate else [])
+    print(f"{'kept':>6}  " + "  ".join(f"{n:>9}" for n in names) + "  ratio")
     for kept in args.kept:
-        u, h = (float(torch.cat(kl[(kept, n)]).mean()) for n in ("uniform", "per head"))
-        print(f"{kept:6.3f}  {u:9.4f}  {h:9.4f}  {u / h:5.2f}")
+        got = [float(torch.cat(kl[(kept, n)]).mean()) for n in names]
+        print(f"{kept:6.3f}  " + "  ".join(f"{g:9.4f}" for g in got) + f"  {got[0] / got[1]:5.2f}")
 
 
 if __name__ == "__main__":
