@@ -334,3 +334,11 @@ def test_value_norm_weighs_each_score_by_its_value_and_pool_1_leaves_them_raw():
     torch.testing.assert_close(with_scores(tiny_model("llama"), m, text(30)).head_scores, got)
     with pytest.raises(UsageError, match="odd width"):
         build_method("scored", score_pool=4)
+
+
+def test_replay_scores_are_kvzips_without_its_request():
+    model = tiny_model("llama")
+    t = text(24)
+    m = build_method("scored", per_head=True, replay=True, score_pool=1)
+    got = with_scores(model, m, t).head_scores
+    torch.testing.assert_close(got, repeat_scores(model, t.ids, t.ids[:0]))

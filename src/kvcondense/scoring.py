@@ -168,8 +168,11 @@ def with_scores(model, method: Method, text: TokenizedText) -> TokenizedText:
     spec = method.scoring()
     if spec is None or (text.scores is not None and (text.head_scores is not None or not spec.per_head)):
         return text
-    heads = head_scores(model, text.ids, spec.window, value_norm=spec.value_norm)
-    if spec.mean:
+    if spec.replay:  # KVzip without its request to repeat (the method has no tokenizer): the text, then its copy
+        heads = repeat_scores(model, text.ids, text.ids[:0])
+    else:
+        heads = head_scores(model, text.ids, spec.window, value_norm=spec.value_norm)
+    if spec.mean and not spec.replay:
         heads = heads / seen_by(text.ids.shape[0], spec.window)
     return dataclasses.replace(
         text,

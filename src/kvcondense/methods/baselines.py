@@ -245,6 +245,7 @@ class ScoredEviction(Method):
             (with ``score_window`` the whole prompt: H2O's accumulated attention, normalised).
         score_pool: each score averaged over this many neighbouring tokens (SnapKV's 5; 1: none).
         value_norm: each score weighed by the norm of the token's value (ExpectedAttention's weighting).
+        replay: score by KVzip's replay (the prompt read twice; the largest attention of the second reading).
     """
 
     name: ClassVar[str] = "scored"
@@ -257,6 +258,7 @@ class ScoredEviction(Method):
     score_mean: bool = param(False, "score a token by the mean attention of the scoring queries that see it")
     score_pool: int = param(5, "average each score over this many neighbouring tokens (odd; 1: no pooling)")
     value_norm: bool = param(False, "weigh each score by the norm of the token's value (ExpectedAttention)")
+    replay: bool = param(False, "score by KVzip's replay: the largest attention a second reading of the prompt puts")
 
     def __post_init__(self) -> None:
         _check_ratio(self.ratio)
@@ -267,7 +269,7 @@ class ScoredEviction(Method):
 
     def scoring(self) -> Scoring | None:
         window = self.score_window or EVERY_TOKEN
-        return Scoring(window, self.per_head, self.score_mean, self.score_pool, self.value_norm)
+        return Scoring(window, self.per_head, self.score_mean, self.score_pool, self.value_norm, self.replay)
 
     def compresses_at_prompt_end(self) -> bool:
         return True
