@@ -336,9 +336,17 @@ def test_value_norm_weighs_each_score_by_its_value_and_pool_1_leaves_them_raw():
         build_method("scored", score_pool=4)
 
 
-def test_replay_scores_are_kvzips_without_its_request():
+def test_replay_scores_are_kvzips_without_its_request_and_mix_as_shares():
+    from kvcondense.scoring import share
+
     model = tiny_model("llama")
     t = text(24)
-    m = build_method("scored", per_head=True, replay=True, score_pool=1)
-    got = with_scores(model, m, t).head_scores
-    torch.testing.assert_close(got, repeat_scores(model, t.ids, t.ids[:0]))
+    replayed = repeat_scores(model, t.ids, t.ids[:0])
+    alone = with_scores(model, build_method("scored", per_head=True, replay=1.0, score_pool=1), t).head_scores
+    torch.testing.assert_close(alone, replayed)
+    mixed = with_scores(model, build_method("scored", per_head=True, replay=0.25, score_pool=1, score_window=6), t)
+    want = 0.75 * share(head_scores(model, t.ids, 6)) + 0.25 * share(replayed)
+    torch.testing.assert_close(mixed.head_scores, want)
+    torch.testing.assert_close(mixed.head_scores.sum(-1), torch.ones(want.shape[:2]))
+    with pytest.raises(UsageError, match="weight in"):
+        build_method("scored", replay=1.5)

@@ -168,17 +168,27 @@ def with_scores(model, method: Method, text: TokenizedText) -> TokenizedText:
     spec = method.scoring()
     if spec is None or (text.scores is not None and (text.head_scores is not None or not spec.per_head)):
         return text
-    if spec.replay:  # KVzip without its request to repeat (the method has no tokenizer): the text, then its copy
-        heads = repeat_scores(model, text.ids, text.ids[:0])
-    else:
+    heads = None
+    if spec.replay < 1:
         heads = head_scores(model, text.ids, spec.window, value_norm=spec.value_norm)
-    if spec.mean and not spec.replay:
-        heads = heads / seen_by(text.ids.shape[0], spec.window)
+        if spec.mean:
+            heads = heads / seen_by(text.ids.shape[0], spec.window)
+    if spec.replay > 0:  # KVzip without its request to repeat (the method has no tokenizer): the text, then its copy
+        replayed = repeat_scores(model, text.ids, text.ids[:0])
+        if heads is None:
+            heads = replayed
+        else:
+            heads = (1 - spec.replay) * share(heads) + spec.replay * share(replayed)
     return dataclasses.replace(
         text,
         scores=pool_scores(heads.sum(1).mean(0), spec.pool),
         head_scores=pool_scores(heads, spec.pool) if spec.per_head else None,
     )
+
+
+def share(scores: torch.Tensor) -> torch.Tensor:
+    """Each head's scores (..., T) as shares of their sum over the text."""
+    return scores / scores.sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
 
 
 def seen_by(n: int, window: int) -> torch.Tensor:

@@ -70,8 +70,9 @@ class Scoring:
             normalised).
         pool: each score is averaged with its neighbours' over this many tokens (SnapKV's kernel); 1: not at all.
         value_norm: each score is weighed by the norm of the token's value (ExpectedAttention's weighting).
-        replay: score by KVzip's replay instead: the model reads the text twice, and a token's score is the largest
-            attention the second reading puts on it (``window``, ``mean`` and ``value_norm`` do not apply).
+        replay: the weight of KVzip's replay score: the model reads the text twice, and a token's score is the
+            largest attention the second reading puts on it. 0: not used; 1: the replay score alone; between: each
+            head's two scores, each normalised to sum 1 over the text, mixed with this weight.
     """
 
     window: int
@@ -79,7 +80,7 @@ class Scoring:
     mean: bool = False
     pool: int = 5
     value_norm: bool = False
-    replay: bool = False
+    replay: float = 0.0
 
 
 _WORD = re.compile(r"\S+")

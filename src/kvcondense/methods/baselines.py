@@ -245,7 +245,8 @@ class ScoredEviction(Method):
             (with ``score_window`` the whole prompt: H2O's accumulated attention, normalised).
         score_pool: each score averaged over this many neighbouring tokens (SnapKV's 5; 1: none).
         value_norm: each score weighed by the norm of the token's value (ExpectedAttention's weighting).
-        replay: score by KVzip's replay (the prompt read twice; the largest attention of the second reading).
+        replay: the weight of KVzip's replay score (the prompt read twice; the largest attention of the second
+            reading): 1 alone, between 0 and 1 mixed with the attention score, each head's scores as shares.
     """
 
     name: ClassVar[str] = "scored"
@@ -258,12 +259,14 @@ class ScoredEviction(Method):
     score_mean: bool = param(False, "score a token by the mean attention of the scoring queries that see it")
     score_pool: int = param(5, "average each score over this many neighbouring tokens (odd; 1: no pooling)")
     value_norm: bool = param(False, "weigh each score by the norm of the token's value (ExpectedAttention)")
-    replay: bool = param(False, "score by KVzip's replay: the largest attention a second reading of the prompt puts")
+    replay: float = param(0.0, "weight of KVzip's replay score (the prompt read twice; 1: it alone)")
 
     def __post_init__(self) -> None:
         _check_ratio(self.ratio)
         if self.sinks < 0 or self.score_window < 0 or not 0 < self.window_share < 1 or (self.recent or 0) < 0:
             raise UsageError("scored needs sinks, score_window and recent >= 0 and window_share in (0, 1)")
+        if not 0 <= self.replay <= 1:
+            raise UsageError(f"replay is a weight in [0, 1], got {self.replay}")
         if self.score_pool < 1 or self.score_pool % 2 == 0:
             raise UsageError(f"score_pool must be an odd width >= 1, got {self.score_pool}")
 
