@@ -82,7 +82,7 @@ def test_decode_time_eviction_matches_parallel(method):
     diff = (parallel[rows] - got).abs().max().item()
     assert diff < 1e-4, f"max abs diff {diff:.2e}"
     assert int(cache.stored_slots()[0]) == full.kept_slots()
-    if method == "scored":  # compresses the prompt only, as a KV press does: generated text is kept
+    if m.compresses_at_prompt_end():  # the prompt only, as a KV press: generated text is kept
         assert prompt.kept_slots() <= 0.5 * prompt.n_text
     elif method != "full":
         assert full.kept_slots() < 0.8 * full.n_text

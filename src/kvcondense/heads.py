@@ -120,7 +120,7 @@ def head_order(
 def check_chunk(slot_heads: torch.Tensor | None, slot_expire: torch.Tensor, chunk: Layout, first: int) -> None:
     """Refuse a chunk (logical indices ``first..``) whose queries would go past a per-head expiry that the cache
     has not applied: inside a chunk every head of the cache sees the same slots (the layout's ``cuts`` must end a
-    chunk there, as :class:`~kvcondense.methods.baselines.ScoredEviction`'s do)."""
+    chunk there, as :class:`~kvcondense.methods.scored.ScoredEviction`'s do)."""
     last = first + len(chunk) - 1
     parts = [] if slot_heads is None else [(slot_heads, slot_expire[:, None, None])]
     if chunk.head_expire is not None:

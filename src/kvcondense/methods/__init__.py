@@ -11,13 +11,13 @@ from .baselines import (
     LocalAttention,
     NoContext,
     ScatteredAttention,
-    ScoredEviction,
     SlidingWindow,
     StreamingLLM,
 )
 from .ccm import CCMConcat, CCMMerge
 from .episode import EpisodeTokens, tokenize_episode
 from .gist import Gist
+from .scored import ScoredEviction, ScoredHeads
 from .sentinel import Sentinel
 
 METHODS: dict[str, type[Method]] = {
@@ -30,6 +30,7 @@ METHODS: dict[str, type[Method]] = {
     "scattered": ScatteredAttention,
     "streaming": StreamingLLM,
     "scored": ScoredEviction,
+    "scored-heads": ScoredHeads,
     "no-context": NoContext,
     "window": SlidingWindow,
 }
