@@ -110,9 +110,10 @@ class ScoredEviction(Method):
 
 @dataclass
 class ScoredHeads(ScoredEviction):
-    """Scored eviction with the settings that keep most on the prefix task: a choice per layer and KV head, by the
-    mean attention every prompt token puts on a token (unpooled, weighed by its value norm), 4 sinks and the 32 most
-    recent tokens kept. The same fields as ``scored``, other defaults."""
+    """Scored eviction with the settings that keep most on the prefix and recall tasks: a choice per layer and KV
+    head, by the mean attention every prompt token puts on a token (unpooled, weighed by its value norm) mixed half
+    and half with KVzip's replay score (the prompt read a second time: the scoring pass costs about three prompt
+    reads), 4 sinks and the 32 most recent tokens kept. The same fields as ``scored``, other defaults."""
 
     name: ClassVar[str] = "scored-heads"
     recent: int | None = param(32, "recent tokens kept raw, instead of the window share and the score window")
@@ -121,3 +122,4 @@ class ScoredHeads(ScoredEviction):
     score_mean: bool = param(True, "score a token by the mean attention of the scoring queries that see it")
     score_pool: int = param(1, "average each score over this many neighbouring tokens (odd; 1: no pooling)")
     value_norm: bool = param(True, "weigh each score by the norm of the token's value (ExpectedAttention)")
+    replay: float = param(0.5, "weight of KVzip's replay score (the prompt read twice; 1: it alone)")
