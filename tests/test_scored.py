@@ -350,3 +350,15 @@ def test_replay_scores_are_kvzips_without_its_request_and_mix_as_shares():
     torch.testing.assert_close(mixed.head_scores.sum(-1), torch.ones(want.shape[:2]))
     with pytest.raises(UsageError, match="weight in"):
         build_method("scored", replay=1.5)
+
+
+def test_scores_over_query_blocks_equal_one_block(monkeypatch):
+    """The scoring queries run in blocks (bounded memory on long prompts): sums and maxima equal one block's."""
+    import kvcondense.scoring as scoring
+
+    model, ids = tiny_model("llama"), text(40).ids
+    whole = (head_scores(model, ids, 40), repeat_scores(model, ids, ids[:3]), head_scores(model, ids, 9))
+    monkeypatch.setattr(scoring, "QUERY_BLOCK", 4)
+    blocked = (head_scores(model, ids, 40), repeat_scores(model, ids, ids[:3]), head_scores(model, ids, 9))
+    for a, b in zip(whole, blocked, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -35,6 +35,8 @@ SCORING = {"sdpa": "kvcondense_score", "eager": "kvcondense_score_eager"}
 they compute the output with; each is registered with that attention's mask function (a name transformers' mask
 registry does not know gets no causal mask at all, which is wrong for a window read over a cache)."""
 POOL = 5
+QUERY_BLOCK = 256
+"""Scoring queries handled at once (their probabilities over every key are held in fp32: 256 x T per head)."""
 """Width of the window over which a token's score is averaged with its neighbours' (SnapKV's kernel)."""
 
 
@@ -48,19 +50,23 @@ def _scoring_attention(
     are appended to it."""
     base = eager_of(module) if kvc_base == "eager" else ALL_ATTENTION_FUNCTIONS[kvc_base]
     out = base(module, query, key, value, attention_mask, **kw)
-    q = query[:, :, -kvc_window:].float()  # (B, H, w, d)
     k = repeat_kv(key, query.shape[1] // key.shape[1]).float()  # (B, H, T, d)
-    t, w = k.shape[2], q.shape[2]
-    logits = q @ k.transpose(-1, -2) * (module.scaling if kw.get("scaling") is None else kw["scaling"])
-    future = torch.arange(t, device=q.device)[None, :] > torch.arange(t - w, t, device=q.device)[:, None]
-    probs = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
-    b, h, _, _ = probs.shape
+    b, h, t, _ = k.shape
+    scale = module.scaling if kw.get("scaling") is None else kw["scaling"]
+    total = None
+    for lo in range(t - min(kvc_window, query.shape[2]), t, QUERY_BLOCK):  # query rows in blocks: bounded memory
+        q = query[:, :, lo - t + query.shape[2] : min(lo + QUERY_BLOCK, t) - t + query.shape[2]].float()
+        future = torch.arange(t, device=q.device)[None, :] > torch.arange(lo, lo + q.shape[2], device=q.device)[:, None]
+        probs = torch.softmax((q @ k.transpose(-1, -2) * scale).masked_fill(future, float("-inf")), dim=-1)
+        if kvc_reduce == "max":
+            part = probs.amax(dim=2).view(b, key.shape[1], h // key.shape[1], t).amax(dim=2)
+            total = part if total is None else torch.maximum(total, part)
+        else:
+            part = probs.sum(dim=2).view(b, key.shape[1], h // key.shape[1], t).sum(dim=2)
+            total = part if total is None else total + part
     if kvc_norms is not None:
         kvc_norms.append(value.float().norm(dim=-1))
-    if kvc_reduce == "max":
-        kvc_scores.append(probs.amax(dim=2).view(b, key.shape[1], h // key.shape[1], t).amax(dim=2))
-    else:
-        kvc_scores.append(probs.sum(dim=2).view(b, key.shape[1], h // key.shape[1], t).sum(dim=2))
+    kvc_scores.append(total)
     return out
 
 
