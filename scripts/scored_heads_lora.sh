@@ -9,18 +9,27 @@
 # kept in runs/distill/<name>-snaps/stepN and scored on the prefix task at 50 / 25 / 12.5 % KV kept into
 # runs/press; the final adapter also on recall uncompressed (--reference) and on the recall, multi-query and needle
 # tables (scripts/scored_rows.sh).
+# REPLAY=0.5: the same recipe with KVzip's replay score mixed in half and half (`--method scored-heads`, whose
+# defaults are this recipe with --replay 0.5), in runs/distill/scored-heads-replay-lora-<objective>-<steps>
+# (about 30 min on one thread: the replay reads each prompt a second time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 K=.venv/bin/kvcondense
 STEPS=${STEPS:-80}
 OBJECTIVE=${OBJECTIVE:-kl}
-OUT=runs/distill/scored-heads-mean-lora-$OBJECTIVE-$STEPS
-recipe=(--per-head --score-window 0 --score-mean --score-pool 1 --value-norm --recent 32)
-scripts/train_snapshots.sh "$OUT" "$STEPS" --method scored "${recipe[@]}" --sample-ratios 0.5,0.75,0.875 \
+REPLAY=${REPLAY:-0}
+if [ "$REPLAY" = 0 ]; then
+  recipe=(--method scored --per-head --score-window 0 --score-mean --score-pool 1 --value-norm --recent 32)
+  OUT=runs/distill/scored-heads-mean-lora-$OBJECTIVE-$STEPS
+else
+  recipe=(--method scored-heads --replay "$REPLAY")
+  OUT=runs/distill/scored-heads-replay-lora-$OBJECTIVE-$STEPS
+fi
+scripts/train_snapshots.sh "$OUT" "$STEPS" "${recipe[@]}" --sample-ratios 0.5,0.75,0.875 \
   --continuation-tokens 64 --objective "$OBJECTIVE" --steps "$STEPS" --batch-size 4 --lr 3e-4 --schedule cosine \
   --warmup-steps 10 --save-every 40
 prefix=(--task prefix --prefix-tokens 1024 --new-tokens 128 --docs 6 --kv-budget 0.5 0.25 0.125)
-$K eval --method scored "${recipe[@]}" "${prefix[@]}" --out-dir runs/press   # the same recipe, training-free
+$K eval "${recipe[@]}" "${prefix[@]}" --out-dir runs/press   # the same recipe, training-free
 for ck in "$OUT"-snaps/step*; do
   $K eval --checkpoint "$ck" "${prefix[@]}" --out-dir runs/press
 done
