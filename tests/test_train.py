@@ -9,6 +9,7 @@ import torch
 from kvcondense import checkpoint as ckpt
 from kvcondense.checkpoint import read_log, read_meta, write_checkpoint
 from kvcondense.data import load_split
+from kvcondense.errors import UsageError
 from kvcondense.evaluate import perplexity
 from kvcondense.forward import parallel_forward
 from kvcondense.loader import load_checkpoint
@@ -119,6 +120,27 @@ def test_gradient_checkpointing_trains_the_same(tiny_dir, sample_path, tmp_path)
     a, b = [[row["loss"] for row in read_log(p)] for p in (plain, ckpointed)]
     assert a == pytest.approx(b, abs=1e-4)
     assert read_meta(ckpointed)["training"]["grad_checkpointing"] is True
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "why"),
+    [
+        ("scored-heads", {"ratio": 0.5}, "per head"),
+        ("ccm-merge", {}, "merged inside attention"),
+        ("sentinel", {"ratio": 0.5, "lora_scope": "special"}, "gated by token kind"),
+    ],
+)
+def test_gradient_checkpointing_is_refused_where_the_recompute_would_miss_a_switch(
+    tiny_dir, sample_path, tmp_path, method, params, why
+):
+    """The backward recomputes a checkpointed layer after kvcondense's forward-time switches (token gate, merging
+    attention, per-head expiry) are undone: it would crash or train another forward (per-head on eager: silently
+    wrong gradients). Refused in one line, before any work."""
+    cfg = config(tiny_dir, sample_path, tmp_path / "ck", method=method, method_params=params, grad_checkpointing=True,
+                 continuation_tokens=16)  # fmt: skip
+    with pytest.raises(UsageError, match=f"--grad-checkpointing.*{why}"):
+        train(cfg)
+    assert not (tmp_path / "ck").exists()
 
 
 @pytest.mark.parametrize("norm", [0.0, 0.5])

@@ -120,6 +120,19 @@ def block_layout(
     return with_continuation(method_layout(model, method, block[:cut], token_ids, seed=seed), block.ids[cut:])
 
 
+def attention_switches(method: Method) -> str:
+    """What of ``method``'s parallel forward lives in kvcondense's forward-time switches (a token-gated LoRA, slots
+    merged inside attention, per-head expiry), which a checkpointed layer's recompute in the backward would miss;
+    empty when nothing does."""
+    spec = method.scoring()
+    parts = [
+        "its LoRA is gated by token kind" if method.lora_on else "",
+        "its slots are merged inside attention" if method.name == "ccm-merge" else "",
+        "it expires keys per head" if spec is not None and spec.per_head else "",
+    ]
+    return ", ".join(p for p in parts if p)
+
+
 # ---------------------------------------------------------------------------------------------------------------- model
 def prepare_model(cfg: TrainConfig, method: Method):
     """Base model (frozen) + the method's tokens + LoRA. Returns (model, tokenizer, token_ids, identity)."""
@@ -178,6 +191,11 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
         raise UsageError(f"--sample-ratios needs a method with a ratio; {cfg.method} has none")
     if not method.trainable:
         raise UsageError(f"method {method.name!r} is training-free; evaluate it directly with kvcondense eval")
+    if cfg.grad_checkpointing and (switches := attention_switches(method)):
+        raise UsageError(
+            f"--grad-checkpointing cannot train {method.name} ({switches}): the backward recomputes each layer after "
+            "kvcondense's attention switches are undone, so it would run another forward; train without it"
+        )
     episodic = is_episode_data(cfg.data)
     if episodic and not method.reads_episodes():
         raise UsageError(f"--data {cfg.data} holds online episodes, which only the ccm methods train on")

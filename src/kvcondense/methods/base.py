@@ -71,7 +71,8 @@ class Scoring:
         pool: each score is averaged with its neighbours' over this many tokens (SnapKV's kernel); 1: not at all.
         value_norm: each score is weighed by the norm of the token's value (ExpectedAttention's weighting).
         replay: the weight of KVzip's replay score: the model reads the text twice, and a token's score is the
-            largest attention the second reading puts on it. 0: not used; 1: the replay score alone; between: each
+            largest attention the second reading puts on it. 0: not used; 1: the replay score alone (``window``,
+            ``mean`` and ``value_norm`` then do not apply: they shape the attention score only); between: each
             head's two scores, each normalised to sum 1 over the text, mixed with this weight.
     """
 

@@ -37,7 +37,8 @@ class ScoredEviction(Method):
         window_share: share of the kept slots (after the sinks) given to the recent window.
         score_window: the last tokens whose attention scores the others (kept, at least, unless ``recent`` is set);
             0: every token of the prompt scores.
-        recent: keep exactly this many recent tokens raw (within the budget) instead of the window share.
+        recent: keep this many recent tokens raw instead of the window share (clipped to the budget, one slot left
+            for the older tokens).
         per_head: choose the older tokens per layer and KV head (SnapKV's own rule), each head keeping as many:
             the cache then holds a different set in every head (:mod:`kvcondense.heads`), the same memory.
         score_mean: a token's score is the mean, not the sum, of the attention of the scoring queries that see it
@@ -45,7 +46,8 @@ class ScoredEviction(Method):
         score_pool: each score averaged over this many neighbouring tokens (SnapKV's 5; 1: none).
         value_norm: each score weighed by the norm of the token's value (ExpectedAttention's weighting).
         replay: the weight of KVzip's replay score (the prompt read twice; the largest attention of the second
-            reading): 1 alone, between 0 and 1 mixed with the attention score, each head's scores as shares.
+            reading): 1 alone, between 0 and 1 mixed with the attention score, each head's scores as shares
+            (``score_window``, ``score_mean`` and ``value_norm`` shape the attention score only).
     """
 
     name: ClassVar[str] = "scored"
