@@ -25,35 +25,29 @@ largest attention the replay puts on it), with ``--recent`` (default 0) recent t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvcondense.data import load_split
-from kvcondense.forward import attention_implementation
+from kvcondense.forward import parallel_forward
+from kvcondense.layout import NEVER, text_layout
 from kvcondense.models import load_model
 from kvcondense.prefix_task import prefix_windows
-from kvcondense.scoring import head_scores, pool_scores, repeat_scores
+from kvcondense.scoring import head_scores, pool_scores, repeat_scores, seen_by
 
 SINKS = 4
 
 
-class HeadMask:
-    """An attention implementation that hides, from the queries after the context, the context keys a KV head did
-    not keep (``keep[layer]``: (KV heads, context) bool)."""
-
-    def __init__(self):
-        self.keep: dict[int, torch.Tensor] = {}
-
-    def __call__(self, module, query, key, value, attention_mask, **kw):
-        keep = self.keep[module.layer_idx].repeat_interleave(query.shape[1] // key.shape[1], 0)  # (query heads, P)
-        n, p = query.shape[2], keep.shape[1]
-        mask = torch.ones(n, n, dtype=torch.bool).tril()[None].repeat(query.shape[1], 1, 1)
-        mask[:, p:, :p] &= keep[:, None, :]
-        kw.pop("is_causal", None)
-        return sdpa_attention_forward(module, query, key, value, mask[None], is_causal=False, **kw)
+def context_pruned_logits(model, ids: torch.Tensor, p: int, keep: torch.Tensor) -> torch.Tensor:
+    """Logits (L, V) of ``ids`` whose first ``p`` tokens (the context) are read whole, after which each layer and KV
+    head sees only the context keys it kept (``keep``: (layers, KV heads, p) bool): the library's parallel forward
+    over a layout with per-head expiry (a mask: this measures quality, not memory; the counts may differ per head)."""
+    heads = torch.full((*keep.shape[:2], ids.shape[0]), NEVER)
+    heads[..., :p] = torch.where(keep, NEVER, p - 1)
+    layout = dataclasses.replace(text_layout(ids, heads.amax((0, 1))), head_expire=heads)
+    return parallel_forward(model, [layout]).logits[0]
 
 
 def keep_top(scores: torch.Tensor, kept: float, window: int, pool: bool = True) -> torch.Tensor:
@@ -116,41 +110,31 @@ def main() -> None:
     args = ap.parse_args()
     model, tokenizer = load_model(args.model)
     model.eval()
-    heads = HeadMask()
-    AttentionInterface.register("bench_masked", heads)
     windows = prefix_windows(load_split("wiki", "test"), tokenizer, 1024, 128, args.docs)
     kl: dict[tuple[float, str], list[torch.Tensor]] = {}
     for ctx, nxt in windows:
-        ids, p = torch.cat([ctx.ids, nxt])[None], ctx.ids.shape[0]
-        full = model(ids).logits[0, p:-1].float().log_softmax(-1)
+        ids, p = torch.cat([ctx.ids, nxt]), ctx.ids.shape[0]
+        full = model(ids[None]).logits[0, p:-1].float().log_softmax(-1)
         if args.score == "repeat":
             scores = repeat_scores(model, ctx.ids, replay_instruction(tokenizer))
         else:
             scores = head_scores(model, ctx.ids, args.window, value_norm=args.value_norm)  # (layers, KV heads, T)
         if args.per_query:
-            t = torch.arange(p)
-            scores = scores / (p - torch.clamp(t, min=p - min(args.window, p)))
+            scores = scores / seen_by(p, args.window)
         recent = (0 if args.score == "repeat" else args.window) if args.recent is None else args.recent
-        layers = range(scores.shape[0])
         uniform = scores.sum(1).mean(0)
         for kept in args.kept:
             pool = not args.no_pool
             one = keep_top(uniform, kept, recent, pool)
             choices = {
-                "uniform": {i: one[None].expand_as(scores[i]) for i in layers},
-                "per head": {
-                    i: torch.stack([keep_top(s, kept, recent, not args.no_pool) for s in scores[i]]) for i in layers
-                },
+                "uniform": one.expand_as(scores),
+                "per head": torch.stack([torch.stack([keep_top(s, kept, recent, pool) for s in by]) for by in scores]),
             }
             if args.allocate:
-                by_layer = keep_allocated(scores, kept, recent, pool, per_layer=True)
-                ragged = keep_allocated(scores, kept, recent, pool, per_layer=False)
-                choices["per layer"] = {i: by_layer[i] for i in layers}
-                choices["global"] = {i: ragged[i] for i in layers}
+                choices["per layer"] = keep_allocated(scores, kept, recent, pool, per_layer=True)
+                choices["global"] = keep_allocated(scores, kept, recent, pool, per_layer=False)
             for name, keep in choices.items():
-                heads.keep = keep
-                with attention_implementation(model, "bench_masked"):
-                    logp = model(ids).logits[0, p:-1].float().log_softmax(-1)
+                logp = context_pruned_logits(model, ids, p, keep)[p:-1].float().log_softmax(-1)
                 kl.setdefault((kept, name), []).append((full.exp() * (full - logp)).sum(-1))
     names = ["uniform", "per head"] + (["per layer", "global"] if args.allocate else [])
     print(f"{'kept':>6}  " + "  ".join(f"{n:>9}" for n in names) + "  ratio")

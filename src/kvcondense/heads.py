@@ -20,8 +20,8 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .errors import UsageError
-from .layout import NEVER, Layout
-from .merge import eager_of
+from .layout import NEVER, Layout, head_shape
+from .merge import eager_of, wrapped_attention
 
 HEADS = "kvcondense_heads"
 """The registered attention implementation of a parallel forward whose layouts expire keys per head."""
@@ -47,13 +47,12 @@ AttentionInterface.register(HEADS, _head_attention)
 def batch_head_expire(layouts: list[Layout], length: int) -> torch.Tensor | None:
     """Right-padded (B, layers, KV heads, L) per-head expiry (pads: NEVER, hidden by the shared mask anyway), or
     None when no layout has one."""
-    shaped = [x.head_expire for x in layouts if x.head_expire is not None]
-    if not shaped:
+    shape = head_shape(layouts)
+    if shape is None:
         return None
-    layers, heads = shaped[0].shape[:2]
-    out = torch.full((len(layouts), layers, heads, length), NEVER, dtype=torch.long)
+    out = torch.full((len(layouts), *shape, length), NEVER, dtype=torch.long)
     for b, lay in enumerate(layouts):
-        out[b, ..., : len(lay)] = lay.heads_or_tokens(layers, heads)
+        out[b, ..., : len(lay)] = lay.heads_or_tokens(*shape)
     return out
 
 
@@ -68,17 +67,9 @@ def head_attention(model, layouts: list[Layout], length: int, impl: str, n_layer
         return
     if impl not in ("sdpa", "eager"):
         raise UsageError(f"per-head expiry runs on sdpa or eager attention, not {impl}; load the model with sdpa")
-    config = model.config
-    before = config._attn_implementation
-    config._attn_implementation = HEADS
-    calls: list[int] = []
-    try:
-        yield {"kvc_heads": expire.to(model.device), "kvc_base": impl, "kvc_calls": calls}
-    finally:
-        config._attn_implementation = before
-    if len(calls) != n_layers:
-        raise RuntimeError(f"per-head expiry reached {len(calls)} of {n_layers} layers: this model family does not "
-                           "pass attention kwargs through")  # fmt: skip
+    kwargs = {"kvc_heads": expire.to(model.device), "kvc_base": impl}
+    with wrapped_attention(model, HEADS, kwargs, n_layers, "per-head expiry applied") as got:
+        yield got
 
 
 def head_order(

@@ -171,6 +171,11 @@ def next_text_targets(input_ids: torch.Tensor, kinds: torch.Tensor) -> torch.Ten
     return targets
 
 
+def head_shape(layouts: list[Layout]) -> tuple[int, int] | None:
+    """(layers, KV heads) of the per-head expiry of any of ``layouts``, or None when none has one."""
+    return next((tuple(x.head_expire.shape[:2]) for x in layouts if x.head_expire is not None), None)
+
+
 def concat(layouts: list[Layout]) -> Layout:
     """Join layouts whose indices are already absolute (a prompt layout followed by decode pieces)."""
 
@@ -178,11 +183,8 @@ def concat(layouts: list[Layout]) -> Layout:
         rules = [r for r in rules if r is not None]
         return sum(rules[1:], rules[0]) if rules else None
 
-    shaped = [x.head_expire for x in layouts if x.head_expire is not None]
-    heads = None
-    if shaped:
-        layers, kv = shaped[0].shape[:2]
-        heads = torch.cat([x.heads_or_tokens(layers, kv) for x in layouts], -1)
+    shape = head_shape(layouts)
+    heads = None if shape is None else torch.cat([x.heads_or_tokens(*shape) for x in layouts], -1)
     return Layout(
         **{k: torch.cat([getattr(x, k) for x in layouts]) for k in Layout.tensor_fields()},
         mix=joined(x.mix for x in layouts),

@@ -130,16 +130,27 @@ def merging_attention(model, rules: tuple[torch.Tensor, torch.Tensor, torch.Tens
     if rules is None:
         yield {}
         return
+    base = model.config._attn_implementation or "eager"
+    kwargs = {"kvc_mix": tuple(t.to(model.device) for t in rules), "kvc_base": base}
+    with wrapped_attention(model, MERGING, kwargs, n_layers, "ccm-merge mixed keys", "use ccm-concat") as got:
+        yield got
+
+
+@contextmanager
+def wrapped_attention(model, name: str, kwargs: dict, n_layers: int, what: str, fix: str = ""):
+    """Within the block, ``model``'s attention runs through the registered wrapper ``name`` (restored in
+    ``finally``); the block gets ``kwargs`` plus ``kvc_calls``, a list each wrapper call appends to, and on exit
+    every layer must have made one (a family whose layers drop attention kwargs fails loudly, not silently)."""
     config = model.config
-    base = config._attn_implementation or "eager"
-    config._attn_implementation = MERGING
-    calls: list[int] = []  # one entry per attention call that mixed
+    before = config._attn_implementation
+    config._attn_implementation = name
+    calls: list[int] = []
     try:
-        yield {"kvc_mix": tuple(t.to(model.device) for t in rules), "kvc_base": base, "kvc_calls": calls}
+        yield {**kwargs, "kvc_calls": calls}
     finally:
-        config._attn_implementation = base
+        config._attn_implementation = before
     if len(calls) != n_layers:
         raise RuntimeError(
-            f"ccm-merge mixed keys in {len(calls)} of {n_layers} layers: this model family does not pass "
-            "attention kwargs through; use ccm-concat"
+            f"{what} in {len(calls)} of {n_layers} layers: this model family does not pass attention kwargs "
+            f"through{'; ' + fix if fix else ''}"
         )

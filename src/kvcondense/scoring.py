@@ -53,17 +53,15 @@ def _scoring_attention(
     k = repeat_kv(key, query.shape[1] // key.shape[1]).float()  # (B, H, T, d)
     b, h, t, _ = k.shape
     scale = module.scaling if kw.get("scaling") is None else kw["scaling"]
+    reduce = (lambda x, dim: x.amax(dim)) if kvc_reduce == "max" else (lambda x, dim: x.sum(dim))
+    combine = torch.maximum if kvc_reduce == "max" else torch.add
     total = None
     for lo in range(t - min(kvc_window, query.shape[2]), t, QUERY_BLOCK):  # query rows in blocks: bounded memory
         q = query[:, :, lo - t + query.shape[2] : min(lo + QUERY_BLOCK, t) - t + query.shape[2]].float()
         future = torch.arange(t, device=q.device)[None, :] > torch.arange(lo, lo + q.shape[2], device=q.device)[:, None]
         probs = torch.softmax((q @ k.transpose(-1, -2) * scale).masked_fill(future, float("-inf")), dim=-1)
-        if kvc_reduce == "max":
-            part = probs.amax(dim=2).view(b, key.shape[1], h // key.shape[1], t).amax(dim=2)
-            total = part if total is None else torch.maximum(total, part)
-        else:
-            part = probs.sum(dim=2).view(b, key.shape[1], h // key.shape[1], t).sum(dim=2)
-            total = part if total is None else total + part
+        part = reduce(reduce(probs, 2).view(b, key.shape[1], h // key.shape[1], t), 2)  # over queries, then group
+        total = part if total is None else combine(total, part)
     if kvc_norms is not None:
         kvc_norms.append(value.float().norm(dim=-1))
     kvc_scores.append(total)
