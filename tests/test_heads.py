@@ -152,6 +152,18 @@ def test_recent_keeps_exactly_that_window_and_score_window_0_scores_with_every_t
         build_method("scored", recent=-1)
 
 
+@pytest.mark.parametrize("kept, window", [(0.5, 32), (0.25, 17), (0.125, 7)])
+def test_recent_takes_at_most_the_window_share_of_a_short_prompts_budget(kept, window):
+    """156 tokens (a recall episode): 32 recent tokens would fill most of a 39-slot budget; they get (39 - 4) / 2."""
+    t = text(156)
+    t.scores = torch.rand(156, generator=torch.Generator().manual_seed(0))
+    t.scores[-40:] = -1.0  # the recent tokens only stay as the window
+    lay = build_method("scored", ratio=1 - kept, recent=32).layout(t, {})
+    keep = lay.expire == NEVER
+    assert int(keep.sum()) == int(kept * 156)
+    assert bool(keep[-window:].all()) and not bool(keep[-window - 1])
+
+
 def test_scored_heads_is_scored_with_the_best_settings():
     model = tiny_model("llama")
     preset = method_layout(model, build_method("scored-heads", ratio=0.5), text(200), TOKENS)

@@ -37,8 +37,9 @@ class ScoredEviction(Method):
         window_share: share of the kept slots (after the sinks) given to the recent window.
         score_window: the last tokens whose attention scores the others (kept, at least, unless ``recent`` is set);
             0: every token of the prompt scores.
-        recent: keep this many recent tokens raw instead of the window share (clipped to the budget, one slot left
-            for the older tokens).
+        recent: keep this many recent tokens raw instead of the window share's count, but never more than the
+            window share of the kept slots after the sinks (on a short prompt the scored older tokens keep the rest
+            of the budget).
         per_head: choose the older tokens per layer and KV head (SnapKV's own rule), each head keeping as many:
             the cache then holds a different set in every head (:mod:`kvcondense.heads`), the same memory.
         score_mean: a token's score is the mean, not the sum, of the attention of the scoring queries that see it
@@ -55,7 +56,7 @@ class ScoredEviction(Method):
     sinks: int = param(4, "initial tokens never evicted")
     window_share: float = param(0.5, "share of the kept slots (after the sinks) given to the raw recent window")
     score_window: int = param(32, "the last tokens, kept, whose attention scores the others (0: every token)")
-    recent: int | None = param(None, "recent tokens kept raw, instead of the window share and the score window")
+    recent: int | None = param(None, "recent tokens kept raw (at most the window share of the kept slots)")
     per_head: bool = param(False, "choose the kept older tokens per (layer, KV head), not once for every head")
     score_mean: bool = param(False, "score a token by the mean attention of the scoring queries that see it")
     score_pool: int = param(5, "average each score over this many neighbouring tokens (odd; 1: no pooling)")
@@ -92,7 +93,8 @@ class ScoredEviction(Method):
         if self.recent is None:
             window = scored_window(n, kept, sinks, self.window_share, self.score_window)
         else:
-            window = scored_window(n, kept, sinks, 0.0, self.recent)
+            cap = int((kept * n - sinks) * self.window_share)  # a short prompt: the recent tokens get their share
+            window = scored_window(n, kept, sinks, 0.0, min(self.recent, cap))
         keep[n - max(1, window) :] = True
         rest = min(budget - int(keep.sum()), int((~keep).sum()))
         older = torch.nonzero(~keep).flatten()
@@ -118,7 +120,7 @@ class ScoredHeads(ScoredEviction):
     reads), 4 sinks and the 32 most recent tokens kept. The same fields as ``scored``, other defaults."""
 
     name: ClassVar[str] = "scored-heads"
-    recent: int | None = param(32, "recent tokens kept raw, instead of the window share and the score window")
+    recent: int | None = param(32, "recent tokens kept raw (at most the window share of the kept slots)")
     score_window: int = param(0, "the last tokens whose attention scores the others (0: every token)")
     per_head: bool = param(True, "choose the kept older tokens per (layer, KV head), not once for every head")
     score_mean: bool = param(True, "score a token by the mean attention of the scoring queries that see it")
