@@ -362,3 +362,19 @@ def test_scores_over_query_blocks_equal_one_block(monkeypatch):
     blocked = (head_scores(model, ids, 40), repeat_scores(model, ids, ids[:3]), head_scores(model, ids, 9))
     for a, b in zip(whole, blocked, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_scored_heads_reads_the_text_and_its_copy_once_for_both_scores():
+    """The preset's two scores (mean attention x value norm, and the replay's) come from one read of 2T tokens, not
+    T + 2T, and equal the two scores computed apart."""
+    from kvcondense.scoring import seen_by, share
+
+    model, t = tiny_model("llama"), text(40)
+    read = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda mod, args, out: read.append(args[0].shape[1]))
+    got = with_scores(model, build_method("scored-heads"), t)
+    hook.remove()
+    assert sum(read) == 80
+    attention = head_scores(model, t.ids, 40, value_norm=True) / seen_by(40, 40)
+    want = 0.5 * share(attention) + 0.5 * share(repeat_scores(model, t.ids, t.ids[:0]))
+    torch.testing.assert_close(got.head_scores, want, atol=1e-6, rtol=1e-5)

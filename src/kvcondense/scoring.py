@@ -3,9 +3,11 @@
 The score of token ``t`` is the attention probability that the last ``window`` queries of the text put on it,
 summed over those queries and every query head and averaged over the layers, then smoothed over neighbouring tokens
 (SnapKV's observation window, Li et al. 2024, taken across all heads: a kvcondense layout keeps or frees a token in
-every layer at once). It is computed by the model itself on the raw text with full causal attention: the text before
-the window is read in chunks through a cache (a chunked prefill's memory), then the window runs through a registered
-attention implementation that adds the scores beside the ordinary sdpa/eager output.
+every layer at once). It is computed by the model itself on the raw text with full causal attention, read in chunks
+through a cache (a chunked prefill's memory); the chunks holding scoring queries run through a registered attention
+implementation that adds their scores beside the ordinary sdpa/eager output. One read can collect several
+:class:`Part` s (``scored-heads``: the text's own attention and KVzip's replay score from one read of the text and
+its copy).
 
 A method whose layout reads scores (the sentinel ``scored`` placement: keep the highest-scoring tokens raw, condense
 the rest into ``<CR>``s) says so with :meth:`kvcondense.methods.base.Method.scoring`; :func:`method_layout`
@@ -33,38 +35,78 @@ from .methods.base import Method, TokenizedText
 SCORING = {"sdpa": "kvcondense_score", "eager": "kvcondense_score_eager"}
 """The registered attention implementations of the scoring pass (see :func:`_scoring_attention`), by the attention
 they compute the output with; each is registered with that attention's mask function (a name transformers' mask
-registry does not know gets no causal mask at all, which is wrong for a window read over a cache)."""
+registry does not know gets no causal mask at all, which is wrong for a text read over a cache)."""
 POOL = 5
+"""Width of the window over which a token's score is averaged with its neighbours' (SnapKV's kernel)."""
 QUERY_BLOCK = 256
 """Scoring queries handled at once (their probabilities over every key are held in fp32: 256 x T per head)."""
-"""Width of the window over which a token's score is averaged with its neighbours' (SnapKV's kernel)."""
 
 
-def _scoring_attention(
-    module, query, key, value, attention_mask, kvc_window=1, kvc_scores=None, kvc_base="sdpa", kvc_reduce="sum",
-    kvc_norms=None, **kw
-):  # fmt: skip
-    """The model's own attention, plus the attention probabilities of the last ``kvc_window`` queries (causal)
-    summed (``kvc_reduce="max"``: their maximum) over those queries and over each KV head's group of query heads,
-    appended to ``kvc_scores`` as (B, KV heads, T); with a ``kvc_norms`` list, the values' norms (B, KV heads, T)
-    are appended to it."""
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """The scoring queries ``lo..hi-1`` of the text read, and how their attention on each key is reduced over them
+    and over each KV head's group of query heads: ``"sum"`` or ``"max"``."""
+
+    lo: int
+    hi: int
+    reduce: str = "sum"
+
+
+class _Tally:
+    """What one scoring pass collects, by layer: each part's reduced attention (B, KV heads, keys so far), the
+    values' norms (if asked) and how many keys the layer held."""
+
+    def __init__(self, parts: tuple[Part, ...], value_norm: bool):
+        self.parts, self.value_norm = parts, value_norm
+        self.scores: dict[int, list[torch.Tensor | None]] = {}
+        self.norms: dict[int, torch.Tensor] = {}
+        self.keys: dict[int, int] = {}
+
+    def add(self, layer: int, i: int, got: torch.Tensor) -> None:
+        row = self.scores.setdefault(layer, [None] * len(self.parts))
+        old = row[i]
+        if old is not None:  # earlier chunks saw fewer keys: the later keys had no attention from them
+            old = F.pad(old, (0, got.shape[-1] - old.shape[-1]))
+            got = torch.maximum(old, got) if self.parts[i].reduce == "max" else old + got
+        row[i] = got
+
+
+def _reduced(query, k, rows: range, first: int, reduce: str, scale: float, kv_heads: int) -> torch.Tensor:
+    """The attention of query rows ``rows`` (local indices; absolute = ``first`` + local) on every key of ``k``,
+    causal, reduced over those rows and each KV head's group: (B, KV heads, keys)."""
+    b, h, t, _ = k.shape
+    op = (lambda x, dim: x.amax(dim)) if reduce == "max" else (lambda x, dim: x.sum(dim))
+    total = None
+    for lo in range(rows.start, rows.stop, QUERY_BLOCK):  # query rows in blocks: bounded memory
+        hi = min(lo + QUERY_BLOCK, rows.stop)
+        q = query[:, :, lo:hi].float()
+        at = torch.arange(first + lo, first + hi, device=q.device)  # the rows' absolute positions
+        future = torch.arange(t, device=q.device)[None, :] > at[:, None]
+        probs = torch.softmax((q @ k.transpose(-1, -2) * scale).masked_fill(future, float("-inf")), dim=-1)
+        part = op(op(probs, 2).view(b, kv_heads, h // kv_heads, t), 2)  # over queries, then the group
+        total = part if total is None else (torch.maximum(total, part) if reduce == "max" else total + part)
+    return total
+
+
+def _scoring_attention(module, query, key, value, attention_mask, kvc_tally=None, kvc_base="sdpa", **kw):
+    """The model's own attention; besides, for every part of ``kvc_tally`` whose queries are in this call, their
+    reduced attention on each key (see :class:`Part`), added to the tally of this layer (the cache holds every
+    earlier token of the text, so the first query of the call is token ``keys - queries``)."""
     base = eager_of(module) if kvc_base == "eager" else ALL_ATTENTION_FUNCTIONS[kvc_base]
     out = base(module, query, key, value, attention_mask, **kw)
-    k = repeat_kv(key, query.shape[1] // key.shape[1]).float()  # (B, H, T, d)
-    b, h, t, _ = k.shape
+    t, first = key.shape[2], key.shape[2] - query.shape[2]
     scale = module.scaling if kw.get("scaling") is None else kw["scaling"]
-    reduce = (lambda x, dim: x.amax(dim)) if kvc_reduce == "max" else (lambda x, dim: x.sum(dim))
-    combine = torch.maximum if kvc_reduce == "max" else torch.add
-    total = None
-    for lo in range(t - min(kvc_window, query.shape[2]), t, QUERY_BLOCK):  # query rows in blocks: bounded memory
-        q = query[:, :, lo - t + query.shape[2] : min(lo + QUERY_BLOCK, t) - t + query.shape[2]].float()
-        future = torch.arange(t, device=q.device)[None, :] > torch.arange(lo, lo + q.shape[2], device=q.device)[:, None]
-        probs = torch.softmax((q @ k.transpose(-1, -2) * scale).masked_fill(future, float("-inf")), dim=-1)
-        part = reduce(reduce(probs, 2).view(b, key.shape[1], h // key.shape[1], t), 2)  # over queries, then group
-        total = part if total is None else combine(total, part)
-    if kvc_norms is not None:
-        kvc_norms.append(value.float().norm(dim=-1))
-    kvc_scores.append(total)
+    k = None
+    for i, part in enumerate(kvc_tally.parts):
+        rows = range(max(part.lo, first) - first, min(part.hi, t) - first)
+        if len(rows) <= 0:
+            continue
+        if k is None:
+            k = repeat_kv(key, query.shape[1] // key.shape[1]).float()  # (B, H, T, d)
+        kvc_tally.add(module.layer_idx, i, _reduced(query, k, rows, first, part.reduce, scale, key.shape[1]))
+    if kvc_tally.value_norm:
+        kvc_tally.norms[module.layer_idx] = value.float().norm(dim=-1)
+    kvc_tally.keys[module.layer_idx] = t
     return out
 
 
@@ -76,9 +118,8 @@ for _name, _mask in ((SCORING["sdpa"], sdpa_mask), (SCORING["eager"], eager_mask
 @torch.no_grad()
 def token_scores(model, ids: torch.Tensor, window: int, chunk_tokens: int = 512) -> torch.Tensor:
     """Scores (T,) of the tokens ``ids`` (T,): see the module docstring. The model runs the raw text as plain
-    text (a conditional LoRA stays off, as on any text token); ``window`` is clipped to the text. The text before
-    the window is fed in chunks of ``chunk_tokens`` through a cache (memory bounded as in a chunked prefill), then
-    the window, whose attention is the score."""
+    text (a conditional LoRA stays off, as on any text token); ``window`` is clipped to the text. The text is fed in
+    chunks of ``chunk_tokens`` through a cache (memory bounded as in a chunked prefill)."""
     return pool_scores(head_scores(model, ids, window, chunk_tokens).sum(1).mean(0))
 
 
@@ -97,19 +138,30 @@ def head_scores(
 ) -> torch.Tensor:
     """Scores before pooling, per layer and KV head: (layers, KV heads, T), the attention probability the last
     ``window`` queries put on each token, summed over them and over the query heads that share the KV head
-    (``reduce="max"``: the largest; ``value_norm``: times the norm of the token's value, as ExpectedAttention).
-    The pass runs in eval mode (no dropout; gradient checkpointing would drop the cache), every module's mode
-    restored afterwards."""
+    (``reduce="max"``: the largest; ``value_norm``: times the norm of the token's value, as ExpectedAttention)."""
+    n = ids.shape[0]
+    (scores,), norms = scoring_pass(model, ids, (Part(n - max(1, min(int(window), n)), n, reduce),), chunk_tokens,
+                                    value_norm)  # fmt: skip
+    return scores if norms is None else scores * norms
+
+
+@torch.no_grad()
+def scoring_pass(
+    model, ids: torch.Tensor, parts: tuple[Part, ...], chunk_tokens: int = 512, value_norm: bool = False
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """One read of ``ids`` (N,) by the model with full causal attention, in chunks of ``chunk_tokens`` through a
+    cache, collecting each part's reduced attention: a list of (layers, KV heads, N), and the values' norms
+    (layers, KV heads, N) if ``value_norm``. The pass runs in eval mode (no dropout; gradient checkpointing would
+    drop the cache), every module's mode restored afterwards."""
     inner = getattr(model, "module", model)
     check_full_attention(inner.config, ids.shape[0])
     modes = [(m, m.training) for m in inner.modules()]
     inner.eval()
     try:
-        scores = _scores_by_layer(inner, ids, window, chunk_tokens, reduce, value_norm)
+        return _read(inner, ids, _Tally(tuple(parts), value_norm), chunk_tokens)
     finally:
         for module, mode in modes:
             module.training = mode
-    return scores
 
 
 def check_full_attention(config, n: int) -> None:
@@ -126,45 +178,46 @@ def check_full_attention(config, n: int) -> None:
         )
 
 
-def _scores_by_layer(inner, ids, window: int, chunk_tokens: int, reduce: str, value_norm: bool) -> torch.Tensor:
-    window = max(1, min(int(window), ids.shape[0]))
-    scores: list[torch.Tensor] = []
-    norms: list[torch.Tensor] = []  # the values' norms, if asked
+def _read(inner, ids, tally: _Tally, chunk_tokens: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    n = ids.shape[0]
     base = attn_implementation(inner)
     score_base = "eager" if base == "eager" else "sdpa"  # flash/flex kernels cannot take the mask the scores need
     cache = DynamicCache(config=inner.config)
-    bounds = [*range(0, ids.shape[0] - window, chunk_tokens), ids.shape[0] - window, ids.shape[0]]
-    bounds = sorted(set(bounds))
-    extra = {"kvc_window": window, "kvc_scores": scores, "kvc_base": score_base, "kvc_reduce": reduce,
-             "kvc_norms": norms if value_norm else None}  # fmt: skip
-    for lo, hi in zip(bounds, bounds[1:], strict=False):
-        last = hi == ids.shape[0]
+    extra = {"kvc_tally": tally, "kvc_base": score_base}
+    for lo in range(0, n, chunk_tokens):
+        hi = min(lo + chunk_tokens, n)
+        scoring = any(p.lo < hi and p.hi > lo for p in tally.parts)
         kinds = torch.full((1, hi - lo), int(Kind.TEXT), dtype=torch.long)
-        with lora_gate(inner, kinds), attention_implementation(inner, SCORING[score_base] if last else base):
+        with lora_gate(inner, kinds), attention_implementation(inner, SCORING[score_base] if scoring else base):
             inner(
                 input_ids=ids[None, lo:hi].to(inner.device),
                 position_ids=torch.arange(lo, hi, device=inner.device)[None],
                 past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
-                **(extra if last else {}),
+                **(extra if scoring else {}),
             )
-    if not scores:
+    if not tally.scores or any(None in row for row in tally.scores.values()):
         raise RuntimeError(f"the scoring pass saw no attention call: {type(inner).__name__} drops attention kwargs")
-    if any(s.shape[-1] != ids.shape[0] for s in scores):  # a cache that kept fewer keys than the text
-        raise UsageError(f"the scoring pass saw fewer than the text's {ids.shape[0]} keys in some layer: it needs "
+    if any(t != n for t in tally.keys.values()):  # a cache that kept fewer keys than the text
+        raise UsageError(f"the scoring pass saw fewer than the text's {n} keys in some layer: it needs "
                          "full attention in every layer")  # fmt: skip
-    out = torch.stack(scores)[:, 0].float().cpu()
-    return out * torch.stack(norms)[:, 0].cpu() if value_norm else out  # ExpectedAttention's weighting by ||v||
+    layers = sorted(tally.scores)
+    scores = [torch.stack([F.pad(tally.scores[i][j], (0, n - tally.scores[i][j].shape[-1])) for i in layers])[:, 0]
+              .float().cpu() for j in range(len(tally.parts))]  # fmt: skip
+    norms = torch.stack([tally.norms[i] for i in layers])[:, 0].float().cpu() if tally.value_norm else None
+    return scores, norms
 
 
 @torch.no_grad()
 def repeat_scores(model, ids: torch.Tensor, instruction: torch.Tensor, chunk_tokens: int = 512) -> torch.Tensor:
     """KVzip's score (Kim et al. 2025), per layer and KV head: the model reads ``ids`` (T,), then ``instruction``
-    (a request to repeat it) and ``ids`` again; a token's score is the largest attention any query of that replay
-    (and of any query head of the group) puts on it. Returns (layers, KV heads, T)."""
+    (a request to repeat it) and ``ids`` again; a token's score is the largest attention any query of the request
+    or the replay (and of any query head of the group) puts on it. Returns (layers, KV heads, T)."""
     replay = torch.cat([ids, instruction, ids])
-    return head_scores(model, replay, replay.shape[0] - ids.shape[0], chunk_tokens, reduce="max")[..., : ids.shape[0]]
+    n, t = replay.shape[0], ids.shape[0]
+    (scores,), _ = scoring_pass(model, replay, (Part(t, n, "max"),), chunk_tokens)  # the request's queries too
+    return scores[..., :t]
 
 
 def with_scores(model, method: Method, text: TokenizedText) -> TokenizedText:
@@ -172,17 +225,22 @@ def with_scores(model, method: Method, text: TokenizedText) -> TokenizedText:
     spec = method.scoring()
     if spec is None or (text.scores is not None and (text.head_scores is not None or not spec.per_head)):
         return text
+    n = text.ids.shape[0]
+    parts = []  # one read: the attention score from the text's own queries, the replay's from its copy
+    if spec.replay < 1:
+        parts.append(Part(n - max(1, min(spec.window, n)), n, "sum"))
+    if spec.replay > 0:  # KVzip without its request to repeat (the method has no tokenizer): the text, then its copy
+        parts.append(Part(n, 2 * n, "max"))
+    read = text.ids if spec.replay == 0 else torch.cat([text.ids, text.ids])
+    got, norms = scoring_pass(model, read, tuple(parts), value_norm=spec.value_norm and spec.replay < 1)
     heads = None
     if spec.replay < 1:
-        heads = head_scores(model, text.ids, spec.window, value_norm=spec.value_norm)
+        heads = got[0][..., :n] if norms is None else got[0][..., :n] * norms[..., :n]
         if spec.mean:
-            heads = heads / seen_by(text.ids.shape[0], spec.window)
-    if spec.replay > 0:  # KVzip without its request to repeat (the method has no tokenizer): the text, then its copy
-        replayed = repeat_scores(model, text.ids, text.ids[:0])
-        if heads is None:
-            heads = replayed
-        else:
-            heads = (1 - spec.replay) * share(heads) + spec.replay * share(replayed)
+            heads = heads / seen_by(n, spec.window)
+    if spec.replay > 0:
+        replayed = got[-1][..., :n]
+        heads = replayed if heads is None else (1 - spec.replay) * share(heads) + spec.replay * share(replayed)
     return dataclasses.replace(
         text,
         scores=pool_scores(heads.sum(1).mean(0), spec.pool),
