@@ -1,6 +1,8 @@
 """The scoring pass and the sentinel ``scored`` placement: scores equal the attention they claim to be, the
 placement keeps the highest-scoring tokens raw within the budget, and the engine, evaluation and training run it."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -378,3 +380,30 @@ def test_scored_heads_reads_the_text_and_its_copy_once_for_both_scores():
     attention = head_scores(model, t.ids, 40, value_norm=True) / seen_by(40, 40)
     want = 0.5 * share(attention) + 0.5 * share(repeat_scores(model, t.ids, t.ids[:0]))
     torch.testing.assert_close(got.head_scores, want, atol=1e-6, rtol=1e-5)
+
+
+def test_scored_heads_trains_on_recall_episodes_read_as_prompt_and_continuation(tiny_dir, tmp_path):
+    """``train --method scored-heads --data recall-quiz``: each episode's facts are one prompt, pruned once read,
+    and its query and answer follow as the continuation (what ``eval --task qa`` asks of the cache); a method
+    that compresses as it reads is refused in one line."""
+    from kvcondense.checkpoint import read_log
+    from kvcondense.data.episodes import load_episodes
+    from kvcondense.models import load_model
+    from kvcondense.train import TrainConfig, train
+    from kvcondense.train_data import episode_prompts
+
+    _, tok = load_model(str(tiny_dir))
+    episodes = load_episodes("recall-quiz", "train", 0)[:3]
+    items = episode_prompts(episodes, tok, 240)  # this tiny tokenizer: about 27 tokens a fact, 110 the query + answer
+    for ep, item in zip(episodes, items, strict=True):
+        joined = tok.decode(item.prompt.ids) + tok.decode(item.continuation)
+        assert joined.endswith(ep.query + ep.answer) and ep.chunks[-1] in joined  # the last facts kept, then Q + A
+        assert not joined.startswith(ep.chunks[0]) and len(item.prompt) + len(item.continuation) <= 240  # cut
+    cfg = TrainConfig(method="scored-heads", model=str(tiny_dir), data="recall-quiz", out=str(tmp_path / "sh"),
+                      steps=3, batch_size=2, block_tokens=240, lr=1e-2, save_every=0, objective="kl",
+                      sample_ratios=(0.5, 0.75))  # fmt: skip
+    train(cfg)
+    log = read_log(cfg.out)
+    assert len(log) == 3 and all(r["loss_kl"] > 0 for r in log) and all(r["kv_kept"] < 1 for r in log)
+    with pytest.raises(UsageError, match="online episodes"):
+        train(dataclasses.replace(cfg, method="sentinel", method_params={}, out=str(tmp_path / "st")))

@@ -22,7 +22,7 @@ from .loader import load
 from .methods import Method, TokenizedText, build_method, tokenize
 from .metrics import BertScore
 from .perplexity_eval import measured_kv, perplexity
-from .train import text_blocks
+from .train_data import text_blocks
 from .verify import check_family
 
 TASKS = ("perplexity", "continuation", "memory", "prefix", "qa", "needle")

@@ -10,10 +10,8 @@ the losses (LM, KL to the frozen teacher, or both) are in :mod:`kvcondense.objec
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-import random
 import secrets
 import time
 from pathlib import Path
@@ -39,15 +37,13 @@ from .data import load_split
 from .data.episodes import is_episode_data, load_episodes
 from .distributed import check_distributed, checkpoint_tensors, is_main_process, load_resume
 from .errors import UsageError
-from .layout import Layout, with_continuation
 from .lora import attach_lora, load_adapter_state, set_stage
-from .methods import EpisodeTokens, Method, TokenizedText, build_method, tokenize, tokenize_episode
+from .methods import Method, build_method
 from .models import add_special_tokens, load_model, model_identity
 
 # the settings and the objectives live in train_config.py and objectives.py; callers import them from here too
 from .objectives import lm_loss as lm_loss
 from .objectives import objective_loss
-from .scoring import method_layout
 from .trackers import check_trackers, tracker_config
 from .train_config import OBJECTIVES as OBJECTIVES
 from .train_config import RESUMABLE_CHANGES as RESUMABLE_CHANGES
@@ -56,68 +52,10 @@ from .train_config import config_from_checkpoint as config_from_checkpoint
 from .train_config import config_from_meta as config_from_meta
 from .train_config import dump_config as dump_config
 from .train_config import read_config as read_config
+from .train_data import batches, block_layout, episode_items, episode_prompts
+from .train_data import text_blocks as text_blocks
 
 logger = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------------------------- data
-def text_blocks(docs, tokenizer, block_tokens: int) -> list[TokenizedText]:
-    """Tokenize documents and cut each into blocks of ``block_tokens`` text tokens (a short tail is kept if it
-    is at least half a block)."""
-    blocks = []
-    for doc in docs:
-        toks = tokenize(doc.text, tokenizer)
-        for lo in range(0, len(toks), block_tokens):
-            block = toks[lo : lo + block_tokens]
-            if len(block) >= max(2, block_tokens // 2):
-                blocks.append(block)
-    return blocks
-
-
-def episode_items(episodes, tokenizer, budget: int) -> list[EpisodeTokens]:
-    """Tokenize episodes; drop the oldest chunks until the text of chunks + query + answer fits ``budget`` tokens
-    (episodes whose query and answer alone do not fit are skipped)."""
-    items = []
-    for ep in episodes:
-        tok = tokenize_episode(ep, tokenizer)
-        room = budget - len(tok.query) - len(tok.answer)
-        keep = len(tok.chunks)
-        while keep and sum(len(c) for c in tok.truncated(keep).chunks) > room:
-            keep -= 1
-        if room > 0 and keep:
-            items.append(tok.truncated(keep))
-    return items
-
-
-def batches(blocks: list, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-    """Endless stream of (epoch, list of (block index, block)), reshuffled every epoch; each process takes its
-    own slice of every global batch."""
-    epoch = 0
-    global_bs = batch_size * world
-    while True:
-        order = list(range(len(blocks)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        for lo in range(0, len(order) - global_bs + 1, global_bs):
-            mine = order[lo + rank * batch_size : lo + (rank + 1) * batch_size]
-            yield epoch, [(i, blocks[i]) for i in mine]
-        epoch += 1
-
-
-def block_layout(
-    model, method: Method, cfg: TrainConfig, block, token_ids: dict[str, int], seed: int, episodic: bool = False
-) -> Layout:
-    """One block's layout: a text block, or with ``episodic`` an online episode (training on chats); with
-    ``cfg.sample_ratios`` a text block's ratio is drawn from them (fixed by ``seed``); with
-    ``cfg.continuation_tokens`` the method lays out the block's start and the rest follows as plain text. A method
-    that reads token scores gets them from ``model`` as it is at this step (:mod:`kvcondense.scoring`)."""
-    if episodic:
-        return method.episode_layout(block, token_ids)
-    if cfg.sample_ratios:
-        method = dataclasses.replace(method, ratio=random.Random(seed).choice(cfg.sample_ratios))
-    if not cfg.continuation_tokens:
-        return method_layout(model, method, block, token_ids, seed=seed)
-    cut = len(block) - cfg.continuation_tokens
-    return with_continuation(method_layout(model, method, block[:cut], token_ids, seed=seed), block.ids[cut:])
 
 
 def attention_switches(method: Method) -> str:
@@ -197,8 +135,11 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
             "kvcondense's attention switches are undone, so it would run another forward; train without it"
         )
     episodic = is_episode_data(cfg.data)
-    if episodic and not method.reads_episodes():
-        raise UsageError(f"--data {cfg.data} holds online episodes, which only the ccm methods train on")
+    if episodic and not method.reads_episodes() and not method.compresses_at_prompt_end():
+        raise UsageError(
+            f"--data {cfg.data} holds online episodes, which the ccm methods and the methods that compress at the "
+            f"prompt's end (scored, scored-heads) train on, not {cfg.method}"
+        )
     if not episodic and not cfg.continuation_tokens and method.compresses_at_prompt_end():
         raise UsageError(
             f"{cfg.method} frees nothing until a block has been read whole, so a loss on the block itself never sees "
@@ -232,8 +173,9 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
         accelerator.init_trackers(out.name, config=tracker_config(cfg))
     model, tokenizer, token_ids, identity = prepare_model(cfg, method)
 
-    if episodic:
-        blocks = episode_items(docs, tokenizer, cfg.block_tokens)
+    if episodic:  # online episodes (ccm), or each episode's chunks as one prompt, its query and answer after it
+        pack = episode_items if method.reads_episodes() else episode_prompts
+        blocks = pack(docs, tokenizer, cfg.block_tokens)
     else:
         blocks = text_blocks(docs, tokenizer, cfg.block_tokens)
     if not blocks:
@@ -278,9 +220,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
     while step < cfg.steps:
         for _ in range(cfg.grad_accum):
             epoch, batch = next(stream)
-            layouts = [
-                block_layout(model, method, cfg, b, token_ids, cfg.seed + 7919 * epoch + i, episodic) for i, b in batch
-            ]
+            layouts = [block_layout(model, method, cfg, b, token_ids, cfg.seed + 7919 * epoch + i) for i, b in batch]
             with accelerator.accumulate(model):
                 loss, parts = objective_loss(model, layouts, cfg, accelerator)
                 accelerator.backward(loss)
