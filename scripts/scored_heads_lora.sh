@@ -12,12 +12,17 @@
 # REPLAY=0.5: the same recipe with KVzip's replay score mixed in half and half (`--method scored-heads`, whose
 # defaults are this recipe with --replay 0.5), in runs/distill/scored-heads-replay-lora-<objective>-<steps>
 # (about 30 min on one thread: the replay reads each prompt a second time).
+# DATA=recall-quiz: train on the recall task's training episodes instead of wiki (each episode's 16 facts the
+# prompt, pruned once read; its question and an answer stating four facts the continuation), into
+# runs/distill/scored-heads-replay-lora-<objective>-<steps>-recall-quiz; the evaluations are the same, on held-out
+# episodes and wiki.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 K=.venv/bin/kvcondense
 STEPS=${STEPS:-80}
 OBJECTIVE=${OBJECTIVE:-kl}
 REPLAY=${REPLAY:-0}
+DATA=${DATA:-}
 if [ "$REPLAY" = 0 ]; then
   recipe=(--method scored --per-head --score-window 0 --score-mean --score-pool 1 --value-norm --recent 32)
   OUT=runs/distill/scored-heads-mean-lora-$OBJECTIVE-$STEPS
@@ -25,8 +30,13 @@ else
   recipe=(--method scored-heads --replay "$REPLAY")
   OUT=runs/distill/scored-heads-replay-lora-$OBJECTIVE-$STEPS
 fi
+data=(--continuation-tokens 64)
+if [ -n "$DATA" ]; then
+  data=(--data "$DATA")
+  OUT=$OUT-$DATA
+fi
 scripts/train_snapshots.sh "$OUT" "$STEPS" "${recipe[@]}" --sample-ratios 0.5,0.75,0.875 \
-  --continuation-tokens 64 --objective "$OBJECTIVE" --steps "$STEPS" --batch-size 4 --lr 3e-4 --schedule cosine \
+  "${data[@]}" --objective "$OBJECTIVE" --steps "$STEPS" --batch-size 4 --lr 3e-4 --schedule cosine \
   --warmup-steps 10 --save-every 40
 prefix=(--task prefix --prefix-tokens 1024 --new-tokens 128 --docs 6 --kv-budget 0.5 0.25 0.125)
 $K eval "${recipe[@]}" "${prefix[@]}" --out-dir runs/press   # the same recipe, training-free

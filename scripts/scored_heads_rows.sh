@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The scored-heads rows of the recall, multi-query and needle tables: the training-free `--method scored-heads` and,
+# if CHECKPOINT is set (e.g. runs/distill/scored-heads-replay-lora-kl-80, made by `REPLAY=0.5
+# scripts/scored_heads_lora.sh`), its LoRA, at 50 / 25 / 12.5 % KV kept. The settings are those of
+# scripts/recall_table.sh, scripts/multi_query_table.sh and scripts/needle_table.sh (same episodes, same token ids as
+# kvpress); results into runs/recall, runs/multi and runs/needle. FORCE=1 re-runs cached rows (after a code change).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+K=.venv/bin/kvcondense
+budgets=(--kv-budget 0.5 0.25 0.125)
+recall=(--task qa --data recall --episodes 30 --out-dir runs/recall)
+multi=(--task qa --data recall --episodes 30 --questions 4 --out-dir runs/multi)
+needle=(--task needle --needle-lengths 512 1024 --needle-depths 0 0.5 1 --docs 2 --out-dir runs/needle)
+force=()
+if [ -n "${FORCE:-}" ]; then force=(--force); fi
+for task in ${TASKS:-recall multi needle}; do
+  declare -n flags=$task
+  if [ -n "${CHECKPOINT:-}" ]; then
+    $K eval --checkpoint "$CHECKPOINT" "${budgets[@]}" "${flags[@]}" "${force[@]}"
+  else
+    $K eval --method scored-heads "${budgets[@]}" "${flags[@]}" "${force[@]}"
+  fi
+done
