@@ -186,7 +186,7 @@ def _read(inner, ids, tally: _Tally, chunk_tokens: int) -> tuple[list[torch.Tens
     extra = {"kvc_tally": tally, "kvc_base": score_base}
     for lo in range(0, n, chunk_tokens):
         hi = min(lo + chunk_tokens, n)
-        scoring = any(p.lo < hi and p.hi > lo for p in tally.parts)
+        scoring = hi == n or any(p.lo < hi and p.hi > lo for p in tally.parts)  # the last: every key's norm
         kinds = torch.full((1, hi - lo), int(Kind.TEXT), dtype=torch.long)
         with lora_gate(inner, kinds), attention_implementation(inner, SCORING[score_base] if scoring else base):
             inner(
