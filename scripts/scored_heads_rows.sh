@@ -7,10 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 K=.venv/bin/kvcondense
-budgets=(--kv-budget 0.5 0.25 0.125)
-recall=(--task qa --data recall --episodes 30 --out-dir runs/recall)
-multi=(--task qa --data recall --episodes 30 --questions 4 --out-dir runs/multi)
-needle=(--task needle --needle-lengths 512 1024 --needle-depths 0 0.5 1 --docs 2 --out-dir runs/needle)
+source scripts/qa_settings.sh
 force=()
 if [ -n "${FORCE:-}" ]; then force=(--force); fi
 for task in ${TASKS:-recall multi needle}; do
