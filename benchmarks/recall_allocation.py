@@ -1,0 +1,114 @@
+"""Where KVzip's recall lead comes from: the scored-heads choice with three allocations of one budget, in one harness.
+
+    .venv/bin/python benchmarks/recall_allocation.py [--episodes 30] [--kept 0.5 0.25 0.125] [--replay 0.5]
+        [--questions 1]
+
+``kvcondense eval --task qa --data recall --method scored-heads`` keeps, in every (layer, KV head), the same number
+of context tokens (a rectangle the cache can free); kvpress's KVzip ranks every (layer, head, token) score at once
+and keeps the best, so a head may keep many tokens and another few (it masks, and frees nothing). This measures what
+that difference alone is worth on the recall episodes, with everything else equal: the same held-out episodes and
+questions as the recall table, the same scores (``scored-heads``: its attention and replay scores mixed), the same
+sinks and recent window kept in every head, the same number of kept (layer, head, token) entries:
+
+- ``equal``: the method's own layout (every head keeps as many; what ``eval`` measures through the cache);
+- ``per layer``: each layer's share taken from one ranking over the whole cache, every head of a layer keeping that
+  many (a rectangle per layer);
+- ``global``: that ranking alone (KVzip's allocation: heads keep unequal counts).
+
+The context is read whole, then the question and each option read only what each head kept (the library's parallel
+forward with per-head expiry: a mask, quality not memory); the option with the highest summed log-likelihood is the
+answer, as in ``eval``. Prints accuracy per allocation and budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+
+from kvcondense.data.episodes import load_episodes
+from kvcondense.forward import parallel_forward
+from kvcondense.layout import NEVER, text_layout
+from kvcondense.methods import build_method, tokenize
+from kvcondense.models import load_model
+from kvcondense.qa_task import episodes_as_qa
+from kvcondense.scoring import with_scores
+
+
+def allocated(scores: torch.Tensor, fixed: torch.Tensor, per_head: int, per_layer: bool) -> torch.Tensor:
+    """Bool (layers, KV heads, T): ``fixed`` (T,) in every head, and ``per_head`` x layers x heads more entries,
+    the best scores over the whole cache (``per_layer``: only each layer's count from that ranking, every head of
+    the layer keeping its own best that many)."""
+    layers, heads, t = scores.shape
+    ranked = scores.clone().masked_fill(fixed, float("-inf"))
+    keep = torch.zeros(ranked.numel(), dtype=torch.bool)
+    keep[ranked.flatten().topk(per_head * layers * heads).indices] = True
+    keep = keep.view(layers, heads, t)
+    if per_layer:
+        share = keep.sum((1, 2)).double() / heads
+        counts = share.floor().long()
+        counts[(share - counts).argsort(descending=True)[: per_head * layers - int(counts.sum())]] += 1
+        keep = torch.zeros_like(keep)
+        for i in range(layers):
+            keep[i].scatter_(-1, ranked[i].topk(int(counts[i]), dim=-1).indices, True)
+    return keep | fixed
+
+
+def option_logprob(model, context: torch.Tensor, keep: torch.Tensor, prompt: torch.Tensor, option: torch.Tensor):
+    """Summed log-likelihood of ``option`` after ``context`` (read whole, then each head sees only ``keep``) and
+    ``prompt``."""
+    ids, p = torch.cat([context, prompt, option]), context.shape[0]
+    heads = torch.full((*keep.shape[:2], ids.shape[0]), NEVER)
+    heads[..., :p] = torch.where(keep, NEVER, p - 1)
+    layout = dataclasses.replace(text_layout(ids, heads.amax((0, 1))), head_expire=heads)
+    logp = parallel_forward(model, [layout]).logits[0].float().log_softmax(-1)
+    rows = torch.arange(ids.shape[0] - option.shape[0] - 1, ids.shape[0] - 1)
+    return float(logp[rows, option].sum())
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--episodes", type=int, default=30)
+    ap.add_argument("--questions", type=int, default=1)
+    ap.add_argument("--replay", type=float, default=0.5)
+    ap.add_argument("--kept", type=float, nargs="+", default=[0.5, 0.25, 0.125])
+    args = ap.parse_args()
+    model, tok = load_model(args.model)
+    model.eval()
+    items = episodes_as_qa(load_episodes("recall", "test"), args.episodes, args.questions)
+    names = ("equal", "per layer", "global")
+    right = {(kept, n): 0 for kept in args.kept for n in names}
+    asked = 0
+    for item in items:
+        text = tokenize(item.context, tok)
+        scored = with_scores(model, build_method("scored-heads", replay=args.replay), text)
+        choices = {}
+        for kept in args.kept:
+            layout = build_method("scored-heads", ratio=1 - kept, replay=args.replay).layout(scored, {})
+            equal = layout.head_expire == NEVER
+            fixed = equal.all(0).all(0)  # the sinks and the recent window (and any token every head chose)
+            per_head = int(equal[0, 0].sum()) - int(fixed.sum())
+            choices[kept] = {
+                "equal": equal,
+                "per layer": allocated(scored.head_scores, fixed, per_head, per_layer=True),
+                "global": allocated(scored.head_scores, fixed, per_head, per_layer=False),
+            }
+            assert all(int(c.sum()) == int(equal.sum()) for c in choices[kept].values())  # the same entries kept
+        for q in item.questions:
+            asked += 1
+            prompt = torch.tensor(tok(q.prompt(), add_special_tokens=False)["input_ids"])
+            opts = [torch.tensor(tok(q.option_text(o), add_special_tokens=False)["input_ids"]) for o in q.options]
+            for kept, by in choices.items():
+                for name, keep in by.items():
+                    got = [option_logprob(model, text.ids, keep, prompt, o) for o in opts]
+                    right[(kept, name)] += q.options[max(range(len(got)), key=got.__getitem__)] == q.answer
+    print(f"{'kept':>6}  " + "  ".join(f"{n:>9}" for n in names) + f"   ({asked} questions)")
+    for kept in args.kept:
+        print(f"{kept:6.3f}  " + "  ".join(f"{right[(kept, n)] / asked:9.3f}" for n in names))
+
+
+if __name__ == "__main__":
+    main()
