@@ -171,3 +171,29 @@ def test_scored_heads_is_scored_with_the_best_settings():
     spelled = method_layout(model, build_method("scored", ratio=0.5, **flags), text(200), TOKENS)
     assert torch.equal(preset.head_expire, spelled.head_expire)
     assert not bool((preset.head_expire == preset.head_expire[:1, :1]).all())  # the heads chose differently
+
+
+@pytest.mark.parametrize("name, family", [("scored-heads", "llama"), ("scored-heads", "gpt2"), ("scored", "llama")])
+def test_prefill_takes_the_scoring_passs_read_and_equals_feeding_the_prompt(name, family):
+    """A prompt the scoring pass read whole is not read again: the engine stores the pass's keys and values (2n
+    tokens read in all, not 3n), and the cache, the first logits and the decode after it equal those of feeding
+    the same layout chunk by chunk."""
+    model, t = tiny_model(family), text(50)
+    method = build_method(name, ratio=0.5)
+    read = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda mod, args, out: read.append(args[0].shape[1]))
+    reused = Stream(model, method, TOKENS)
+    first = reused.prefill(t, chunk_tokens=16)
+    hook.remove()
+    assert sum(read) == (100 if name == "scored-heads" else 50)
+    fed = Stream(model, method, TOKENS)
+    want = fed.prefill(reused.layouts[0], chunk_tokens=16)
+    torch.testing.assert_close(first, want, atol=1e-4, rtol=1e-4)
+    a, b = reused.cache, fed.cache
+    assert torch.equal(a.slot_idx, b.slot_idx) and torch.equal(a.slot_expire, b.slot_expire)
+    assert int(a.stored_slots()[0]) == 25
+    for la, lb in zip(a.layers, b.layers, strict=True):
+        torch.testing.assert_close(la.keys, lb.keys, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(la.values, lb.values, atol=1e-4, rtol=1e-4)
+    for token in (5, 17, 42):
+        torch.testing.assert_close(reused.step([token]).logits, fed.step([token]).logits, atol=1e-4, rtol=1e-4)

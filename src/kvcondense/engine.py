@@ -30,13 +30,14 @@ from .forward import (
     feed,
     incremental_attention,
     num_layers,
+    store_read,
 )
 from .layout import Kind, Layout
 from .lora import lora_gate
 from .masks import to_attention_mask
 from .methods import Method, StepPiece, TokenizedText
 from .sampling import Sampling
-from .scoring import method_layout
+from .scoring import prompt_layout
 
 PREFILL_CHUNK = 512
 """Default tokens per prefill forward: the peak stored KV is what is kept plus one chunk, and on 2 CPU cores chunks
@@ -117,14 +118,21 @@ class Stream:
             raise ValueError("prefill feeds one row; stack one-row streams with Stream.batch")
         if self.seen[0] != 0:  # a layout's expiry and starts are indices from its own first token
             raise ValueError("prefill starts a stream on an empty cache; continue a stream with step()")
-        if not isinstance(prompt, Layout):  # (a method that reads token scores gets its scoring pass here)
-            prompt = method_layout(self.model, self.method, prompt, self.token_ids, seed)
+        read = None  # a method that reads token scores gets its scoring pass here, which may read the prompt for us
+        if not isinstance(prompt, Layout):
+            prompt, read = prompt_layout(self.model, self.method, prompt, self.token_ids, seed)
         layout = prompt
         predict_from = self.method.predict_from if self.method is not None else (Kind.TEXT,)
         predictors = torch.isin(layout.kinds, torch.tensor([int(k) for k in predict_from]))
         last = int(torch.nonzero(predictors).max()) if bool(predictors.any()) else len(layout) - 1
         kept, logits = [], None
-        for lo, hi in chunk_bounds(layout, chunk_tokens):
+        if read is not None and not keep_logits:  # the scoring pass's keys, values and last logits: no second read
+            store_read(self.cache, layout, read.kv)
+            self._peak()
+            self.cache.evict(len(layout))
+            logits = read.logits
+        bounds = [] if logits is not None else chunk_bounds(layout, chunk_tokens)
+        for lo, hi in bounds:
             wanted = lo <= last < hi
             rows = None if keep_logits else torch.tensor([last - lo if wanted else hi - lo - 1])
             out = feed(self.model, self.cache, layout.slice(lo, hi), lo, logits_rows=rows)[0]

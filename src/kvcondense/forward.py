@@ -218,6 +218,21 @@ def feed(
     return out.logits
 
 
+def store_read(cache: EvictingCache, layout: Layout, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Store a one-row prompt whose keys and values were computed already (the scoring pass's read: see
+    :func:`kvcondense.scoring.prompt_layout`) with its layout's metadata, as :func:`feed` of the whole prompt would
+    (logical indices from 0). The caller evicts."""
+    with cache.feeding():
+        for i, (keys, values) in enumerate(kv):
+            cache.update(keys, values, i)
+    cache.append(
+        torch.arange(len(layout))[None],
+        layout.expire[None],
+        layout.closer_only[None],
+        None if layout.head_expire is None else layout.head_expire[None],
+    )
+
+
 def feed_text(model, cache: EvictingCache, ids: torch.Tensor, first: int, position: int) -> torch.Tensor:
     """Plain text ``ids`` through the cache after ``first`` logical tokens, at positions from ``position`` (what
     follows a compressed context: a continuation, a question, an option). Returns its logits (n, V)."""

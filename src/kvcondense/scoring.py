@@ -71,6 +71,16 @@ class _Tally:
         row[i] = got
 
 
+@dataclasses.dataclass
+class PromptRead:
+    """What the scoring pass computed for the first ``n`` tokens of its read (the prompt, plain causal attention:
+    what a prefill of it computes): each layer's keys and values (1, KV heads, n, d), and the logits (V,) of token
+    ``n - 1``. A prefill takes them instead of reading the prompt again (:func:`prompt_layout`)."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    logits: torch.Tensor
+
+
 def _reduced(query, k, rows: range, first: int, reduce: str, scale: float, kv_heads: int) -> torch.Tensor:
     """The attention of query rows ``rows`` (local indices; absolute = ``first`` + local) on every key of ``k``,
     causal, reduced over those rows and each KV head's group: (B, KV heads, keys)."""
@@ -153,12 +163,19 @@ def scoring_pass(
     cache, collecting each part's reduced attention: a list of (layers, KV heads, N), and the values' norms
     (layers, KV heads, N) if ``value_norm``. The pass runs in eval mode (no dropout; gradient checkpointing would
     drop the cache), every module's mode restored afterwards."""
+    scores, norms, _ = _pass(model, ids, parts, chunk_tokens, value_norm)
+    return scores, norms
+
+
+@torch.no_grad()
+def _pass(model, ids, parts, chunk_tokens: int, value_norm: bool, keep: int = 0):
+    """:func:`scoring_pass`, and with ``keep`` > 0 the :class:`PromptRead` of the first ``keep`` tokens."""
     inner = getattr(model, "module", model)
     check_full_attention(inner.config, ids.shape[0])
     modes = [(m, m.training) for m in inner.modules()]
     inner.eval()
     try:
-        return _read(inner, ids, _Tally(tuple(parts), value_norm), chunk_tokens)
+        return _read(inner, ids, _Tally(tuple(parts), value_norm), chunk_tokens, keep)
     finally:
         for module, mode in modes:
             module.training = mode
@@ -178,18 +195,19 @@ def check_full_attention(config, n: int) -> None:
         )
 
 
-def _read(inner, ids, tally: _Tally, chunk_tokens: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+def _read(inner, ids, tally: _Tally, chunk_tokens: int, keep: int = 0):
     n = ids.shape[0]
     base = attn_implementation(inner)
     score_base = "eager" if base == "eager" else "sdpa"  # flash/flex kernels cannot take the mask the scores need
     cache = DynamicCache(config=inner.config)
     extra = {"kvc_tally": tally, "kvc_base": score_base}
-    for lo in range(0, n, chunk_tokens):
-        hi = min(lo + chunk_tokens, n)
+    bounds = sorted({*range(0, n, chunk_tokens), *([keep] if 0 < keep < n else []), n})
+    logits = None
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
         scoring = hi == n or any(p.lo < hi and p.hi > lo for p in tally.parts)  # the last: every key's norm
         kinds = torch.full((1, hi - lo), int(Kind.TEXT), dtype=torch.long)
         with lora_gate(inner, kinds), attention_implementation(inner, SCORING[score_base] if scoring else base):
-            inner(
+            out = inner(
                 input_ids=ids[None, lo:hi].to(inner.device),
                 position_ids=torch.arange(lo, hi, device=inner.device)[None],
                 past_key_values=cache,
@@ -197,6 +215,8 @@ def _read(inner, ids, tally: _Tally, chunk_tokens: int) -> tuple[list[torch.Tens
                 logits_to_keep=1,
                 **(extra if scoring else {}),
             )
+        if hi == keep:
+            logits = out.logits[0, -1]
     if not tally.scores or any(None in row for row in tally.scores.values()):
         raise RuntimeError(f"the scoring pass saw no attention call: {type(inner).__name__} drops attention kwargs")
     if any(t != n for t in tally.keys.values()):  # a cache that kept fewer keys than the text
@@ -206,7 +226,10 @@ def _read(inner, ids, tally: _Tally, chunk_tokens: int) -> tuple[list[torch.Tens
     scores = [torch.stack([F.pad(tally.scores[i][j], (0, n - tally.scores[i][j].shape[-1])) for i in layers])[:, 0]
               .float().cpu() for j in range(len(tally.parts))]  # fmt: skip
     norms = torch.stack([tally.norms[i] for i in layers])[:, 0].float().cpu() if tally.value_norm else None
-    return scores, norms
+    read = None
+    if keep:
+        read = PromptRead([(lay.keys[:, :, :keep], lay.values[:, :, :keep]) for lay in cache.layers], logits)
+    return scores, norms, read
 
 
 @torch.no_grad()
@@ -222,17 +245,22 @@ def repeat_scores(model, ids: torch.Tensor, instruction: torch.Tensor, chunk_tok
 
 def with_scores(model, method: Method, text: TokenizedText) -> TokenizedText:
     """``text`` with the scores its method's layout reads (unchanged if it reads none or has them already)."""
+    return _with_scores(model, method, text)[0]
+
+
+def _with_scores(model, method: Method, text: TokenizedText, keep: bool = False):
+    """(:func:`with_scores`, and with ``keep`` the :class:`PromptRead` of the text, or None without a pass)."""
     spec = method.scoring()
     if spec is None or (text.scores is not None and (text.head_scores is not None or not spec.per_head)):
-        return text
+        return text, None
     n = text.ids.shape[0]
     parts = []  # one read: the attention score from the text's own queries, the replay's from its copy
     if spec.replay < 1:
         parts.append(Part(n - max(1, min(spec.window, n)), n, "sum"))
     if spec.replay > 0:  # KVzip without its request to repeat (the method has no tokenizer): the text, then its copy
         parts.append(Part(n, 2 * n, "max"))
-    read = text.ids if spec.replay == 0 else torch.cat([text.ids, text.ids])
-    got, norms = scoring_pass(model, read, tuple(parts), value_norm=spec.value_norm and spec.replay < 1)
+    ids = text.ids if spec.replay == 0 else torch.cat([text.ids, text.ids])
+    got, norms, read = _pass(model, ids, tuple(parts), 512, spec.value_norm and spec.replay < 1, n if keep else 0)
     heads = None
     if spec.replay < 1:
         heads = got[0][..., :n] if norms is None else got[0][..., :n] * norms[..., :n]
@@ -241,11 +269,12 @@ def with_scores(model, method: Method, text: TokenizedText) -> TokenizedText:
     if spec.replay > 0:
         replayed = got[-1][..., :n]
         heads = replayed if heads is None else (1 - spec.replay) * share(heads) + spec.replay * share(replayed)
-    return dataclasses.replace(
+    scored = dataclasses.replace(
         text,
         scores=pool_scores(heads.sum(1).mean(0), spec.pool),
         head_scores=pool_scores(heads, spec.pool) if spec.per_head else None,
     )
+    return scored, read
 
 
 def share(scores: torch.Tensor) -> torch.Tensor:
@@ -261,3 +290,23 @@ def seen_by(n: int, window: int) -> torch.Tensor:
 def method_layout(model, method: Method, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:
     """The layout of ``text`` under ``method``, after the scoring pass if the method reads scores."""
     return method.layout(with_scores(model, method, text), token_ids, seed=seed)
+
+
+def prompt_layout(
+    model, method: Method, text: TokenizedText, token_ids: dict[str, int], seed: int = 0
+) -> tuple[Layout, PromptRead | None]:
+    """:func:`method_layout`, and the scoring pass's :class:`PromptRead` of the text when the layout is that text
+    read whole before anything is freed (plain tokens and positions, every key seen by every prompt token: the
+    ``scored`` methods), so that a prefill need not read it again; None otherwise."""
+    scored, read = _with_scores(model, method, text, keep=True)
+    layout = method.layout(scored, token_ids, seed=seed)
+    n = len(text)
+    plain = (
+        len(layout) == n
+        and torch.equal(layout.input_ids, text.ids)
+        and bool((layout.kinds == int(Kind.TEXT)).all())
+        and torch.equal(layout.position_ids, torch.arange(n))
+        and bool((layout.expire >= n - 1).all())
+        and (layout.head_expire is None or bool((layout.head_expire >= n - 1).all()))
+    )
+    return layout, read if plain else None
