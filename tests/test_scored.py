@@ -407,3 +407,23 @@ def test_scored_heads_trains_on_recall_episodes_read_as_prompt_and_continuation(
     assert len(log) == 3 and all(r["loss_kl"] > 0 for r in log) and all(r["kv_kept"] < 1 for r in log)
     with pytest.raises(UsageError, match="online episodes"):
         train(dataclasses.replace(cfg, method="sentinel", method_params={}, out=str(tmp_path / "st")))
+
+
+def test_eval_budget_check_skips_the_scoring_pass_of_a_method_that_keeps_its_budget_exactly(monkeypatch):
+    """``eval --kv-budget`` checks that a method reaches the budget by laying the contexts out; a scored method keeps
+    floor(kept x n) tokens of any prompt by construction, so its check costs no scoring pass (which would double
+    the evaluation's time)."""
+    import kvcondense.prefix_task as prefix_task
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("laid out")
+
+    monkeypatch.setattr(prefix_task, "method_layout", refuse)
+    windows = [(text(40), None)]
+    prefix_task.check_reachable(None, build_method("scored-heads", ratio=0.75), {}, windows, 0.25)
+    with pytest.raises(AssertionError, match="laid out"):
+        prefix_task.check_reachable(None, build_method("sentinel", ratio=0.75), {}, windows, 0.25)
+    t = text(157)
+    t.scores = torch.rand(157)
+    for kept in (0.5, 0.25, 0.125):
+        assert build_method("scored", ratio=1 - kept).layout(t, {}).kept_slots() == int(kept * 157)

@@ -75,8 +75,9 @@ def budget_params(method: Method, kv_budget: float | None, texts=()) -> dict:
 
 
 def check_reachable(model, method: Method, token_ids: dict, windows: list[Window], kv_budget: float | None) -> None:
-    """A budget the method cannot reach on this text is one line, not a silently different point."""
-    if kv_budget is None:
+    """A budget the method cannot reach on this text is one line, not a silently different point (a method whose
+    layout keeps its budget on any text is not laid out: a scored method's layout costs a scoring pass)."""
+    if kv_budget is None or method.exact_budget:
         return
     kept = sum(method_layout(model, method, ctx, token_ids, seed=i).kept_slots() for i, (ctx, _) in enumerate(windows))
     kept /= sum(len(ctx) for ctx, _ in windows)

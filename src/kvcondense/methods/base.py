@@ -155,6 +155,7 @@ class Method:
     predict_from: ClassVar[tuple[Kind, ...]] = (Kind.TEXT,)  # kinds whose logits predict the next text token
     lora_on: ClassVar[tuple[Kind, ...] | None] = None  # conditional LoRA: active only on these kinds (None: all)
     inference_params: ClassVar[tuple[str, ...]] = ()  # parameters eval may set apart from the checkpoint's
+    exact_budget: ClassVar[bool] = False  # its layout keeps 1 - ratio of any prompt: no reachability check needed
 
     def layout(self, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:
         """Build the layout of plain ``text``. ``token_ids`` maps each special token to its id; ``seed`` drives any

@@ -52,6 +52,7 @@ class ScoredEviction(Method):
     """
 
     name: ClassVar[str] = "scored"
+    exact_budget: ClassVar[bool] = True  # floor((1 - ratio) x n) tokens, whatever the scores
     ratio: float = param(0.5, "compression ratio in (0, 1)")
     sinks: int = param(4, "initial tokens never evicted")
     window_share: float = param(0.5, "share of the kept slots (after the sinks) given to the raw recent window")
