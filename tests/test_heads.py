@@ -197,3 +197,24 @@ def test_prefill_takes_the_scoring_passs_read_and_equals_feeding_the_prompt(name
         torch.testing.assert_close(la.values, lb.values, atol=1e-4, rtol=1e-4)
     for token in (5, 17, 42):
         torch.testing.assert_close(reused.step([token]).logits, fed.step([token]).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name, n", [("scored", 16), ("scored-heads", 8)])
+def test_prefill_reuses_a_read_as_long_as_a_sliding_window_whole(name, n):
+    """A read exactly as long as a sliding window (the prompt, or the prompt and its copy) is allowed: the pass's
+    cache must then hold every key of it (a sliding layer's cache keeps one fewer), or the stored prompt would miss
+    or shift a key and the decode go wrong silently."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    shape = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, sliding_window=16)  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(MistralConfig(**shape), attn_implementation="sdpa").eval()
+    method, t = build_method(name, ratio=0.5), text(n)
+    reused = Stream(model, method, TOKENS)
+    first = reused.prefill(t, chunk_tokens=16)
+    fed = Stream(model, method, TOKENS)
+    torch.testing.assert_close(first, fed.prefill(reused.layouts[0], chunk_tokens=16), atol=1e-5, rtol=1e-4)
+    for la, lb in zip(reused.cache.layers, fed.cache.layers, strict=True):
+        torch.testing.assert_close(la.keys, lb.keys, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(reused.step([5]).logits, fed.step([5]).logits, atol=1e-5, rtol=1e-4)

@@ -221,10 +221,14 @@ def feed(
 def store_read(cache: EvictingCache, layout: Layout, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Store a one-row prompt whose keys and values were computed already (the scoring pass's read: see
     :func:`kvcondense.scoring.prompt_layout`) with its layout's metadata, as :func:`feed` of the whole prompt would
-    (logical indices from 0). The caller evicts."""
+    (logical indices from 0). The caller evicts. ``kv`` is consumed: each layer's entry is dropped once copied (it
+    may be a view that holds the scoring pass's longer tensors alive)."""
     with cache.feeding():
-        for i, (keys, values) in enumerate(kv):
+        for i in range(len(kv)):
+            keys, values = kv[i]
+            kv[i] = None
             cache.update(keys, values, i)
+            del keys, values
     cache.append(
         torch.arange(len(layout))[None],
         layout.expire[None],

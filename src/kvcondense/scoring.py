@@ -199,7 +199,9 @@ def _read(inner, ids, tally: _Tally, chunk_tokens: int, keep: int = 0):
     n = ids.shape[0]
     base = attn_implementation(inner)
     score_base = "eager" if base == "eager" else "sdpa"  # flash/flex kernels cannot take the mask the scores need
-    cache = DynamicCache(config=inner.config)
+    # every key kept, whatever the config says (a sliding layer's cache drops keys; check_full_attention has made
+    # sure that every layer sees the whole text): the read's keys and values are then the prompt's, all of them
+    cache = DynamicCache()
     extra = {"kvc_tally": tally, "kvc_base": score_base}
     bounds = sorted({*range(0, n, chunk_tokens), *([keep] if 0 < keep < n else []), n})
     logits = None
@@ -302,11 +304,16 @@ def prompt_layout(
     layout = method.layout(scored, token_ids, seed=seed)
     n = len(text)
     plain = (
-        len(layout) == n
+        read is not None
+        and all(k.shape[2] == n for k, _ in read.kv)
+        and len(layout) == n
         and torch.equal(layout.input_ids, text.ids)
         and bool((layout.kinds == int(Kind.TEXT)).all())
         and torch.equal(layout.position_ids, torch.arange(n))
         and bool((layout.expire >= n - 1).all())
+        and bool((layout.start == 0).all())
+        and not bool(layout.closer_only.any())
+        and layout.mix_online is None
         and (layout.head_expire is None or bool((layout.head_expire >= n - 1).all()))
     )
     return layout, read if plain else None
