@@ -356,11 +356,11 @@ def test_replay_scores_are_kvzips_without_its_request_and_mix_as_shares():
 
 def test_scores_over_query_blocks_equal_one_block(monkeypatch):
     """The scoring queries run in blocks (bounded memory on long prompts): sums and maxima equal one block's."""
-    import kvcondense.scoring as scoring
+    import kvcondense.score_tally as score_tally
 
     model, ids = tiny_model("llama"), text(40).ids
     whole = (head_scores(model, ids, 40), repeat_scores(model, ids, ids[:3]), head_scores(model, ids, 9))
-    monkeypatch.setattr(scoring, "QUERY_BLOCK", 4)
+    monkeypatch.setattr(score_tally, "QUERY_BLOCK", 4)
     blocked = (head_scores(model, ids, 40), repeat_scores(model, ids, ids[:3]), head_scores(model, ids, 9))
     for a, b in zip(whole, blocked, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
