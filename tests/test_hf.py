@@ -16,13 +16,22 @@ def sentinel():
     return build_method("sentinel", ratio=0.5, placement="recent")
 
 
-def test_model_generate_with_custom_generate_equals_kvcondense_and_evicts():
+@pytest.mark.parametrize("method", [sentinel, lambda: build_method("scored-heads", ratio=0.5)])
+def test_model_generate_with_custom_generate_equals_kvcondense_and_evicts(method):
+    """Sentinel, and scored-heads (whose prefill stores its scoring pass's read of the prompt). The attention mask
+    is given: without it transformers would infer one from pad_token_id, which occurs in this random prompt."""
     model = tiny_model("llama")
     p = prompt(60, 1)
-    ours = generate(model, Tok(), sentinel(), TOKENS, p, 10, 16, progress=False)
-    decoding = CompressedDecoding(sentinel(), TOKENS, chunk_tokens=16)
+    ours = generate(model, Tok(), method(), TOKENS, p, 10, 16, progress=False)
+    decoding = CompressedDecoding(method(), TOKENS, chunk_tokens=16)
     out = model.generate(
-        p.ids[None], custom_generate=decoding, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None
+        p.ids[None],
+        attention_mask=torch.ones(1, 60, dtype=torch.long),
+        custom_generate=decoding,
+        max_new_tokens=10,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
     )
     assert out[0, 60:].tolist() == ours.new_tokens
     stored = int(decoding.stream.cache.stored_slots()[0])
