@@ -19,7 +19,8 @@ every query of the context, H2O's accumulated attention, while keeping a short w
 token's score by the number of scoring queries that see it (the mean, not the sum: early tokens are not favoured
 for being seen by more queries). ``--score repeat`` scores by KVzip's replay instead
 (:func:`kvcondense.scoring.repeat_scores`: the model is asked to repeat the context, and a token's score is the
-largest attention the replay puts on it), with ``--recent`` (default 0) recent tokens kept.
+largest attention the replay puts on it), with ``--recent`` (default 0) recent tokens kept. ``--score mixed``:
+``scored-heads``' own per-head scores (use with ``--no-pool --recent 32``).
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ import torch
 from kvcondense.data import load_split
 from kvcondense.forward import parallel_forward
 from kvcondense.layout import NEVER, text_layout
+from kvcondense.methods import build_method
 from kvcondense.models import load_model
 from kvcondense.prefix_task import prefix_windows
-from kvcondense.scoring import head_scores, pool_scores, repeat_scores, seen_by
+from kvcondense.scoring import head_scores, pool_scores, repeat_scores, seen_by, with_scores
 
 SINKS = 4
 
@@ -102,7 +104,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--recent", type=int, default=None)
     ap.add_argument("--per-query", action="store_true")
-    ap.add_argument("--score", choices=("window", "repeat"), default="window")
+    ap.add_argument("--score", choices=("window", "repeat", "mixed"), default="window")
     ap.add_argument("--no-pool", action="store_true", help="rank the raw scores (KVzip does not pool)")
     ap.add_argument("--value-norm", action="store_true", help="weigh scores by the values' norms (ExpectedAttention)")
     ap.add_argument("--allocate", action="store_true", help="also: budgets per layer / per head from one ranking")
@@ -115,7 +117,9 @@ def main() -> None:
     for ctx, nxt in windows:
         ids, p = torch.cat([ctx.ids, nxt]), ctx.ids.shape[0]
         full = model(ids[None]).logits[0, p:-1].float().log_softmax(-1)
-        if args.score == "repeat":
+        if args.score == "mixed":  # scored-heads' own scores: mean attention x value norm and replay, as shares
+            scores = with_scores(model, build_method("scored-heads"), ctx).head_scores
+        elif args.score == "repeat":
             scores = repeat_scores(model, ctx.ids, replay_instruction(tokenizer))
         else:
             scores = head_scores(model, ctx.ids, args.window, value_norm=args.value_norm)  # (layers, KV heads, T)
