@@ -66,3 +66,21 @@ def test_flex_training_on_cuda():
     flex = parallel_forward(model, lays, attention="auto").logits
     assert (sdpa - flex).abs().max() < 1e-3
     flex.float().pow(2).mean().backward()
+
+
+@pytest.mark.parametrize("name", ["sentinel", "scored-heads"])
+def test_a_model_loaded_with_flex_attention_decodes_through_the_cache_as_on_sdpa(name):
+    """The engine's steps over the cache take sdpa's dense bool mask on a flex_attention model (the same weights as
+    on sdpa): prefill and decode give the sdpa model's logits (this was refused with a message naming flex as
+    supported)."""
+    from test_equivalence import TOKENS, text
+
+    from kvcondense.engine import Stream
+
+    method = build_method(name, ratio=0.5)
+    streams = [Stream(tiny_model("llama", attn=attn), method, TOKENS) for attn in ("sdpa", "flex_attention")]
+    firsts = [s.prefill(text(40), chunk_tokens=16) for s in streams]
+    torch.testing.assert_close(firsts[1], firsts[0], atol=1e-4, rtol=1e-4)
+    for token in (5, 17, 42):
+        a, b = (s.step([token]).logits for s in streams)
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)

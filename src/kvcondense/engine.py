@@ -25,11 +25,11 @@ import torch
 from .cache import EvictingCache
 from .forward import (
     attention_implementation,
-    attn_implementation,
     chunk_bounds,
     feed,
     incremental_attention,
     num_layers,
+    step_mask_kind,
     store_read,
 )
 from .layout import Kind, Layout
@@ -248,7 +248,7 @@ def feed_ragged(model, cache: EvictingCache, pieces: Sequence[StepPiece | None],
         kinds[b, :m] = lay.kinds
         expire[b, :m], closer[b, :m] = lay.expire, lay.closer_only
         q_idx[b, :m] = torch.arange(seen[b], seen[b] + m)
-    mask = to_attention_mask(cache.visibility(q_idx, start, expire, closer), attn_implementation(model), model.dtype)
+    mask = to_attention_mask(cache.visibility(q_idx, start, expire, closer), step_mask_kind(model), model.dtype)
     device = model.device
     with lora_gate(model, kinds), attention_implementation(model, incremental_attention(model)), cache.feeding():
         out = model(

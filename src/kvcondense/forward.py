@@ -120,9 +120,16 @@ AttentionInterface.register(PACKED_SDPA, _packed_gqa_sdpa)
 
 
 def incremental_attention(model) -> str:
-    """The attention implementation of a step through the cache: packed GQA on an sdpa model, else the model's."""
+    """The attention implementation of a step through the cache: packed GQA on an sdpa model (and on a flex_attention
+    one: a step's dense mask over the stored slots is sdpa's), else the model's."""
     current = attn_implementation(model)
-    return PACKED_SDPA if current == "sdpa" else current
+    return PACKED_SDPA if current in ("sdpa", "flex_attention") else current
+
+
+def step_mask_kind(model) -> str:
+    """The mask convention of :func:`incremental_attention`: eager's additive mask, or sdpa's bool one."""
+    current = attn_implementation(model)
+    return "sdpa" if current == "flex_attention" else current
 
 
 def parallel_forward(model, layouts: list[Layout], attention: str = "auto", **kwargs):
@@ -170,7 +177,7 @@ def chunk_mask(model, cache: EvictingCache, chunk: Layout, first: int) -> torch.
     vis = cache.visibility(
         q_idx, chunk.start.expand(rows, -1), chunk.expire.expand(rows, -1), chunk.closer_only.expand(rows, -1)
     )
-    return to_attention_mask(vis, attn_implementation(model), model.dtype)
+    return to_attention_mask(vis, step_mask_kind(model), model.dtype)
 
 
 def feed(
