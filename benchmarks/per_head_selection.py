@@ -73,15 +73,12 @@ def replay_instruction(tokenizer) -> torch.Tensor:
     return torch.tensor(tokenizer.encode(text, add_special_tokens=False))
 
 
-def keep_allocated(scores: torch.Tensor, kept: float, window: int, pool: bool, per_layer: bool) -> torch.Tensor:
-    """Bool (layers, KV heads, T): the best floor(kept x T) x heads x layers (pooled) scores over the whole cache
-    (sinks and window in every head). ``per_layer``: only each layer's share is taken from that ranking, then every
-    head of the layer keeps its own best that many (a rectangle per layer); else the ranking decides alone (a
-    ragged cache: what KVzip keeps, masked, not freed)."""
-    layers, heads, t = scores.shape
-    ranked = pool_scores(scores) if pool else scores.clone()
-    ranked[..., :SINKS] = ranked[..., t - window :] = float("inf")
-    n = math.floor(kept * t)
+def allocate(ranked: torch.Tensor, n: int, per_layer: bool) -> torch.Tensor:
+    """Bool (layers, KV heads, T): the best n x heads x layers entries of ``ranked`` over the whole cache (entries at
+    +inf: kept in every head). ``per_layer``: only each layer's share is taken from that ranking, then every head of
+    the layer keeps its own best that many (a rectangle per layer); else the ranking decides alone (a ragged cache:
+    what KVzip keeps, masked, not freed)."""
+    layers, heads, t = ranked.shape
     keep = torch.zeros(ranked.numel(), dtype=torch.bool)
     keep[ranked.flatten().topk(n * layers * heads).indices] = True
     keep = keep.view(layers, heads, t)
@@ -94,6 +91,15 @@ def keep_allocated(scores: torch.Tensor, kept: float, window: int, pool: bool, p
     for i in range(layers):
         out[i].scatter_(-1, ranked[i].topk(int(counts[i]), dim=-1).indices, True)
     return out
+
+
+def keep_allocated(scores: torch.Tensor, kept: float, window: int, pool: bool, per_layer: bool) -> torch.Tensor:
+    """:func:`allocate` of the best floor(kept x T) (pooled) scores per head on average, sinks and window in
+    every head."""
+    t = scores.shape[-1]
+    ranked = pool_scores(scores) if pool else scores.clone()
+    ranked[..., :SINKS] = ranked[..., t - window :] = float("inf")
+    return allocate(ranked, math.floor(kept * t), per_layer)
 
 
 @torch.no_grad()

@@ -23,46 +23,23 @@ answer, as in ``eval``. Prints accuracy per allocation and budget.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import torch
+from per_head_selection import allocate, context_pruned_logits  # beside this script, on sys.path when run
 
 from kvcondense.data.episodes import load_episodes
-from kvcondense.forward import parallel_forward
-from kvcondense.layout import NEVER, text_layout
+from kvcondense.layout import NEVER
 from kvcondense.methods import build_method, tokenize
 from kvcondense.models import load_model
 from kvcondense.qa_task import episodes_as_qa
 from kvcondense.scoring import with_scores
 
 
-def allocated(scores: torch.Tensor, fixed: torch.Tensor, per_head: int, per_layer: bool) -> torch.Tensor:
-    """Bool (layers, KV heads, T): ``fixed`` (T,) in every head, and ``per_head`` x layers x heads more entries,
-    the best scores over the whole cache (``per_layer``: only each layer's count from that ranking, every head of
-    the layer keeping its own best that many)."""
-    layers, heads, t = scores.shape
-    ranked = scores.clone().masked_fill(fixed, float("-inf"))
-    keep = torch.zeros(ranked.numel(), dtype=torch.bool)
-    keep[ranked.flatten().topk(per_head * layers * heads).indices] = True
-    keep = keep.view(layers, heads, t)
-    if per_layer:
-        share = keep.sum((1, 2)).double() / heads
-        counts = share.floor().long()
-        counts[(share - counts).argsort(descending=True)[: per_head * layers - int(counts.sum())]] += 1
-        keep = torch.zeros_like(keep)
-        for i in range(layers):
-            keep[i].scatter_(-1, ranked[i].topk(int(counts[i]), dim=-1).indices, True)
-    return keep | fixed
-
-
 def option_logprob(model, context: torch.Tensor, keep: torch.Tensor, prompt: torch.Tensor, option: torch.Tensor):
     """Summed log-likelihood of ``option`` after ``context`` (read whole, then each head sees only ``keep``) and
     ``prompt``."""
-    ids, p = torch.cat([context, prompt, option]), context.shape[0]
-    heads = torch.full((*keep.shape[:2], ids.shape[0]), NEVER)
-    heads[..., :p] = torch.where(keep, NEVER, p - 1)
-    layout = dataclasses.replace(text_layout(ids, heads.amax((0, 1))), head_expire=heads)
-    logp = parallel_forward(model, [layout]).logits[0].float().log_softmax(-1)
+    ids = torch.cat([context, prompt, option])
+    logp = context_pruned_logits(model, ids, context.shape[0], keep).float().log_softmax(-1)
     rows = torch.arange(ids.shape[0] - option.shape[0] - 1, ids.shape[0] - 1)
     return float(logp[rows, option].sum())
 
@@ -91,10 +68,12 @@ def main() -> None:
             equal = layout.head_expire == NEVER
             fixed = equal.all(0).all(0)  # the sinks and the recent window (and any token every head chose)
             per_head = int(equal[0, 0].sum()) - int(fixed.sum())
+            ranked = scored.head_scores.masked_fill(fixed, float("-inf"))
             choices[kept] = {
                 "equal": equal,
-                "per layer": allocated(scored.head_scores, fixed, per_head, per_layer=True),
-                "global": allocated(scored.head_scores, fixed, per_head, per_layer=False),
+                # per_head more entries per head on average, the best of the others, beside the fixed ones
+                "per layer": allocate(ranked, per_head, per_layer=True) | fixed,
+                "global": allocate(ranked, per_head, per_layer=False) | fixed,
             }
             assert all(int(c.sum()) == int(equal.sum()) for c in choices[kept].values())  # the same entries kept
         for q in item.questions:

@@ -131,17 +131,17 @@ class Stream:
             self._peak()
             self.cache.evict(len(layout))
             logits = read.logits
-        bounds = [] if logits is not None else chunk_bounds(layout, chunk_tokens)
-        for lo, hi in bounds:
-            wanted = lo <= last < hi
-            rows = None if keep_logits else torch.tensor([last - lo if wanted else hi - lo - 1])
-            out = feed(self.model, self.cache, layout.slice(lo, hi), lo, logits_rows=rows)[0]
-            if keep_logits:
-                kept.append(out)
-            elif wanted:
-                logits = out[0]
-            self._peak()
-            self.cache.evict(hi)
+        else:
+            for lo, hi in chunk_bounds(layout, chunk_tokens):
+                wanted = lo <= last < hi
+                rows = None if keep_logits else torch.tensor([last - lo if wanted else hi - lo - 1])
+                out = feed(self.model, self.cache, layout.slice(lo, hi), lo, logits_rows=rows)[0]
+                if keep_logits:
+                    kept.append(out)
+                elif wanted:
+                    logits = out[0]
+                self._peak()
+                self.cache.evict(hi)
         self.seen = [len(layout)]
         self.layouts = [layout]
         if self.method is not None:

@@ -235,7 +235,6 @@ def store_read(cache: EvictingCache, layout: Layout, kv: list[tuple[torch.Tensor
             keys, values = kv[i]
             kv[i] = None
             cache.update(keys, values, i)
-            del keys, values
     cache.append(
         torch.arange(len(layout))[None],
         layout.expire[None],

@@ -31,6 +31,8 @@ from .score_tally import SCORING, Part, Tally
 
 POOL = 5
 """Width of the window over which a token's score is averaged with its neighbours' (SnapKV's kernel)."""
+READ_CHUNK = 512
+"""Tokens the scoring pass reads at once (through its cache, as a chunked prefill)."""
 
 
 @dataclasses.dataclass
@@ -44,7 +46,7 @@ class PromptRead:
 
 
 @torch.no_grad()
-def token_scores(model, ids: torch.Tensor, window: int, chunk_tokens: int = 512) -> torch.Tensor:
+def token_scores(model, ids: torch.Tensor, window: int, chunk_tokens: int = READ_CHUNK) -> torch.Tensor:
     """Scores (T,) of the tokens ``ids`` (T,): see the module docstring. The model runs the raw text as plain
     text (a conditional LoRA stays off, as on any text token); ``window`` is clipped to the text. The text is fed in
     chunks of ``chunk_tokens`` through a cache (memory bounded as in a chunked prefill)."""
@@ -62,7 +64,7 @@ def pool_scores(scores: torch.Tensor, width: int = POOL) -> torch.Tensor:
 
 @torch.no_grad()
 def head_scores(
-    model, ids: torch.Tensor, window: int, chunk_tokens: int = 512, reduce: str = "sum", value_norm: bool = False
+    model, ids: torch.Tensor, window: int, chunk_tokens: int = READ_CHUNK, reduce: str = "sum", value_norm: bool = False
 ) -> torch.Tensor:
     """Scores before pooling, per layer and KV head: (layers, KV heads, T), the attention probability the last
     ``window`` queries put on each token, summed over them and over the query heads that share the KV head
@@ -75,7 +77,7 @@ def head_scores(
 
 @torch.no_grad()
 def scoring_pass(
-    model, ids: torch.Tensor, parts: tuple[Part, ...], chunk_tokens: int = 512, value_norm: bool = False
+    model, ids: torch.Tensor, parts: tuple[Part, ...], chunk_tokens: int = READ_CHUNK, value_norm: bool = False
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """One read of ``ids`` (N,) by the model with full causal attention, in chunks of ``chunk_tokens`` through a
     cache, collecting each part's reduced attention: a list of (layers, KV heads, N), and the values' norms
@@ -153,7 +155,7 @@ def _read(inner, ids, tally: Tally, chunk_tokens: int, keep: int = 0):
 
 
 @torch.no_grad()
-def repeat_scores(model, ids: torch.Tensor, instruction: torch.Tensor, chunk_tokens: int = 512) -> torch.Tensor:
+def repeat_scores(model, ids: torch.Tensor, instruction: torch.Tensor, chunk_tokens: int = READ_CHUNK) -> torch.Tensor:
     """KVzip's score (Kim et al. 2025), per layer and KV head: the model reads ``ids`` (T,), then ``instruction``
     (a request to repeat it) and ``ids`` again; a token's score is the largest attention any query of the request
     or the replay (and of any query head of the group) puts on it. Returns (layers, KV heads, T)."""
@@ -180,7 +182,8 @@ def _with_scores(model, method: Method, text: TokenizedText, keep: bool = False)
     if spec.replay > 0:  # KVzip without its request to repeat (the method has no tokenizer): the text, then its copy
         parts.append(Part(n, 2 * n, "max"))
     ids = text.ids if spec.replay == 0 else torch.cat([text.ids, text.ids])
-    got, norms, read = _pass(model, ids, tuple(parts), 512, spec.value_norm and spec.replay < 1, n if keep else 0)
+    value_norm = spec.value_norm and spec.replay < 1
+    got, norms, read = _pass(model, ids, tuple(parts), READ_CHUNK, value_norm, n if keep else 0)
     heads = None
     if spec.replay < 1:
         heads = got[0][..., :n] if norms is None else got[0][..., :n] * norms[..., :n]
@@ -223,7 +226,6 @@ def prompt_layout(
     n = len(text)
     plain = (
         read is not None
-        and all(k.shape[2] == n for k, _ in read.kv)
         and len(layout) == n
         and torch.equal(layout.input_ids, text.ids)
         and bool((layout.kinds == int(Kind.TEXT)).all())

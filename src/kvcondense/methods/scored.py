@@ -117,8 +117,9 @@ class ScoredEviction(Method):
 class ScoredHeads(ScoredEviction):
     """Scored eviction with the settings that keep most on the prefix and recall tasks: a choice per layer and KV
     head, by the mean attention every prompt token puts on a token (unpooled, weighed by its value norm) mixed half
-    and half with KVzip's replay score (the prompt read a second time: the scoring pass costs about three prompt
-    reads), 4 sinks and the 32 most recent tokens kept. The same fields as ``scored``, other defaults."""
+    and half with KVzip's replay score (the scoring pass reads the prompt and its copy once; the prefill then keeps
+    that read of the prompt), 4 sinks and the 32 most recent tokens kept. The same fields as ``scored``, other
+    defaults."""
 
     name: ClassVar[str] = "scored-heads"
     recent: int | None = param(32, "recent tokens kept raw (at most the window share of the kept slots)")
