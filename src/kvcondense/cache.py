@@ -5,7 +5,8 @@ keeps the **logical** length (tokens processed so far, which drives positions an
 **physical** number of stored slots, and stores per slot the metadata the mask needs: logical index, expiry and the
 closer-only flag. Rows of a batch may evict different amounts; freed slots at a row's end are marked invalid
 (logical index -1) and are never visible. A layout that expires keys per (layer, KV head) adds each slot's expiry
-per head until the heads' choices are applied (:mod:`kvcondense.heads`).
+per head until the heads' choices are applied (:mod:`kvcondense.heads`); when the layers keep different numbers,
+each layer stores its own width of the prompt (:mod:`kvcondense.layer_widths`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class EvictingCache(Cache):
         self.slot_expire = empty.clone()  # (B, S)
         self.slot_closer = empty.clone().bool()  # (B, S)
         self.slot_heads: torch.Tensor | None = None  # (B, layers, KV heads, S) per-head expiry, while one differs
+        self.layer_kept: torch.Tensor | None = None  # (B, layers) old-region slots per layer, when layers differ
         self._feeding = False  # True only while kvcondense's feed runs the model over this cache
 
     @contextmanager
@@ -83,13 +85,25 @@ class EvictingCache(Cache):
         out.seen = max(c.seen for c in caches)
         if any(c.slot_heads is not None for c in caches):
             raise ValueError("stack caches after their prompts: a per-head expiry is still pending in one of them")
+        if any(c.layer_kept is not None for c in caches):  # each layer as wide as its widest row
+            if any(c.layer_kept is not None and c.physical_length != int(c.layer_kept.max()) for c in caches):
+                raise ValueError("stack caches with per-layer widths right after their prompts, before decoding")
+            n = len(out.layers)
+            out.layer_kept = torch.cat([c.layer_kept if c.layer_kept is not None else c.own_widths(n) for c in caches])
         for i, layer in enumerate(out.layers):
             parts = [c.layers[i] for c in caches]
-            keys = [torch.nn.functional.pad(p.keys, (0, 0, 0, width - p.keys.shape[2])) for p in parts]
-            values = [torch.nn.functional.pad(p.values, (0, 0, 0, width - p.values.shape[2])) for p in parts]
+            w = width if out.layer_kept is None else int(out.layer_kept[:, i].max())
+            keys = [torch.nn.functional.pad(p.keys, (0, 0, 0, w - p.keys.shape[2])) for p in parts]
+            values = [torch.nn.functional.pad(p.values, (0, 0, 0, w - p.values.shape[2])) for p in parts]
             layer.lazy_initialization(keys[0], values[0])
             layer.keys, layer.values = torch.cat(keys), torch.cat(values)
         return out
+
+    def own_widths(self, num_layers: int) -> torch.Tensor:
+        """(B, layers): the slots each layer stores of each row (:attr:`layer_kept`, or every slot)."""
+        if self.layer_kept is not None:
+            return self.layer_kept
+        return torch.full((self.rows, num_layers), self.physical_length, dtype=torch.long)
 
     @property
     def rows(self) -> int:
@@ -108,6 +122,8 @@ class EvictingCache(Cache):
         self.slot_closer = self.slot_closer.repeat(times, 1)
         if self.slot_heads is not None:
             self.slot_heads = self.slot_heads.repeat(times, 1, 1, 1)
+        if self.layer_kept is not None:
+            self.layer_kept = self.layer_kept.repeat(times, 1)
 
     @property
     def physical_length(self) -> int:
@@ -115,8 +131,14 @@ class EvictingCache(Cache):
         return self.slot_idx.shape[1]
 
     def stored_slots(self) -> torch.Tensor:
-        """Valid stored slots per row. (B,)"""
-        return (self.slot_idx >= 0).sum(1)
+        """Valid stored slots per row, (B,); with per-layer widths the mean over layers, rounded (a per-layer
+        allocation of a whole budget gives an integer)."""
+        valid = (self.slot_idx >= 0).sum(1)
+        if self.layer_kept is None:
+            return valid
+        old = int(self.layer_kept.max())
+        tail = (self.slot_idx[:, old:] >= 0).sum(1)
+        return self.layer_kept.double().mean(1).round().long() + tail
 
     def kv_bytes(self) -> int:
         """Bytes of the stored keys and values (every stored slot, padding slots of ragged rows included), all
@@ -177,6 +199,8 @@ class EvictingCache(Cache):
     def set_expire(self, row: int, logical: torch.Tensor, expire: int) -> None:
         """Give already stored keys an expiry (used when a span closes during generation)."""
         hit = torch.isin(self.slot_idx[row], logical)
+        if self.layer_kept is not None and bool(hit[: int(self.layer_kept.max())].any()):
+            raise ValueError("a slot of a per-layer region holds a different token in each layer: its expiry is fixed")
         self.slot_expire[row, hit] = expire
         if self.slot_heads is not None:
             self.slot_heads[row, ..., hit] = expire
@@ -192,14 +216,18 @@ class EvictingCache(Cache):
         copy.slot_idx, copy.slot_expire = self.slot_idx.clone(), self.slot_expire.clone()
         copy.slot_closer = self.slot_closer.clone()
         copy.slot_heads = None if self.slot_heads is None else self.slot_heads.clone()
+        copy.layer_kept = None if self.layer_kept is None else self.layer_kept.clone()
         return copy
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The stored keys/values (``keys.<layer>``, ``values.<layer>``: (B, H, S, D)) and slot metadata
-        (``slot_idx``, ``slot_expire``, ``slot_closer``: (B, S)) as tensors; ``seen`` is :attr:`seen`."""
+        (``slot_idx``, ``slot_expire``, ``slot_closer``: (B, S); ``slot_heads``, ``layer_kept`` when set) as tensors;
+        ``seen`` is :attr:`seen`."""
         state = {"slot_idx": self.slot_idx, "slot_expire": self.slot_expire, "slot_closer": self.slot_closer}
         if self.slot_heads is not None:
             state["slot_heads"] = self.slot_heads
+        if self.layer_kept is not None:
+            state["layer_kept"] = self.layer_kept
         for i, layer in enumerate(self.layers):
             if layer.is_initialized:
                 state[f"keys.{i}"], state[f"values.{i}"] = layer.keys, layer.values
@@ -215,6 +243,7 @@ class EvictingCache(Cache):
         cache.slot_closer = torch.zeros_like(cache.slot_idx, dtype=torch.bool) if closer is None else closer.bool()
         cache.seen = seen
         cache.slot_heads = state["slot_heads"].long() if "slot_heads" in state else None
+        cache.layer_kept = state["layer_kept"].long() if "layer_kept" in state else None
         for i, layer in enumerate(cache.layers):
             if f"keys.{i}" in state and cache.physical_length:
                 keys, values = state[f"keys.{i}"].to(device, dtype), state[f"values.{i}"].to(device, dtype)
@@ -227,15 +256,18 @@ class EvictingCache(Cache):
         not copied (a layer only writes past its used slots or into a fresh buffer), the slot metadata copied."""
         layers = [(la.is_initialized, la._keys, la._values, la._used) for la in self.layers]
         heads = None if self.slot_heads is None else self.slot_heads.clone()
-        return layers, (self.slot_idx.clone(), self.slot_expire.clone(), self.slot_closer.clone()), heads, self.seen
+        kept = None if self.layer_kept is None else self.layer_kept.clone()
+        slots = (self.slot_idx.clone(), self.slot_expire.clone(), self.slot_closer.clone())
+        return layers, slots, heads, kept, self.seen
 
     def restore(self, snapshot: tuple) -> None:
         """Put the cache back exactly as it was at :meth:`snapshot`."""
-        layers, slots, heads, seen = snapshot
+        layers, slots, heads, kept, seen = snapshot
         for layer, (initialized, keys, values, used) in zip(self.layers, layers, strict=True):
             layer.is_initialized, layer._keys, layer._values, layer._used = initialized, keys, values, used
         self.slot_idx, self.slot_expire, self.slot_closer = (t.clone() for t in slots)
         self.slot_heads = None if heads is None else heads.clone()
+        self.layer_kept = None if kept is None else kept.clone()
         self.seen = seen
 
     def freeze(self) -> None:
@@ -251,6 +283,8 @@ class EvictingCache(Cache):
         CCM-merge's recursive memory update, on post-RoPE keys exactly as stored."""
         if not len(rules):
             return
+        if self.layer_kept is not None:
+            raise ValueError("merge rules need a cache whose layers store the same slots (no per-layer widths)")
 
         def slots(logical: torch.Tensor) -> torch.Tensor:  # (B, P) physical slot of each logical index
             hit = self.slot_idx.unsqueeze(-1) == logical.view(1, 1, -1)
@@ -284,28 +318,42 @@ class EvictingCache(Cache):
         if bool(keep.all()) or int(dead.max()) <= slack:
             return 0
         before = int((self.slot_idx >= 0).sum())
-        width = int(keep.sum(1).max())
+        old = 0 if self.layer_kept is None else int(self.layer_kept.max())
+        if bool(((self.slot_idx[:, :old] >= 0) & ~keep[:, :old]).any()):
+            raise ValueError("the per-layer region of a cache (a prompt each layer kept its own part of) cannot expire")
+        stays = keep.clone()
+        stays[:, :old] = True  # the per-layer region keeps its place (padding included), whatever follows
+        width = int(stays.sum(1).max())
         # stable order: kept slots first (in their original order), then the rest; cut to the widest row
-        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
-        valid = torch.gather(keep, 1, order)
+        order = torch.argsort((~stays).to(torch.int8), dim=1, stable=True)[:, :width]
+        valid = torch.gather(keep, 1, order) & (torch.gather(self.slot_idx, 1, order) >= 0)
         self.slot_idx = torch.where(valid, torch.gather(self.slot_idx, 1, order), -1)
         self.slot_expire = torch.where(valid, torch.gather(self.slot_expire, 1, order), NEVER)
         self.slot_closer = torch.gather(self.slot_closer, 1, order) & valid
         if self.slot_heads is not None:
             shape = (-1, *self.slot_heads.shape[1:3], -1)
             self.slot_heads = torch.gather(self.slot_heads, 3, order[:, None, None].expand(shape))
-        for layer in self.layers:
-            layer.keep(order.to(layer.keys.device) if layer.is_initialized else order)
+        for i, layer in enumerate(self.layers):
+            index = order if self.layer_kept is None else self._layer_index(order, old, i)
+            layer.keep(index.to(layer.keys.device) if layer.is_initialized else index)
         return before - int(valid.sum())
+
+    def _layer_index(self, order: torch.Tensor, old: int, layer: int) -> torch.Tensor:
+        """A compaction ``order`` of the shared list (its per-layer region kept in place) as layer ``layer``'s own
+        stored positions: that layer's width of the region, then the kept slots after it."""
+        width = int(self.layer_kept[:, layer].max())
+        head = torch.arange(width).expand(order.shape[0], -1)
+        return torch.cat([head, order[:, old:] - old + width], 1)
 
     def _evict_heads(self, nq) -> int:
         """Apply the heads' own choices (see :func:`kvcondense.heads.head_order`): each layer keeps, per KV head,
         the slots that head still needs; afterwards every head follows the per-slot expiry again."""
-        before = int((self.slot_idx >= 0).sum())
-        order, self.slot_idx, self.slot_expire, self.slot_closer = head_order(
-            self.slot_idx, self.slot_expire, self.slot_closer, self.slot_heads, nq
+        before = self.stored_slots().sum()
+        order, kept, self.slot_idx, self.slot_expire, self.slot_closer = head_order(
+            self.slot_idx, self.slot_expire, self.slot_closer, self.slot_heads, nq, self.layer_kept
         )
-        self.slot_heads = None
+        self.slot_heads, self.layer_kept = None, kept
         for i, layer in enumerate(self.layers):
-            layer.keep(order[:, i].to(layer.keys.device) if layer.is_initialized else order[:, i])
-        return before - int((self.slot_idx >= 0).sum())
+            index = order[:, i] if kept is None else order[:, i, :, : int(kept[:, i].max())]
+            layer.keep(index.to(layer.keys.device) if layer.is_initialized else index)
+        return int(before - self.stored_slots().sum())

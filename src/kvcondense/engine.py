@@ -32,6 +32,7 @@ from .forward import (
     step_mask_kind,
     store_read,
 )
+from .layer_widths import layer_attention
 from .layout import Kind, Layout
 from .lora import lora_gate
 from .masks import to_attention_mask
@@ -250,13 +251,19 @@ def feed_ragged(model, cache: EvictingCache, pieces: Sequence[StepPiece | None],
         q_idx[b, :m] = torch.arange(seen[b], seen[b] + m)
     mask = to_attention_mask(cache.visibility(q_idx, start, expire, closer), step_mask_kind(model), model.dtype)
     device = model.device
-    with lora_gate(model, kinds), attention_implementation(model, incremental_attention(model)), cache.feeding():
+    with (
+        lora_gate(model, kinds),
+        attention_implementation(model, incremental_attention(model)),
+        layer_attention(model, cache.layer_kept, num_layers(model)) as layer_kwargs,
+        cache.feeding(),
+    ):
         out = model(
             input_ids=ids.to(device),
             position_ids=pos.to(device),
             attention_mask=mask.to(device),
             past_key_values=cache,
             use_cache=True,
+            **layer_kwargs,
         )
     cache.append(q_idx, torch.where(q_idx < 0, torch.full_like(expire, -1), expire), closer)
     return out.logits

@@ -18,6 +18,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .cache import EvictingCache
 from .errors import UsageError
 from .heads import check_chunk, head_attention
+from .layer_widths import layer_attention
 from .layout import Kind, Layout, text_layout
 from .lora import lora_gate
 from .masks import batch_visibility, block_mask, to_attention_mask
@@ -203,6 +204,7 @@ def feed(
     with (
         lora_gate(model, chunk.kinds.expand(ids.shape[0], -1)),
         attention_implementation(model, incremental_attention(model)),
+        layer_attention(model, cache.layer_kept, num_layers(model)) as layer_kwargs,
         cache.feeding(),
     ):
         out = model(
@@ -212,6 +214,7 @@ def feed(
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=0 if logits_rows is None else logits_rows.to(device),
+            **layer_kwargs,
         )
     n, rows = len(chunk), ids.shape[0]
     cache.append(

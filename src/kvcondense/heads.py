@@ -20,6 +20,7 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .errors import UsageError
+from .layer_widths import present, to_physical
 from .layout import NEVER, Layout, head_shape
 from .merge import eager_of, wrapped_attention
 
@@ -73,39 +74,58 @@ def head_attention(model, layouts: list[Layout], length: int, impl: str, n_layer
 
 
 def head_order(
-    slot_idx: torch.Tensor, slot_expire: torch.Tensor, slot_closer: torch.Tensor, head_expire: torch.Tensor, nq
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    slot_idx: torch.Tensor,
+    slot_expire: torch.Tensor,
+    slot_closer: torch.Tensor,
+    head_expire: torch.Tensor,
+    nq,
+    kept: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The per-head compaction of a cache whose heads keep different slots from query ``nq`` (int or (B, 1)) on.
+
+    The heads of a layer must keep equally many slots; layers may keep different numbers (each then stores its own
+    width: :mod:`kvcondense.layer_widths`).
 
     Args:
         slot_idx, slot_expire, slot_closer: (B, S) the cache's slot metadata (logical index -1: invalid).
         head_expire: (B, layers, KV heads, S) each slot's expiry per head.
+        kept: (B, layers) the old-region slots each layer stores when the cache has per-layer widths already.
 
     Returns:
-        ``order`` (B, layers, KV heads, S') the slots each head keeps, in their order (padding: slot 0), and the
-        new (B, S') metadata: logical index (that of layer 0's first head; -1 past a row's count), expiry and
-        closer flag, alike in every head.
+        ``order`` (B, layers, KV heads, S') the stored positions each head keeps, in their order (padding: any
+        slot, hidden), the new per-layer counts (B, layers) (None when each row keeps as many in every layer: the
+        cache is plain again), and the new (B, S') metadata: logical index (that of a layer keeping the most; -1
+        past a row's count), expiry and closer flag, alike in every head.
     """
-    keep = (slot_idx >= 0)[:, None, None] & (head_expire >= (nq if isinstance(nq, int) else nq[:, :, None, None]))
+    limit = nq if isinstance(nq, int) else nq[:, :, None, None]
+    keep = (slot_idx >= 0)[:, None, None] & (head_expire >= limit)
+    if kept is not None:
+        keep &= present(kept, slot_idx.shape[1])[:, :, None]
     count = keep.sum(-1)  # (B, layers, heads)
-    per_row = count.flatten(1)
-    if not bool((per_row == per_row[:, :1]).all()):
-        raise ValueError("per-head eviction needs every head of a row to keep the same number of keys")
-    width = int(per_row.max())
+    if not bool((count == count[..., :1]).all()):
+        raise ValueError("per-head eviction needs every head of a layer to keep the same number of keys")
+    count = count[..., 0]
+    most = count.max(1)
+    width = int(most.values.max())
     order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., :width]
-    valid = torch.arange(width)[None, :] < per_row[:, :1]  # (B, S')
+    rows = torch.arange(order.shape[0])
+    ref = order[rows, most.indices, 0]  # (B, S'): the slots of a layer that keeps the most
+    valid = torch.arange(width)[None, :] < most.values[:, None]  # (B, S')
+    expire, closer = torch.gather(slot_expire, 1, ref), torch.gather(slot_closer, 1, ref)
     flat = order.flatten(1, 2)  # (B, layers * heads, S')
-
-    def gathered(t: torch.Tensor) -> torch.Tensor:
-        return torch.gather(t[:, None].expand(-1, flat.shape[1], -1), 2, flat)
-
-    expire, closer = gathered(slot_expire), gathered(slot_closer)
-    heads_expire = torch.gather(head_expire.flatten(1, 2), 2, flat)
-    alike = (expire == expire[:, :1]) & (closer == closer[:, :1]) & (heads_expire == expire)
-    if not bool((alike | ~valid[:, None]).all()):
+    mine = (torch.arange(width) < count[..., None]).repeat_interleave(order.shape[2], 1)  # each head's own slots
+    alike = (
+        (torch.gather(slot_expire[:, None].expand(-1, flat.shape[1], -1), 2, flat) == expire[:, None])
+        & (torch.gather(slot_closer[:, None].expand(-1, flat.shape[1], -1), 2, flat) == closer[:, None])
+        & (torch.gather(head_expire.flatten(1, 2), 2, flat) == expire[:, None])
+    )
+    if not bool((alike | ~mine).all()):
         raise ValueError("after a per-head eviction the heads' kept keys must share one expiry and not be closer-only")
-    idx = torch.where(valid, gathered(slot_idx)[:, 0], -1)
-    return order, idx, torch.where(valid, expire[:, 0], NEVER), closer[:, 0] & valid
+    if kept is not None:
+        order = to_physical(order, kept)
+    idx = torch.where(valid, torch.gather(slot_idx, 1, ref), -1)
+    plain = bool((count == count[:, :1]).all())
+    return order, None if plain else count, idx, torch.where(valid, expire, NEVER), closer & valid
 
 
 def check_chunk(slot_heads: torch.Tensor | None, slot_expire: torch.Tensor, chunk: Layout, first: int) -> None:

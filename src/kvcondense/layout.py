@@ -107,10 +107,12 @@ class Layout:
 
     def kept_slots(self, upto: int | None = None) -> int:
         """Number of KV slots an evicting cache holds after processing positions ``0..upto`` (default: all): with
-        per-head expiry, the slots of the fullest head (every head of a cache row holds that many)."""
+        per-head expiry, the slots of each layer's fullest head (every head of a layer holds that many), averaged
+        over layers and rounded (layers may hold different numbers: :mod:`kvcondense.layer_widths`)."""
         last = len(self) - 1 if upto is None else upto
         if self.head_expire is not None:
-            return int((self.head_expire[..., : last + 1] > last).sum(-1).max())
+            per_layer = (self.head_expire[..., : last + 1] > last).sum(-1).amax(-1)
+            return int(per_layer.double().mean().round())
         return int((self.expire[: last + 1] > last).sum())
 
     def heads_or_tokens(self, layers: int, heads: int) -> torch.Tensor:

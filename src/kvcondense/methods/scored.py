@@ -20,6 +20,21 @@ from .placements import scored_window
 
 EVERY_TOKEN = 1 << 40
 """A score window longer than any prompt: every token of the prompt scores."""
+ALLOCATIONS = ("head", "layer")
+
+
+def layer_budgets(scores: torch.Tensor, per_head: int) -> torch.Tensor:
+    """How many tokens each head of each layer keeps when ``per_head`` x heads x layers entries are shared out by
+    one ranking of ``scores`` (layers, KV heads, T): a layer gets its heads' mean number of the best entries, the
+    remainders rounded by the largest fractions so that the total is exact. Returns (layers,) counts."""
+    layers, heads, _ = scores.shape
+    total = per_head * layers
+    best = torch.zeros(scores.numel(), dtype=torch.bool)
+    best[scores.flatten().topk(total * heads).indices] = True
+    share = best.view(layers, -1).sum(1).double() / heads
+    counts = share.floor().long()
+    counts[(share - counts).argsort(descending=True, stable=True)[: total - int(counts.sum())]] += 1
+    return counts
 
 
 @dataclass
@@ -49,10 +64,15 @@ class ScoredEviction(Method):
         replay: the weight of KVzip's replay score (the prompt read twice; the largest attention of the second
             reading): 1 alone, between 0 and 1 mixed with the attention score, each head's scores as shares
             (``score_window``, ``score_mean`` and ``value_norm`` shape the attention score only).
+        allocate: with ``per_head``, how the older tokens' budget is shared out: ``head``, as many in every head;
+            ``layer``, each layer's share taken from one ranking of every (layer, head, token) score, then every
+            head of the layer keeping its own best that many (layers need different budgets: PyramidKV, Ada-KV).
+            The same total; the cache then stores a different width in each layer (:mod:`kvcondense.layer_widths`).
     """
 
     name: ClassVar[str] = "scored"
     exact_budget: ClassVar[bool] = True  # floor((1 - ratio) x n) tokens, whatever the scores
+    inference_params: ClassVar[tuple[str, ...]] = ("allocate",)  # how a budget is shared out, not what was learned
     ratio: float = param(0.5, "compression ratio in (0, 1)")
     sinks: int = param(4, "initial tokens never evicted")
     window_share: float = param(0.5, "share of the kept slots (after the sinks) given to the raw recent window")
@@ -63,6 +83,7 @@ class ScoredEviction(Method):
     score_pool: int = param(5, "average each score over this many neighbouring tokens (odd; 1: no pooling)")
     value_norm: bool = param(False, "weigh each score by the norm of the token's value (ExpectedAttention)")
     replay: float = param(0.0, "weight of KVzip's replay score (the prompt read twice; 1: it alone)")
+    allocate: str = param("head", "per_head's budget: as many in every head (head), or each layer's share (layer)")
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
@@ -72,6 +93,10 @@ class ScoredEviction(Method):
             raise UsageError(f"replay is a weight in [0, 1], got {self.replay}")
         if self.score_pool < 1 or self.score_pool % 2 == 0:
             raise UsageError(f"score_pool must be an odd width >= 1, got {self.score_pool}")
+        if self.allocate not in ALLOCATIONS:
+            raise UsageError(f"unknown allocate {self.allocate!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if self.allocate == "layer" and not self.per_head:
+            raise UsageError("allocate layer shares the budget out among the heads of each layer: add per_head")
 
     def scoring(self) -> Scoring | None:
         window = self.score_window or EVERY_TOKEN
@@ -101,7 +126,11 @@ class ScoredEviction(Method):
         older = torch.nonzero(~keep).flatten()
         scores = text.head_scores if self.per_head else text.scores[None, None]  # (layers, heads, T)
         keep = keep.repeat(*scores.shape[:2], 1)
-        if rest > 0:
+        if rest > 0 and self.allocate == "layer":
+            for layer, count in enumerate(layer_budgets(scores[..., older].float(), rest).tolist()):
+                top = torch.topk(scores[layer][..., older].float(), count, dim=-1).indices
+                keep[layer].scatter_(-1, older[top], True)
+        elif rest > 0:
             top = torch.topk(scores[..., older].float(), rest, dim=-1).indices
             keep.scatter_(-1, older[top], True)
         layout = text_layout(text.ids, torch.where(keep.any((0, 1)), NEVER, n - 1))
