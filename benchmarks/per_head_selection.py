@@ -35,6 +35,7 @@ from kvcondense.data import load_split
 from kvcondense.forward import parallel_forward
 from kvcondense.layout import NEVER, text_layout
 from kvcondense.methods import build_method
+from kvcondense.methods.scored import layer_budgets
 from kvcondense.models import load_model
 from kvcondense.prefix_task import prefix_windows
 from kvcondense.scoring import head_scores, pool_scores, repeat_scores, seen_by, with_scores
@@ -79,17 +80,13 @@ def allocate(ranked: torch.Tensor, n: int, per_layer: bool) -> torch.Tensor:
     the layer keeps its own best that many (a rectangle per layer); else the ranking decides alone (a ragged cache:
     what KVzip keeps, masked, not freed)."""
     layers, heads, t = ranked.shape
-    keep = torch.zeros(ranked.numel(), dtype=torch.bool)
-    keep[ranked.flatten().topk(n * layers * heads).indices] = True
-    keep = keep.view(layers, heads, t)
     if not per_layer:
-        return keep
-    share = keep.sum((1, 2)).double() / heads  # slots per head each layer earned in the ranking
-    counts = share.floor().long()
-    counts[(share - counts).argsort(descending=True)[: n * layers - int(counts.sum())]] += 1  # the rounding
-    out = torch.zeros_like(keep)
-    for i in range(layers):
-        out[i].scatter_(-1, ranked[i].topk(int(counts[i]), dim=-1).indices, True)
+        keep = torch.zeros(ranked.numel(), dtype=torch.bool)
+        keep[ranked.flatten().topk(n * layers * heads).indices] = True
+        return keep.view(layers, heads, t)
+    out = torch.zeros(layers, heads, t, dtype=torch.bool)
+    for i, count in enumerate(layer_budgets(ranked, n).tolist()):  # the library's rule (scored --allocate layer)
+        out[i].scatter_(-1, ranked[i].topk(count, dim=-1).indices, True)
     return out
 
 

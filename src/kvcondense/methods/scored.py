@@ -145,10 +145,10 @@ class ScoredEviction(Method):
 @dataclass
 class ScoredHeads(ScoredEviction):
     """Scored eviction with the settings that keep most on the prefix and recall tasks: a choice per layer and KV
-    head, by the mean attention every prompt token puts on a token (unpooled, weighed by its value norm) mixed half
-    and half with KVzip's replay score (the scoring pass reads the prompt and its copy once; the prefill then keeps
-    that read of the prompt), 4 sinks and the 32 most recent tokens kept. The same fields as ``scored``, other
-    defaults."""
+    head, by the mean attention every prompt token puts on a token (unpooled, weighed by its value norm) mixed with
+    KVzip's replay score at weight 0.75 (the scoring pass reads the prompt and its copy once; the prefill then keeps
+    that read of the prompt), each layer's share of the budget from one ranking of the whole cache, 4 sinks and the
+    32 most recent tokens kept. The same fields as ``scored``, other defaults."""
 
     name: ClassVar[str] = "scored-heads"
     recent: int | None = param(32, "recent tokens kept raw (at most the window share of the kept slots)")
@@ -157,4 +157,5 @@ class ScoredHeads(ScoredEviction):
     score_mean: bool = param(True, "score a token by the mean attention of the scoring queries that see it")
     score_pool: int = param(1, "average each score over this many neighbouring tokens (odd; 1: no pooling)")
     value_norm: bool = param(True, "weigh each score by the norm of the token's value (ExpectedAttention)")
-    replay: float = param(0.5, "weight of KVzip's replay score (the prompt read twice; 1: it alone)")
+    replay: float = param(0.75, "weight of KVzip's replay score (the prompt read twice; 1: it alone)")
+    allocate: str = param("layer", "per_head's budget: as many in every head (head), or each layer's share (layer)")
