@@ -136,6 +136,25 @@ def test_result_names_follow_the_checkpoint_and_the_episode_data(tmp_path, monke
     assert report.result_file(tmp_path, "eval-ppl", {"method": "full"}).parent.name.startswith("eval-ppl-full-")
 
 
+def test_a_preset_whose_defaults_change_gets_a_new_result(tmp_path, monkeypatch):
+    """A cached result is found by its config, which names a preset, not its settings: changing the preset's
+    defaults must not find the old result (for ``--method`` and for a checkpoint that stores no such field)."""
+    import dataclasses
+
+    from kvcondense import report
+    from kvcondense.methods import METHODS
+
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "kvcondense.json").write_text('{"method": {"name": "scored-heads", "params": {"ratio": 0.5}}}')
+    configs = [{"method": "scored-heads", "task": "qa"}, {"checkpoint": str(ck), "task": "qa"}]
+    before = [report.result_file(tmp_path, "eval-qa", c) for c in configs]
+    changed = dataclasses.make_dataclass("Changed", [("replay", float, 0.25)], bases=(METHODS["scored-heads"],))
+    monkeypatch.setitem(METHODS, "scored-heads", changed)
+    after = [report.result_file(tmp_path, "eval-qa", c) for c in configs]
+    assert all(a != b for a, b in zip(after, before, strict=True))
+
+
 def test_rows_of_different_checkpoints_stay_apart(tmp_path):
     from kvcondense.report import markdown, name_checkpoints
 

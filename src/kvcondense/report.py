@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from . import atomic
-from .checkpoint import ADAPTER
+from .checkpoint import ADAPTER, META
 from .data.episodes import CACHE_VERSION as EPISODES_VERSION
 from .errors import optional
 from .report_plot import finish, style
@@ -58,15 +58,33 @@ def run_name(kind: str, config: dict) -> str:
 
 
 def _inputs(config: dict) -> dict:
-    """The config plus what it names but does not contain: the checkpoint's trained tensors and the version of the
-    built-in episode sets, so a retrained checkpoint or rebuilt task data gets a new result."""
+    """The config plus what it names but does not contain: the checkpoint's trained tensors, the defaults of the
+    method it runs (a preset whose defaults change gets a new result) and the version of the built-in episode sets,
+    so a retrained checkpoint, a changed preset or rebuilt task data gets a new result."""
     inputs = dict(config)
     adapter = Path(str(config.get("checkpoint") or "")) / ADAPTER
     if config.get("checkpoint") and adapter.is_file():
         inputs["checkpoint_sha256"] = hashlib.sha256(adapter.read_bytes()).hexdigest()
+    if defaults := _method_defaults(config):
+        inputs["method_defaults"] = defaults
     if config.get("task") == "memory":
         inputs["episodes_version"] = EPISODES_VERSION
     return inputs
+
+
+def _method_defaults(config: dict) -> dict:
+    """The default parameters of the method a config runs (its checkpoint's, or ``method``); {} for none."""
+    import dataclasses
+
+    from .methods import METHODS
+
+    name = config.get("method")
+    meta = Path(str(config.get("checkpoint") or "")) / META
+    if config.get("checkpoint") and meta.is_file():
+        name = (json.loads(meta.read_text()).get("method") or {}).get("name")
+    if name not in METHODS:
+        return {}
+    return {f.name: f.default for f in dataclasses.fields(METHODS[name]) if f.default is not dataclasses.MISSING}
 
 
 def result_file(out_dir: str | Path, kind: str, config: dict) -> Path:
