@@ -9,9 +9,11 @@
 # kept in runs/distill/<name>-snaps/stepN and scored on the prefix task at 50 / 25 / 12.5 % KV kept into
 # runs/press; the final adapter also on recall uncompressed (--reference) and on the recall, multi-query and needle
 # tables (scripts/scored_rows.sh).
-# REPLAY=0.5: the same recipe with KVzip's replay score mixed in half and half (`--method scored-heads`, whose
-# defaults are this recipe with --replay 0.5), in runs/distill/scored-heads-replay-lora-<objective>-<steps>
+# REPLAY=0.5: the same recipe with KVzip's replay score mixed in half and half (`--method scored-heads --replay 0.5
+# --allocate head`: the preset before budgets per layer), in runs/distill/scored-heads-replay-lora-<objective>-<steps>
 # (about 30 min on one thread: the replay reads each prompt a second time).
+# PRESET=1: `--method scored-heads` as it stands (replay 0.75, budgets per layer), in
+# runs/distill/scored-heads-layer-lora-<objective>-<steps>.
 # DATA=recall-quiz: train on the recall task's training episodes instead of wiki (each episode's 16 facts the
 # prompt, pruned once read; its question and an answer stating four facts the continuation), into
 # runs/distill/scored-heads-replay-lora-<objective>-<steps>-recall-quiz; the evaluations are the same, on held-out
@@ -23,11 +25,14 @@ STEPS=${STEPS:-80}
 OBJECTIVE=${OBJECTIVE:-kl}
 REPLAY=${REPLAY:-0}
 DATA=${DATA:-}
-if [ "$REPLAY" = 0 ]; then
+if [ -n "${PRESET:-}" ]; then
+  recipe=(--method scored-heads)
+  OUT=runs/distill/scored-heads-layer-lora-$OBJECTIVE-$STEPS
+elif [ "$REPLAY" = 0 ]; then
   recipe=(--method scored --per-head --score-window 0 --score-mean --score-pool 1 --value-norm --recent 32)
   OUT=runs/distill/scored-heads-mean-lora-$OBJECTIVE-$STEPS
 else
-  recipe=(--method scored-heads --replay "$REPLAY")
+  recipe=(--method scored-heads --replay "$REPLAY" --allocate head)
   OUT=runs/distill/scored-heads-replay-lora-$OBJECTIVE-$STEPS
 fi
 data=(--continuation-tokens 64)
