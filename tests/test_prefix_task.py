@@ -108,10 +108,11 @@ def test_a_checkpoint_is_evaluated_at_its_trained_ratio(tiny_dir, sample_path, t
     assert main([str(a) for a in argv]) == 0
     out = tmp_path / "r.json"
     argv = ["eval", "--checkpoint", ck, "--task", "prefix", "--data", sample_path, "--split", "train",
-            "--prefix-tokens", "96", "--new-tokens", "8", "--docs", "2", "--json", out]  # fmt: skip
+            "--prefix-tokens", "96", "--new-tokens", "8", "--docs", "2", "--reference", "--json", out]  # fmt: skip
     assert main([str(a) for a in argv]) == 0
     (row,) = json.loads(out.read_text())["results"]
     assert row["params"]["ratio"] == 0.75 and row["kv_kept"] == pytest.approx(0.25, abs=0.03)
+    assert row["kl_to_base"] > 0 and row["base_perplexity"] > 1  # --reference: against the base model too
 
 
 def test_a_precomputed_reference_gives_the_same_result(setup):
@@ -123,3 +124,28 @@ def test_a_precomputed_reference_gives_the_same_result(setup):
     shared = prefix_task(model, method, {}, windows, reference=full_reference(model, {}, windows))
     for key in ("perplexity", "full_perplexity", "kl_to_full", "kv_kept"):
         assert shared[key] == pytest.approx(inline[key], rel=1e-9, abs=1e-12)
+
+
+def test_reference_measures_a_checkpoint_against_its_base_model(tiny_dir, sample_path):
+    """``--reference`` on the prefix task: KL to the model the adapters were trained from (adapters off). An
+    untouched LoRA is the base (the two KLs agree); a moved one is not (they differ, and the base perplexity is the
+    plain model's)."""
+    from kvcondense.lora import LoraSettings, attach_lora
+    from kvcondense.prefix_task import base_reference, full_reference
+
+    model, tok = load_model(str(tiny_dir))
+    windows = prefix_windows(load_split(str(sample_path), "train"), tok, 96, 12, 2)
+    assert base_reference(model, {}, windows) is None  # no adapters: the model is its own base
+    plain = prefix_task(model, build_method("full"), {}, windows)
+    peft = attach_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0), [])
+    method = build_method("streaming", ratio=0.5)
+    fresh = prefix_task(peft, method, {}, windows, base=base_reference(peft, {}, windows))
+    assert fresh["kl_to_base"] == pytest.approx(fresh["kl_to_full"], rel=1e-5)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    moved = prefix_task(peft, method, {}, windows, base=base_reference(peft, {}, windows))
+    assert abs(moved["kl_to_base"] - moved["kl_to_full"]) > 1e-3
+    assert moved["base_perplexity"] == pytest.approx(plain["full_perplexity"], rel=1e-5)
+    assert full_reference(peft, {}, windows)[0].shape == base_reference(peft, {}, windows)[0].shape

@@ -168,7 +168,8 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--reference",
         action="store_true",
-        help="qa, needle: also score full attention with the same weights (what the checkpoint does uncompressed)",
+        help="qa, needle: also score full attention with the same weights (what the checkpoint does uncompressed); "
+        "prefix: also the KL to the base model (a checkpoint's adapters off) and its perplexity",
     )
     p.add_argument(
         "--prefix-tokens", type=_positive_int, default=512, help="continuation, prefix: tokens of the compressed prefix"

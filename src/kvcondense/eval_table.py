@@ -20,6 +20,10 @@ def format_table(results: list[dict]) -> str:
                 f"{r['label']:<28} {budget:>6} {r['kv_kept']:>8.3f} {r['perplexity']:>8.3f} "
                 f"{r['full_perplexity']:>8.3f} {r['kl_to_full']:>10.4f} {r['tokens_scored']:>7}"
             )
+        for r in results:
+            if "kl_to_base" in r:  # --reference on a checkpoint: against the model it was trained from
+                rows.append(f"  {r['label']} at {r['kv_kept']:.3f}: KL to the base model {r['kl_to_base']:.4f}, "
+                            f"base perplexity {r['base_perplexity']:.3f}")  # fmt: skip
         rows.append(f"({results[0]['windows']} windows, {results[0]['seconds']} s for the first row)")
         return "\n".join(rows)
     if results and results[0].get("task") in ("qa", "needle"):

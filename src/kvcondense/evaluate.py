@@ -107,7 +107,8 @@ class EvalConfig:
 def load_for_eval(cfg: EvalConfig):
     """(model, tokenizer, method, token_ids, label) for a checkpoint or for an untrained method (see
     :func:`kvcondense.loader.load` for which parameters may be set on a checkpoint)."""
-    got = load(cfg.checkpoint, cfg.method, cfg.method_params, cfg.model, device=cfg.device, dtype=cfg.dtype)
+    keep_base = cfg.reference and cfg.task == "prefix"  # the adapters apart: the prefix task's base reference
+    got = load(cfg.checkpoint, cfg.method, cfg.method_params, cfg.model, cfg.device, cfg.dtype, not keep_base)
     return got.model, got.tokenizer, got.method, got.token_ids, got.label
 
 
@@ -166,6 +167,7 @@ def own_ratios(cfg: EvalConfig, method: Method) -> tuple:
 def run_budgets(cfg: EvalConfig, model, tokenizer, base_method, token_ids, label, docs=None, qa_items=None):
     """The prefix, qa and needle tasks (a compressed context, then read) at every --kv-budget (or ratio)."""
     from .prefix_task import (
+        base_reference,
         budget_params,
         check_reachable,
         export_windows,
@@ -192,6 +194,7 @@ def run_budgets(cfg: EvalConfig, model, tokenizer, base_method, token_ids, label
     has_ratio = "ratio" in base_method.params()
     points = [("kv_budget", b) for b in cfg.kv_budgets] or [("ratio", r) for r in own_ratios(cfg, base_method)]
     results, reference, full_accuracy = [], None, None  # the full-attention reference: once per model, not per point
+    base = None  # prefix --reference: the base model's full attention (adapters off), once
     for kind, value in points:
         params = base_method.params()
         if kind == "kv_budget":
@@ -205,7 +208,10 @@ def run_budgets(cfg: EvalConfig, model, tokenizer, base_method, token_ids, label
         if cfg.task == "prefix":
             if reference is None and len(points) > 1:
                 reference = full_reference(model, token_ids, windows)
-            res.update(prefix_task(model, method, token_ids, windows, seed=cfg.seed, reference=reference))
+            if cfg.reference and base is None:  # the model the checkpoint was trained from, once
+                base = base_reference(model, token_ids, windows) or []
+            prefix = prefix_task(model, method, token_ids, windows, cfg.seed, reference, base or None)
+            res.update(prefix)
         else:
             res.update(qa_task(model, tokenizer, method, token_ids, qa_items, cfg.answer_tokens, seed=cfg.seed))
             if cfg.reference and method.name != "full":  # nothing compressed, the same weights (LoRA included)

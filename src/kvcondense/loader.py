@@ -133,27 +133,29 @@ def load(
     model: str | None = None,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
+    merge_lora: bool = True,
 ) -> Loaded:
     """A checkpoint (``checkpoint``) or an untrained method (``method``) on ``model`` (default: the checkpoint's
     base model, else the default model), with the user's ``params`` applied by the rules above, on ``device`` in
     ``dtype`` (see :func:`placement`). ``device="auto"`` loads a model too large for one device spread over every
-    GPU (and the CPU) by Accelerate's ``device_map="auto"``; inputs go to its first device."""
+    GPU (and the CPU) by Accelerate's ``device_map="auto"``; inputs go to its first device. ``merge_lora``: see
+    :func:`load_checkpoint` (False keeps the adapters apart: the base model stays reachable)."""
     dev, dt = placement(device, dtype)
     if device == AUTO:
-        return _load(checkpoint, method, params, model, dtype=dt, device_map=AUTO)
-    got = _load(checkpoint, method, params, model, dtype=dt)
+        return _load(checkpoint, method, params, model, merge_lora, dtype=dt, device_map=AUTO)
+    got = _load(checkpoint, method, params, model, merge_lora, dtype=dt)
     got.model = got.model.to(dev)
     return got
 
 
-def _load(checkpoint, method, params, model, **model_kwargs) -> Loaded:
+def _load(checkpoint, method, params, model, merge_lora=True, **model_kwargs) -> Loaded:
     params = {k: v for k, v in (params or {}).items() if v is not None}
     if checkpoint is not None:
         trained = method_from_meta(read_meta(checkpoint))  # flags are checked before the model loads
         if method is not None and method != trained.name:
             raise UsageError(f"checkpoint {checkpoint} is a {trained.name} checkpoint, not {method}")
         chosen = override(trained, params, f"checkpoint {checkpoint}")
-        loaded = load_checkpoint(checkpoint, model, **model_kwargs)
+        loaded = load_checkpoint(checkpoint, model, merge_lora, **model_kwargs)
         loaded.method = chosen
         return loaded
     if method is None:

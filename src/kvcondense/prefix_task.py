@@ -95,6 +95,16 @@ def full_reference(model, token_ids: dict, windows: list[Window]) -> list[torch.
     return [score_after_prefix(model, full, token_ids, ctx, nxt)[0] for ctx, nxt in windows]
 
 
+def base_reference(model, token_ids: dict, windows: list[Window]) -> list[torch.Tensor] | None:
+    """:func:`full_reference` of the base model under a checkpoint's adapters (peft's ``disable_adapter``: LoRA and
+    new token rows off, exactly the model it was trained from), or None for a model without adapters (there the
+    base is the model itself)."""
+    if not hasattr(model, "disable_adapter"):
+        return None
+    with model.disable_adapter():
+        return full_reference(model, token_ids, windows)
+
+
 def prefix_task(
     model,
     method: Method,
@@ -102,12 +112,16 @@ def prefix_task(
     windows: list[Window],
     seed: int = 0,
     reference: list[torch.Tensor] | None = None,
+    base: list[torch.Tensor] | None = None,
 ) -> dict:
     """Perplexity of the scored tokens over the compressed cache, the same with full attention on the same model,
     the mean KL(p_full || p_method) per token, and the KV kept (measured). Prints nothing; returns a dict.
-    ``reference``: :func:`full_reference` of the same model and windows, if already computed."""
+    ``reference``: :func:`full_reference` of the same model and windows, if already computed. ``base``: the same of
+    the base model (a checkpoint's adapters off, :func:`base_reference`): adds ``kl_to_base`` (how far the
+    compressed checkpoint is from the model it was trained from) and ``base_perplexity``."""
     t0 = time.perf_counter()
     nll, nll_full, kl, n, kept, ctx_tokens = 0.0, 0.0, 0.0, 0, 0, 0
+    nll_base, kl_base = 0.0, 0.0
     full = FullAttention()
     for i, (context, following) in enumerate(tqdm(windows, desc=f"prefix {method.name}", leave=False)):
         targets = following[1:].unsqueeze(-1)
@@ -119,10 +133,13 @@ def prefix_task(
         nll -= float(logp.gather(-1, targets).sum())
         nll_full -= float(logp_full.gather(-1, targets).sum())
         kl += float((logp_full.exp() * (logp_full - logp)).sum())
+        if base is not None:
+            nll_base -= float(base[i].gather(-1, targets).sum())
+            kl_base += float((base[i].exp() * (base[i] - logp)).sum())
         n += targets.shape[0]
         kept += slots
         ctx_tokens += len(context)
-    return {
+    out = {
         "perplexity": math.exp(nll / n),
         "full_perplexity": math.exp(nll_full / n),
         "kl_to_full": kl / n,
@@ -132,6 +149,9 @@ def prefix_task(
         "context_tokens": ctx_tokens // len(windows),
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    if base is not None:
+        out.update(kl_to_base=kl_base / n, base_perplexity=math.exp(nll_base / n))
+    return out
 
 
 def export_windows(windows: list[Window], path: str | Path, name: str) -> Path:
