@@ -13,7 +13,7 @@ from kvcondense.cache import EvictingCache
 from kvcondense.engine import Stream, generate_step
 from kvcondense.errors import UsageError
 from kvcondense.forward import feed, parallel_forward
-from kvcondense.layout import NEVER, with_continuation
+from kvcondense.layout import NEVER, text_layout, with_continuation
 from kvcondense.merge import MixRules
 from kvcondense.methods import build_method
 from kvcondense.methods.scored import layer_budgets
@@ -191,3 +191,31 @@ def test_a_per_layer_prompt_differs_from_the_per_head_one_negative_control():
         a = parallel_forward(model, [with_continuation(prompt, ids)]).logits[0, 60:]
         b = parallel_forward(model, [with_continuation(even, ids)]).logits[0, 60:]
     assert (a - b).abs().max() > 1e-3
+
+
+def test_a_second_per_head_eviction_in_a_ragged_per_layer_batch():
+    """Two rows whose layers keep different numbers (row 1 padded in layer 0), then a chunk whose tokens expire
+    per head (every head alike): the cache applies the heads again over per-layer widths, each row as alone."""
+    model = tiny_model("llama")
+    method = by_layer()
+    prompts = [text(50, seed=1), text(50, seed=2)]
+    stream, _ = Stream.batch(model, method, TOKENS, prompts)
+    assert stream.cache.layer_kept.tolist() == [[27, 23], [24, 26]]
+    ids = torch.randint(0, 90, (2, 6), generator=torch.Generator().manual_seed(6))
+    expire = torch.full((6,), NEVER)
+    expire[1:3] = 53
+    heads = expire.expand(model.config.num_hidden_layers, model.config.num_key_value_heads, -1).clone()
+    chunk = dataclasses.replace(text_layout(ids[0], expire), head_expire=heads)
+    nxt = torch.tensor([[7], [11]])
+
+    def run(cache, rows):
+        feed(model, cache, chunk, 50, input_ids=ids[rows])
+        cache.evict(56)
+        return feed(model, cache, text_layout(nxt[rows][0]), 56, input_ids=nxt[rows])[:, 0]
+
+    together = run(stream.cache, slice(0, 2))
+    assert int(stream.cache.stored_slots()[0]) == 25 + 4 + 1
+    for b, p in enumerate(prompts):
+        alone = Stream(model, method, TOKENS)
+        alone.prefill(p)
+        assert (run(alone.cache, slice(b, b + 1))[0] - together[b]).abs().max() < 1e-4

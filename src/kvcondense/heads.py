@@ -121,6 +121,8 @@ def head_order(
     )
     if not bool((alike | ~mine).all()):
         raise ValueError("after a per-head eviction the heads' kept keys must share one expiry and not be closer-only")
+    mine = mine.view(order.shape)  # padding past a head's own count reads slot 0 (it may not exist in that layer)
+    order = torch.where(mine, order, 0)
     if kept is not None:
         order = to_physical(order, kept)
     idx = torch.where(valid, torch.gather(slot_idx, 1, ref), -1)
