@@ -219,3 +219,34 @@ def test_a_second_per_head_eviction_in_a_ragged_per_layer_batch():
         alone = Stream(model, method, TOKENS)
         alone.prefill(p)
         assert (run(alone.cache, slice(b, b + 1))[0] - together[b]).abs().max() < 1e-4
+
+
+def test_layers_dropping_different_numbers_later_count_their_mean():
+    """After the prompt, layer 0 drops 4 later tokens and layer 1 drops 3 (a second per-head eviction with unequal
+    counts): equal to the parallel forward, and the stored slots are the layers' mean, rounded once (46.5 -> 46,
+    as the layout counts), not the prompt's part rounded apart."""
+    model = tiny_model("llama")
+    prompt = uneven_prompt(model)
+    n = len(prompt)
+    lay = with_continuation(prompt, torch.randint(0, 90, (20,), generator=torch.Generator().manual_seed(2)))
+    heads = lay.head_expire.clone()
+    heads[0, :, n + 2 : n + 6] = n + 8
+    heads[1, :, n + 10 : n + 13] = n + 14
+    lay = dataclasses.replace(lay, head_expire=heads, cuts=(n, n + 9, n + 15))
+    for chunk in (1, 7):
+        stats = assert_equivalent(model, lay, chunk)  # stored slots == the layout's kept slots
+        widths = layer_counts(prompt)[:, 0] + 20 - torch.tensor([4, 3])
+        assert stats.kv_bytes == int(widths.sum()) * per_slot_bytes(model)
+
+
+def test_set_expire_refuses_a_token_only_a_narrower_layer_holds():
+    model = tiny_model("llama")
+    stream = Stream(model, by_layer(), TOKENS)
+    stream.prefill(text(60))
+    cache = stream.cache
+    named = set(cache.slot_idx[0].tolist())
+    kept = (stream.layouts[0].head_expire == NEVER).any(1)  # (layers, tokens): what each layer holds
+    held_elsewhere = [t for t in range(60) if t not in named and bool(kept[:, t].any())]
+    assert held_elsewhere
+    with pytest.raises(ValueError, match="per-layer"):
+        cache.set_expire(0, torch.tensor(held_elsewhere[:1]), 61)

@@ -132,13 +132,13 @@ class EvictingCache(Cache):
 
     def stored_slots(self) -> torch.Tensor:
         """Valid stored slots per row, (B,); with per-layer widths the mean over layers, rounded (a per-layer
-        allocation of a whole budget gives an integer)."""
+        allocation of a whole budget gives an integer; a later per-head eviction may not)."""
         valid = (self.slot_idx >= 0).sum(1)
         if self.layer_kept is None:
             return valid
         old = int(self.layer_kept.max())
         tail = (self.slot_idx[:, old:] >= 0).sum(1)
-        return self.layer_kept.double().mean(1).round().long() + tail
+        return (self.layer_kept.double().mean(1) + tail).round().long()
 
     def kv_bytes(self) -> int:
         """Bytes of the stored keys and values (every stored slot, padding slots of ragged rows included), all
@@ -199,8 +199,11 @@ class EvictingCache(Cache):
     def set_expire(self, row: int, logical: torch.Tensor, expire: int) -> None:
         """Give already stored keys an expiry (used when a span closes during generation)."""
         hit = torch.isin(self.slot_idx[row], logical)
-        if self.layer_kept is not None and bool(hit[: int(self.layer_kept.max())].any()):
-            raise ValueError("a slot of a per-layer region holds a different token in each layer: its expiry is fixed")
+        if self.layer_kept is not None:  # the region holds other tokens in each layer, not all named in slot_idx
+            after = self.slot_idx[row, int(self.layer_kept.max()) :]
+            first = int(after[after >= 0].min()) if bool((after >= 0).any()) else self.seen
+            if bool((logical < first).any()):
+                raise ValueError("a per-layer region (a prompt each layer kept its own part of) has a fixed expiry")
         self.slot_expire[row, hit] = expire
         if self.slot_heads is not None:
             self.slot_heads[row, ..., hit] = expire

@@ -48,17 +48,17 @@ def to_physical(order: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 
 
 def _layer_attention(
-    module, query, key, value, attention_mask, kvc_kept=None, kvc_base="sdpa", kvc_calls=None, **kwargs
+    module, query, key, value, attention_mask, kvc_kept=None, kvc_widths=(), kvc_base="sdpa", kvc_calls=None, **kw
 ):
-    kept = kvc_kept[:, module.layer_idx]  # (B,)
-    old, width = int(kvc_kept.max()), int(kept.max())
+    kept = kvc_kept[:, module.layer_idx]  # (B,), on the model's device
+    old, width = max(kvc_widths), kvc_widths[module.layer_idx]  # ints, read once per step (no device sync)
     total = attention_mask.shape[-1]  # the shared slot list and the new tokens
     if key.shape[2] != width + total - old:
         raise RuntimeError(f"layer {module.layer_idx} stores {key.shape[2]} keys, its widths say {width + total - old}")
     device = attention_mask.device
     cols = torch.cat([torch.arange(width, device=device), torch.arange(old, total, device=device)])
     mask = attention_mask.index_select(-1, cols)
-    padding = torch.arange(len(cols), device=device)[None] >= kept.to(device)[:, None]
+    padding = torch.arange(len(cols), device=device)[None] >= kept[:, None]
     padding[:, width:] = False  # (B, keys): a row's slots past its own count in this layer
     hidden = padding[:, None, None]
     if mask.dtype == torch.bool:
@@ -67,7 +67,7 @@ def _layer_attention(
         mask = mask.masked_fill(hidden, torch.finfo(mask.dtype).min)
     kvc_calls.append(module.layer_idx)
     base = eager_of(module) if kvc_base == "eager" else ALL_ATTENTION_FUNCTIONS[kvc_base]
-    return base(module, query, key, value, mask, **kwargs)
+    return base(module, query, key, value, mask, **kw)
 
 
 AttentionInterface.register(LAYER_WIDTHS, _layer_attention)
@@ -82,6 +82,6 @@ def layer_attention(model, kept: torch.Tensor | None, n_layers: int):
         yield {}
         return
     base = model.config._attn_implementation or "eager"
-    kwargs = {"kvc_kept": kept.to(model.device), "kvc_base": base}
+    kwargs = {"kvc_kept": kept.to(model.device), "kvc_widths": widths(kept).tolist(), "kvc_base": base}
     with wrapped_attention(model, LAYER_WIDTHS, kwargs, n_layers, "per-layer widths applied") as got:
         yield got
