@@ -168,7 +168,7 @@ def test_scored_heads_is_scored_with_the_best_settings():
     model = tiny_model("llama")
     preset = method_layout(model, build_method("scored-heads", ratio=0.5), text(200), TOKENS)
     flags = dict(per_head=True, score_window=0, score_mean=True, score_pool=1, value_norm=True, recent=32, replay=0.75)
-    flags["allocate"] = "layer"
+    flags.update(allocate="layer", window_share=0.25)
     spelled = method_layout(model, build_method("scored", ratio=0.5, **flags), text(200), TOKENS)
     assert torch.equal(preset.head_expire, spelled.head_expire)
     assert not bool((preset.head_expire == preset.head_expire[:1, :1]).all())  # the heads chose differently

@@ -148,9 +148,11 @@ class ScoredHeads(ScoredEviction):
     head, by the mean attention every prompt token puts on a token (unpooled, weighed by its value norm) mixed with
     KVzip's replay score at weight 0.75 (the scoring pass reads the prompt and its copy once; the prefill then keeps
     that read of the prompt), each layer's share of the budget from one ranking of the whole cache, 4 sinks and the
-    32 most recent tokens kept. The same fields as ``scored``, other defaults."""
+    32 most recent tokens kept, but never more than a quarter of the kept slots (a short prompt keeps most of its
+    budget for the scored tokens). The same fields as ``scored``, other defaults."""
 
     name: ClassVar[str] = "scored-heads"
+    window_share: float = param(0.25, "share of the kept slots (after the sinks) given to the raw recent window")
     recent: int | None = param(32, "recent tokens kept raw (at most the window share of the kept slots)")
     score_window: int = param(0, "the last tokens whose attention scores the others (0: every token)")
     per_head: bool = param(True, "choose the kept older tokens per (layer, KV head), not once for every head")
