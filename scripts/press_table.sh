@@ -5,7 +5,8 @@
 # Needs the peer venv: `make peers`. Results in $OUT (default runs/press), report in $OUT/report.
 # CHECKPOINTS: checkpoints run at the ratio they were trained for (default checkpoints/sentinel-r0.5); BUDGETED:
 # checkpoints run at every budget (the README's plot: runs/distill/scored-heads-replay-lora-kl-80, made by
-# `REPLAY=0.5 scripts/scored_heads_lora.sh`).
+# `REPLAY=0.5 scripts/scored_heads_lora.sh`); BUDGETED_FLAGS: more eval flags for them (the README's plot:
+# "--allocate layer", budgets per layer for a LoRA trained with equal counts per head).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/peers.sh
@@ -21,7 +22,8 @@ for ck in ${CHECKPOINTS:-checkpoints/sentinel-r0.5}; do
   $K eval --checkpoint "$ck" "${common[@]}"           # at the ratio it was trained for (KV kept measured)
 done
 for ck in ${BUDGETED:-}; do
-  $K eval --checkpoint "$ck" --kv-budget 0.5 0.25 0.125 "${common[@]}"
+  # shellcheck disable=SC2086  # BUDGETED_FLAGS are words
+  $K eval --checkpoint "$ck" ${BUDGETED_FLAGS:-} --kv-budget 0.5 0.25 0.125 "${common[@]}"
 done
 run_presses "$OUT/prefix_tasks.json" "$OUT/kvpress/result.json" "${PRESSES:-streaming_llm snapkv expected_attention kvzip tova knorm}" 0.5 0.25 0.125
 $K report "$OUT"

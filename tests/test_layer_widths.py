@@ -250,3 +250,15 @@ def test_set_expire_refuses_a_token_only_a_narrower_layer_holds():
     assert held_elsewhere
     with pytest.raises(ValueError, match="per-layer"):
         cache.set_expire(0, torch.tensor(held_elsewhere[:1]), 61)
+
+
+def test_a_checkpoint_saved_before_allocate_loads_as_trained():
+    """A scored-heads checkpoint whose metadata predates ``allocate`` was trained with equal counts per head: it
+    loads so (``param(before=...)``), not with the preset's newer default; one saved with it keeps its own."""
+    from kvcondense.checkpoint import method_from_meta
+
+    old = {"method": {"name": "scored-heads", "params": {"ratio": 0.5, "replay": 0.5}}}
+    assert method_from_meta(old).allocate == "head"
+    assert build_method("scored-heads").allocate == "layer"
+    new = {"method": {"name": "scored-heads", "params": {"ratio": 0.5, "allocate": "layer"}}}
+    assert method_from_meta(new).allocate == "layer"

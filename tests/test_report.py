@@ -153,6 +153,8 @@ def test_a_preset_whose_defaults_change_gets_a_new_result(tmp_path, monkeypatch)
     monkeypatch.setitem(METHODS, "scored-heads", changed)
     after = [report.result_file(tmp_path, "eval-qa", c) for c in configs]
     assert all(a != b for a, b in zip(after, before, strict=True))
+    (ck / "kvcondense.json").write_text('{"method": {"name": "scored-heads", "params": {"allocate": "layer"}}}')
+    assert report.result_file(tmp_path, "eval-qa", configs[1]) != after[1]  # what the checkpoint loads as, too
 
 
 def test_rows_of_different_checkpoints_stay_apart(tmp_path):

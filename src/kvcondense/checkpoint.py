@@ -15,6 +15,7 @@ the two renames of a swap is recovered by :func:`recover` on the next start.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -29,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from .atomic import check_writable, current_umask
 from .errors import UsageError
 from .meta import FORMAT, validate_meta
-from .methods import Method, build_method
+from .methods import METHODS, Method, build_method
 from .state_io import load_state, save_state
 
 META = "kvcondense.json"
@@ -250,7 +251,13 @@ def read_adapter(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def method_from_meta(meta: dict) -> Method:
+    """The method a checkpoint was trained with; a field it predates takes the value it had then (``param``'s
+    ``before``), not a newer default."""
     params = {k: v for k, v in meta["method"]["params"].items() if k != "name"}
+    cls = METHODS.get(meta["method"]["name"])
+    for f in dataclasses.fields(cls) if cls is not None else ():
+        if f.name not in params and f.metadata.get("before") is not None:
+            params[f.name] = f.metadata["before"]
     try:
         return build_method(meta["method"]["name"], **params)
     except TypeError as e:  # a parameter of the wrong type reached the dataclass

@@ -73,15 +73,20 @@ def _inputs(config: dict) -> dict:
 
 
 def _method_defaults(config: dict) -> dict:
-    """The default parameters of the method a config runs (its checkpoint's, or ``method``); {} for none."""
+    """The parameters the method of a config starts from before the config's own: a checkpoint's as it loads them
+    (fields it predates included), or the defaults of ``method``; {} for none."""
     import dataclasses
 
+    from .checkpoint import method_from_meta
     from .methods import METHODS
 
-    name = config.get("method")
     meta = Path(str(config.get("checkpoint") or "")) / META
     if config.get("checkpoint") and meta.is_file():
-        name = (json.loads(meta.read_text()).get("method") or {}).get("name")
+        try:
+            return method_from_meta(json.loads(meta.read_text())).params()
+        except Exception:  # noqa: BLE001 - a damaged checkpoint fails with its own message when it is loaded
+            return {}
+    name = config.get("method")
     if name not in METHODS:
         return {}
     return {f.name: f.default for f in dataclasses.fields(METHODS[name]) if f.default is not dataclasses.MISSING}

@@ -132,10 +132,13 @@ def sentence_ends(text: str) -> list[int]:
     return [m.end() for m in _BOUNDARY.finditer(text)]
 
 
-def param(default, help: str, flag: str | None = None, choices: tuple | None = None):
+def param(default, help: str, flag: str | None = None, choices: tuple | None = None, before=None):
     """A method hyperparameter: a dataclass field whose metadata makes its command-line flag (help text, a flag
-    name other than ``--field-name``, choices). Every method field becomes a flag of train, eval and generate."""
-    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+    name other than ``--field-name``, choices). Every method field becomes a flag of train, eval and generate.
+    ``before``: what a checkpoint saved before the field existed did (it loads as trained, not with a newer
+    default); None: the default."""
+    meta = {"help": help, "flag": flag, "choices": choices, "before": before}
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclass

@@ -160,4 +160,6 @@ class ScoredHeads(ScoredEviction):
     score_pool: int = param(1, "average each score over this many neighbouring tokens (odd; 1: no pooling)")
     value_norm: bool = param(True, "weigh each score by the norm of the token's value (ExpectedAttention)")
     replay: float = param(0.75, "weight of KVzip's replay score (the prompt read twice; 1: it alone)")
-    allocate: str = param("layer", "per_head's budget: as many in every head (head), or each layer's share (layer)")
+    allocate: str = param(
+        "layer", "per_head's budget: as many in every head (head), or each layer's share (layer)", before="head"
+    )
