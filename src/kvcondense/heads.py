@@ -17,12 +17,11 @@ from contextlib import contextmanager
 
 import torch
 from transformers import AttentionInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .errors import UsageError
 from .layer_widths import present, to_physical
 from .layout import NEVER, Layout, head_shape
-from .merge import eager_of, wrapped_attention
+from .merge import hiding_attention, wrapped_attention
 
 HEADS = "kvcondense_heads"
 """The registered attention implementation of a parallel forward whose layouts expire keys per head."""
@@ -33,13 +32,7 @@ def _head_attention(module, query, key, value, attention_mask, kvc_heads=None, k
     groups = query.shape[1] // expire.shape[1]
     q_idx = torch.arange(query.shape[2], device=query.device)
     hidden = q_idx[None, None, :, None] > expire.repeat_interleave(groups, 1)[:, :, None, : key.shape[2]]
-    if attention_mask.dtype == torch.bool:
-        attention_mask = attention_mask & ~hidden
-    else:
-        attention_mask = attention_mask.masked_fill(hidden, torch.finfo(attention_mask.dtype).min)
-    kvc_calls.append(module.layer_idx)
-    base = eager_of(module) if kvc_base == "eager" else ALL_ATTENTION_FUNCTIONS[kvc_base]
-    return base(module, query, key, value, attention_mask, **kw)
+    return hiding_attention(module, query, key, value, attention_mask, hidden, kvc_base, kvc_calls, **kw)
 
 
 AttentionInterface.register(HEADS, _head_attention)

@@ -20,9 +20,8 @@ from contextlib import contextmanager
 
 import torch
 from transformers import AttentionInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .merge import eager_of, wrapped_attention
+from .merge import hiding_attention, wrapped_attention
 
 LAYER_WIDTHS = "kvcondense_layer_widths"
 """The registered attention implementation of a step through a cache whose layers store different widths."""
@@ -60,14 +59,7 @@ def _layer_attention(
     mask = attention_mask.index_select(-1, cols)
     padding = torch.arange(len(cols), device=device)[None] >= kept[:, None]
     padding[:, width:] = False  # (B, keys): a row's slots past its own count in this layer
-    hidden = padding[:, None, None]
-    if mask.dtype == torch.bool:
-        mask = mask & ~hidden
-    else:
-        mask = mask.masked_fill(hidden, torch.finfo(mask.dtype).min)
-    kvc_calls.append(module.layer_idx)
-    base = eager_of(module) if kvc_base == "eager" else ALL_ATTENTION_FUNCTIONS[kvc_base]
-    return base(module, query, key, value, mask, **kw)
+    return hiding_attention(module, query, key, value, mask, padding[:, None, None], kvc_base, kvc_calls, **kw)
 
 
 AttentionInterface.register(LAYER_WIDTHS, _layer_attention)

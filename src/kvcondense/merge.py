@@ -106,6 +106,19 @@ def eager_of(module) -> callable:
     return sys.modules[type(module).__module__].eager_attention_forward
 
 
+def hiding_attention(module, query, key, value, mask, hidden, kvc_base: str, kvc_calls: list, **kwargs):
+    """Run the base attention ``kvc_base`` (sdpa, eager, or a registered one) with ``hidden`` (broadcast to
+    ``mask``) hidden in the bool or additive ``mask``, the call recorded in ``kvc_calls`` (the wrappers of
+    :mod:`kvcondense.heads` and :mod:`kvcondense.layer_widths`)."""
+    if mask.dtype == torch.bool:
+        mask = mask & ~hidden
+    else:
+        mask = mask.masked_fill(hidden, torch.finfo(mask.dtype).min)
+    kvc_calls.append(module.layer_idx)
+    base = eager_of(module) if kvc_base == "eager" else ALL_ATTENTION_FUNCTIONS[kvc_base]
+    return base(module, query, key, value, mask, **kwargs)
+
+
 def _mixing_attention(
     module, query, key, value, attention_mask, kvc_mix=None, kvc_base="sdpa", kvc_calls=None, **kwargs
 ):
