@@ -1,13 +1,14 @@
 """Where KVzip's recall lead comes from: the scored-heads choice with three allocations of one budget, in one harness.
 
     .venv/bin/python benchmarks/recall_allocation.py [--episodes 30] [--kept 0.5 0.25 0.125] [--replay 0.5]
-        [--questions 1]
+        [--window-share 0.5] [--questions 1]
 
 ``kvcondense eval --task qa --data recall --method scored-heads`` keeps, in every (layer, KV head), the same number
 of context tokens (a rectangle the cache can free); kvpress's KVzip ranks every (layer, head, token) score at once
 and keeps the best, so a head may keep many tokens and another few (it masks, and frees nothing). This measures what
 that difference alone is worth on the recall episodes, with everything else equal: the same held-out episodes and
-questions as the recall table, the same scores (``scored-heads``: its attention and replay scores mixed), the same
+questions as the recall table, the same scores (``scored-heads``' attention and replay scores mixed, at ``--replay``
+and ``--window-share``: the defaults are the settings of the README's table, the preset's now 0.75 and 0.25), the same
 sinks and recent window kept in every head, the same number of kept (layer, head, token) entries:
 
 - ``equal``: the method's own layout (every head keeps as many; what ``eval`` measures through the cache);
@@ -51,6 +52,7 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=30)
     ap.add_argument("--questions", type=int, default=1)
     ap.add_argument("--replay", type=float, default=0.5)
+    ap.add_argument("--window-share", type=float, default=0.5, help="the recent window's most (the preset: 0.25)")
     ap.add_argument("--kept", type=float, nargs="+", default=[0.5, 0.25, 0.125])
     args = ap.parse_args()
     model, tok = load_model(args.model)
@@ -61,10 +63,11 @@ def main() -> None:
     asked = 0
     for item in items:
         text = tokenize(item.context, tok)
-        scored = with_scores(model, build_method("scored-heads", replay=args.replay), text)
+        settings = {"replay": args.replay, "window_share": args.window_share, "allocate": "head"}
+        scored = with_scores(model, build_method("scored-heads", **settings), text)
         choices = {}
         for kept in args.kept:
-            layout = build_method("scored-heads", ratio=1 - kept, replay=args.replay).layout(scored, {})
+            layout = build_method("scored-heads", ratio=1 - kept, **settings).layout(scored, {})
             equal = layout.head_expire == NEVER
             fixed = equal.all(0).all(0)  # the sinks and the recent window (and any token every head chose)
             per_head = int(equal[0, 0].sum()) - int(fixed.sum())
