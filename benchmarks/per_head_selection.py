@@ -20,7 +20,8 @@ token's score by the number of scoring queries that see it (the mean, not the su
 for being seen by more queries). ``--score repeat`` scores by KVzip's replay instead
 (:func:`kvcondense.scoring.repeat_scores`: the model is asked to repeat the context, and a token's score is the
 largest attention the replay puts on it), with ``--recent`` (default 0) recent tokens kept. ``--score mixed``:
-``scored-heads``' own per-head scores (use with ``--no-pool --recent 32``).
+``scored-heads``' own per-head scores (use with ``--no-pool --recent 32``), its replay score at weight ``--replay``
+(default 0.5: the README's figures; the preset's now 0.75).
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ def main() -> None:
     ap.add_argument("--score", choices=("window", "repeat", "mixed"), default="window")
     ap.add_argument("--no-pool", action="store_true", help="rank the raw scores (KVzip does not pool)")
     ap.add_argument("--value-norm", action="store_true", help="weigh scores by the values' norms (ExpectedAttention)")
+    ap.add_argument("--replay", type=float, default=0.5, help="--score mixed: the replay score's weight")
     ap.add_argument("--allocate", action="store_true", help="also: budgets per layer / per head from one ranking")
     ap.add_argument("--kept", type=float, nargs="+", default=[0.5, 0.25, 0.125])
     args = ap.parse_args()
@@ -121,7 +123,7 @@ def main() -> None:
         ids, p = torch.cat([ctx.ids, nxt]), ctx.ids.shape[0]
         full = model(ids[None]).logits[0, p:-1].float().log_softmax(-1)
         if args.score == "mixed":  # scored-heads' own scores: mean attention x value norm and replay, as shares
-            scores = with_scores(model, build_method("scored-heads"), ctx).head_scores
+            scores = with_scores(model, build_method("scored-heads", replay=args.replay), ctx).head_scores
         elif args.score == "repeat":
             scores = repeat_scores(model, ctx.ids, replay_instruction(tokenizer))
         else:
