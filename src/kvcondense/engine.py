@@ -24,17 +24,14 @@ import torch
 
 from .cache import EvictingCache
 from .forward import (
-    attention_implementation,
     chunk_bounds,
     feed,
-    incremental_attention,
     num_layers,
     step_mask_kind,
     store_read,
+    writing_into,
 )
-from .layer_widths import layer_attention
 from .layout import Kind, Layout
-from .lora import lora_gate
 from .masks import to_attention_mask
 from .methods import Method, StepPiece, TokenizedText
 from .sampling import Sampling
@@ -251,12 +248,7 @@ def feed_ragged(model, cache: EvictingCache, pieces: Sequence[StepPiece | None],
         q_idx[b, :m] = torch.arange(seen[b], seen[b] + m)
     mask = to_attention_mask(cache.visibility(q_idx, start, expire, closer), step_mask_kind(model), model.dtype)
     device = model.device
-    with (
-        lora_gate(model, kinds),
-        attention_implementation(model, incremental_attention(model)),
-        layer_attention(model, cache.layer_kept, num_layers(model)) as layer_kwargs,
-        cache.feeding(),
-    ):
+    with writing_into(model, cache, kinds) as layer_kwargs:
         out = model(
             input_ids=ids.to(device),
             position_ids=pos.to(device),

@@ -194,7 +194,7 @@ def run_budgets(cfg: EvalConfig, model, tokenizer, base_method, token_ids, label
     has_ratio = "ratio" in base_method.params()
     points = [("kv_budget", b) for b in cfg.kv_budgets] or [("ratio", r) for r in own_ratios(cfg, base_method)]
     results, reference, full_accuracy = [], None, None  # the full-attention reference: once per model, not per point
-    base, base_read = None, False  # prefix --reference: the base model's full attention (adapters off), once
+    base = None  # prefix --reference: the base model's full attention (adapters off)
     for kind, value in points:
         params = base_method.params()
         if kind == "kv_budget":
@@ -208,10 +208,9 @@ def run_budgets(cfg: EvalConfig, model, tokenizer, base_method, token_ids, label
         if cfg.task == "prefix":
             if reference is None and len(points) > 1:
                 reference = full_reference(model, token_ids, windows)
-            if cfg.reference and not base_read:  # the model the checkpoint was trained from, once
-                base, base_read = base_reference(model, token_ids, windows), True
-            prefix = prefix_task(model, method, token_ids, windows, cfg.seed, reference, base)
-            res.update(prefix)
+            if cfg.reference and base is None:  # the model the checkpoint was trained from, once (None: no adapters)
+                base = base_reference(model, token_ids, windows)
+            res.update(prefix_task(model, method, token_ids, windows, cfg.seed, reference, base))
         else:
             res.update(qa_task(model, tokenizer, method, token_ids, qa_items, cfg.answer_tokens, seed=cfg.seed))
             if cfg.reference and method.name != "full":  # nothing compressed, the same weights (LoRA included)

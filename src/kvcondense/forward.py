@@ -181,6 +181,20 @@ def chunk_mask(model, cache: EvictingCache, chunk: Layout, first: int) -> torch.
     return to_attention_mask(vis, step_mask_kind(model), model.dtype)
 
 
+@contextmanager
+def writing_into(model, cache: EvictingCache, kinds: torch.Tensor):
+    """The setting of a forward that writes into ``cache`` (a chunk or a decode step): the LoRA gated by the tokens'
+    ``kinds`` (B, n), the step's attention (packed GQA sdpa; each layer narrowed to its own width when the cache
+    has per-layer widths) and the cache open for writing. Yields the extra kwargs of the model call."""
+    with (
+        lora_gate(model, kinds),
+        attention_implementation(model, incremental_attention(model)),
+        layer_attention(model, cache.layer_kept, num_layers(model)) as layer_kwargs,
+        cache.feeding(),
+    ):
+        yield layer_kwargs
+
+
 def feed(
     model,
     cache: EvictingCache,
@@ -201,12 +215,7 @@ def feed(
     mask = chunk_mask(model, cache, chunk, first) if mask is None else mask
     if chunk.head_expire is not None or cache.slot_heads is not None:
         check_chunk(cache.slot_heads, cache.slot_expire, chunk, first)
-    with (
-        lora_gate(model, chunk.kinds.expand(ids.shape[0], -1)),
-        attention_implementation(model, incremental_attention(model)),
-        layer_attention(model, cache.layer_kept, num_layers(model)) as layer_kwargs,
-        cache.feeding(),
-    ):
+    with writing_into(model, cache, chunk.kinds.expand(ids.shape[0], -1)) as layer_kwargs:
         out = model(
             input_ids=ids.to(device),
             position_ids=chunk.position_ids.expand(ids.shape[0], -1).to(device),

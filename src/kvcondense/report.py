@@ -20,9 +20,10 @@ import json
 from pathlib import Path
 
 from . import atomic
-from .checkpoint import ADAPTER, META
+from .checkpoint import ADAPTER, META, method_from_meta
 from .data.episodes import CACHE_VERSION as EPISODES_VERSION
 from .errors import optional
+from .methods import METHODS
 from .report_plot import finish, style
 from .report_records import (  # noqa: F401  (re-exported: these lived here before)
     KINDS,
@@ -75,11 +76,6 @@ def _inputs(config: dict) -> dict:
 def _method_defaults(config: dict) -> dict:
     """The parameters the method of a config starts from before the config's own: a checkpoint's as it loads them
     (fields it predates included), or the defaults of ``method``; {} for none."""
-    import dataclasses
-
-    from .checkpoint import method_from_meta
-    from .methods import METHODS
-
     meta = Path(str(config.get("checkpoint") or "")) / META
     if config.get("checkpoint") and meta.is_file():
         try:
@@ -87,9 +83,7 @@ def _method_defaults(config: dict) -> dict:
         except Exception:  # noqa: BLE001 - a damaged checkpoint fails with its own message when it is loaded
             return {}
     name = config.get("method")
-    if name not in METHODS:
-        return {}
-    return {f.name: f.default for f in dataclasses.fields(METHODS[name]) if f.default is not dataclasses.MISSING}
+    return METHODS[name]().params() if name in METHODS else {}
 
 
 def result_file(out_dir: str | Path, kind: str, config: dict) -> Path:
@@ -100,8 +94,8 @@ def result_file(out_dir: str | Path, kind: str, config: dict) -> Path:
 def find_result_file(out_dir: str | Path, kind: str, config: dict) -> Path:
     """:func:`result_file`, after moving a result stored there under the name older versions gave it (a
     checkpoint's bench was named after the config's default method) to it, so that a rerun finds it."""
-    path = result_file(out_dir, kind, config)
-    inputs = _inputs(config)
+    inputs = _inputs(config)  # reads the checkpoint's adapter: once
+    path = Path(out_dir) / run_name(kind, inputs) / "result.json"
     blob = json.dumps(inputs, sort_keys=True, default=str)
     method = inputs.get("method") or Path(str(inputs.get("checkpoint") or "run")).name
     old = Path(out_dir) / f"{kind}-{method}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"

@@ -126,13 +126,11 @@ class ScoredEviction(Method):
         older = torch.nonzero(~keep).flatten()
         scores = text.head_scores if self.per_head else text.scores[None, None]  # (layers, heads, T)
         keep = keep.repeat(*scores.shape[:2], 1)
-        if rest > 0 and self.allocate == "layer":
-            for layer, count in enumerate(layer_budgets(scores[..., older].float(), rest).tolist()):
-                top = torch.topk(scores[layer][..., older].float(), count, dim=-1).indices
-                keep[layer].scatter_(-1, older[top], True)
-        elif rest > 0:
-            top = torch.topk(scores[..., older].float(), rest, dim=-1).indices
-            keep.scatter_(-1, older[top], True)
+        if rest > 0:
+            ranked = scores[..., older].float()
+            counts = layer_budgets(ranked, rest).tolist() if self.allocate == "layer" else [rest] * len(ranked)
+            for layer, count in enumerate(counts):  # every head of a layer keeps its own best ``count``
+                keep[layer].scatter_(-1, older[ranked[layer].topk(count, dim=-1).indices], True)
         layout = text_layout(text.ids, torch.where(keep.any((0, 1)), NEVER, n - 1))
         if self.per_head:  # each head hides, after the prompt, what it did not keep; chunks end with the prompt
             layout = dataclasses.replace(layout, head_expire=torch.where(keep, NEVER, n - 1), cuts=(n,))
