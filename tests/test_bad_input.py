@@ -318,6 +318,12 @@ def test_negative_counts(capsys, tiny_dir, sample_path, tmp_path, flag):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize(("extra", "match"), [(("--sample-chunks", "0"), ">= 1"), (("--sample-chunks", "2"), "is text")])
+def test_sample_chunks_needs_counts_and_episodes(capsys, tiny_dir, sample_path, tmp_path, extra, match):
+    fails_cleanly(capsys, *train_args(tiny_dir, sample_path, tmp_path / "x", *extra), match=match)
+    assert not (tmp_path / "x").exists()
+
+
 # --------------------------------------------------------------------------------------------- faults during a save
 def test_kill_between_the_renames_is_recovered(trained, tiny_dir, sample_path, tmp_path):
     """A save renames out -> .out.old-*, then the new temp folder -> out; a kill in between leaves no out."""

@@ -9,7 +9,7 @@ from kvcondense.forward import parallel_forward
 from kvcondense.layout import IGNORE, NEVER, Kind
 from kvcondense.masks import layout_visibility
 from kvcondense.merge import merge_rates, merge_weights
-from kvcondense.methods import TokenizedText, build_method
+from kvcondense.methods import EpisodeTokens, TokenizedText, build_method
 
 
 def small(method: str, **params):
@@ -155,6 +155,27 @@ def test_episode_scores_the_answer_only():
     lay = build_method("ccm-concat", comp_tokens=2).episode_layout(ep, COMP)
     assert lay.targets[lay.targets != IGNORE].tolist() == ep.answer.tolist()
     assert int((lay.expire == NEVER).sum()) == 2 * 2 + len(ep.query) + len(ep.answer)
+
+
+def test_sampled_chunk_counts_cut_each_episode_keeping_its_evidence():
+    from kvcondense.train import TrainConfig, block_layout
+
+    m = build_method("ccm-concat", comp_tokens=2)
+    full = episode(chunks=8)
+    ep = EpisodeTokens(full.chunks, full.query, full.answer, evidence=1)  # an old evidence chunk: kept when cut
+    cfg = TrainConfig(method="ccm-concat", sample_chunks=[1, 2, 4])
+
+    def comp_slots(seed):
+        return int((block_layout(None, m, cfg, ep, COMP, seed).kinds == Kind.COMP).sum())
+
+    counts = [comp_slots(seed) // 2 for seed in range(16)]  # two COMP tokens per compressed chunk
+    assert set(counts) == {1, 2, 4} and counts == [comp_slots(seed) // 2 for seed in range(16)]
+    evidence = ep.chunks[1].tolist()
+    for seed in range(16):
+        text = block_layout(None, m, cfg, ep, COMP, seed).input_ids.tolist()
+        assert any(text[i : i + len(evidence)] == evidence for i in range(len(text)))
+    assert int((block_layout(None, m, TrainConfig(method="ccm-concat"), ep, COMP, 0).kinds == Kind.COMP).sum()) == 16
+    assert int((block_layout(None, m, TrainConfig(sample_chunks=[99]), ep, COMP, 0).kinds == Kind.COMP).sum()) == 16
 
 
 def test_gate_off_equals_base_model_exactly():

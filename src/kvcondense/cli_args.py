@@ -37,6 +37,12 @@ def _ratio_list(text: str) -> list[float]:
     return [_ratio(part) for part in text.split(",") if part.strip()]
 
 
+def _count_list(text: str) -> list[int]:
+    """An argparse type: whole numbers >= 1 separated by commas (``1,2,4``)."""
+    parse = _int_at_least(1)
+    return [parse(part) for part in text.split(",") if part.strip()]
+
+
 def _int_at_least(low: int):
     """An argparse type: a whole number >= ``low``, or one line saying what was expected."""
 

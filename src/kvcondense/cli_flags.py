@@ -13,6 +13,7 @@ from .cli_args import (
     _nonnegative_int,
     _positive_int,
     _ratio,
+    _count_list,
     _ratio_list,
 )
 
@@ -76,6 +77,13 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
         type=_ratio_list,
         default=None,
         help="draw each block's ratio from these, e.g. 0.5,0.75,0.875 (one adapter for several KV budgets)",
+    )
+    p.add_argument(
+        "--sample-chunks",
+        type=_count_list,
+        default=None,
+        help="online episodes: cut each example to its last T chunks (the evidence kept), T drawn from these, "
+        "e.g. 1,2,4,8 (a memory trained on fewer facts at a time)",
     )
     p.add_argument(
         "--report-to",

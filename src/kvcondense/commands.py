@@ -26,7 +26,7 @@ __all__ = (
 TRAIN_FLAGS = (
     "model", "data", "batch_size", "grad_accum", "block_tokens", "lr", "schedule", "warmup_steps", "attention",
     "seed", "save_every", "stage", "init_from", "objective", "kl_weight", "temperature", "sample_ratios",
-    "continuation_tokens", "max_grad_norm", "report_to",
+    "sample_chunks", "continuation_tokens", "max_grad_norm", "report_to",
 )  # fmt: skip
 
 

@@ -41,6 +41,7 @@ _TRAINING_OPTIONAL = {
     "temperature": _NUMBER,
     "max_grad_norm": _NUMBER,
     "sample_ratios": list,
+    "sample_chunks": list,
     "continuation_tokens": int,
     "report_to": list,
 }

@@ -145,6 +145,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
             f"{cfg.method} frees nothing until a block has been read whole, so a loss on the block itself never sees "
             "the compression: give --continuation-tokens N (the last N tokens read what the method kept)"
         )
+    if cfg.sample_chunks and not episodic:
+        raise UsageError(f"--sample-chunks cuts online episodes; --data {cfg.data} is text (give an episode set)")
     if episodic and cfg.continuation_tokens:
         raise UsageError("--continuation-tokens splits text blocks; an episode already ends in its query and answer")
     resumable = resume and (out / META).is_file()

@@ -55,6 +55,9 @@ class TrainConfig:
         max_grad_norm: clip the gradients' global norm to this before each optimizer step (0: no clipping).
         sample_ratios: when given, each training block draws its compression ratio from these (one adapter for
             several KV budgets, as Activation Beacon samples its ratio); empty: every block uses the method's ratio.
+        sample_chunks: when given, each training episode is cut to its last T chunks (its evidence chunk kept, as
+            ``eval --time-steps`` cuts), T drawn from these per example: a memory learns to keep a few facts apart
+            before it holds many; empty: every episode as long as the block allows.
         continuation_tokens: when > 0, the last this many tokens of each text block are a plain continuation read
             through what the method left of the rest (the prefix task's shape: a compressed prompt, then text that
             reads it); the method lays out only the prompt part. 0: the method lays out the whole block.
@@ -87,6 +90,7 @@ class TrainConfig:
     temperature: float = 1.0
     max_grad_norm: float = 1.0
     sample_ratios: list[float] = field(default_factory=list)
+    sample_chunks: list[int] = field(default_factory=list)
     continuation_tokens: int = 0
     report_to: list = field(default_factory=list)
 
@@ -109,6 +113,9 @@ class TrainConfig:
         self.sample_ratios = [float(r) for r in self.sample_ratios]
         if any(not 0 < r < 1 for r in self.sample_ratios):
             raise UsageError(f"--sample-ratios must each be in (0, 1), got {self.sample_ratios}")
+        self.sample_chunks = [int(t) for t in self.sample_chunks]
+        if any(t < 1 for t in self.sample_chunks):
+            raise UsageError(f"--sample-chunks must each be >= 1, got {self.sample_chunks}")
         if not 0 <= self.continuation_tokens < self.block_tokens:
             raise UsageError(
                 f"--continuation-tokens must be >= 0 and below --block-tokens {self.block_tokens}, "

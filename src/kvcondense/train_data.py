@@ -90,10 +90,14 @@ def batches(blocks: list, batch_size: int, seed: int, rank: int = 0, world: int 
 def block_layout(model, method: Method, cfg: TrainConfig, block, token_ids: dict[str, int], seed: int) -> Layout:
     """One example's layout: an online episode (:class:`EpisodeTokens`, CCM), an episode read as a prompt and its
     continuation (:class:`Prompted`), or a text block; with ``cfg.sample_ratios`` the ratio of a text block or a
-    prompt is drawn from them (fixed by ``seed``); with ``cfg.continuation_tokens`` the method lays out a text
+    prompt is drawn from them (fixed by ``seed``), with ``cfg.sample_chunks`` an episode is cut to its last T chunks,
+    T drawn likewise; with ``cfg.continuation_tokens`` the method lays out a text
     block's start and the rest follows as plain text. A method that reads token scores gets them from ``model`` as
     it is at this step (:mod:`kvcondense.scoring`)."""
     if isinstance(block, EpisodeTokens):
+        if cfg.sample_chunks:
+            t = random.Random(f"chunks:{seed}").choice(cfg.sample_chunks)
+            block = block.truncated(min(t, len(block.chunks)))
         return method.episode_layout(block, token_ids)
     if cfg.sample_ratios:
         method = dataclasses.replace(method, ratio=random.Random(seed).choice(cfg.sample_ratios))
