@@ -318,9 +318,9 @@ def test_negative_counts(capsys, tiny_dir, sample_path, tmp_path, flag):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize(("extra", "match"), [(("--sample-chunks", "0"), ">= 1"), (("--sample-chunks", "2"), "is text")])
-def test_sample_chunks_needs_counts_and_episodes(capsys, tiny_dir, sample_path, tmp_path, extra, match):
-    fails_cleanly(capsys, *train_args(tiny_dir, sample_path, tmp_path / "x", *extra), match=match)
+@pytest.mark.parametrize(("counts", "match"), [("0", ">= 1"), ("2", "is text")])
+def test_sample_chunks_needs_counts_and_episodes(capsys, tiny_dir, sample_path, tmp_path, counts, match):
+    fails_cleanly(capsys, *train_args(tiny_dir, sample_path, tmp_path / "x", "--sample-chunks", counts), match=match)
     assert not (tmp_path / "x").exists()
 
 

@@ -8,12 +8,12 @@ from .cli_args import (
     _add_common,
     _add_device,
     _add_method_flags,
+    _count_list,
     _memory_names,
     _method,
     _nonnegative_int,
     _positive_int,
     _ratio,
-    _count_list,
     _ratio_list,
 )
 
