@@ -324,6 +324,13 @@ def test_sample_chunks_needs_counts_and_episodes(capsys, tiny_dir, sample_path, 
     assert not (tmp_path / "x").exists()
 
 
+def test_sample_chunks_refuses_quiz_answers_it_would_cut(capsys, tiny_dir, tmp_path):
+    argv = ["train", "--method", "ccm-concat", "--model", tiny_dir, "--data", "recall-quiz", "--sample-chunks", "2",
+            "--steps", "1", "--out", tmp_path / "x"]  # fmt: skip
+    fails_cleanly(capsys, *argv, match="--data recall")
+    assert not (tmp_path / "x").exists()
+
+
 # --------------------------------------------------------------------------------------------- faults during a save
 def test_kill_between_the_renames_is_recovered(trained, tiny_dir, sample_path, tmp_path):
     """A save renames out -> .out.old-*, then the new temp folder -> out; a kill in between leaves no out."""

@@ -147,6 +147,10 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
         )
     if cfg.sample_chunks and not episodic:
         raise UsageError(f"--sample-chunks cuts online episodes; --data {cfg.data} is text (give an episode set)")
+    if cfg.sample_chunks and cfg.data == "recall-quiz":
+        raise UsageError(
+            "--sample-chunks would cut facts that recall-quiz's answers state; train on --data recall to cut episodes"
+        )
     if episodic and cfg.continuation_tokens:
         raise UsageError("--continuation-tokens splits text blocks; an episode already ends in its query and answer")
     resumable = resume and (out / META).is_file()
