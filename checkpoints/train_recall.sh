@@ -19,11 +19,12 @@ run() {  # name, data, block tokens, steps
     --save-every $((steps / 10)) --lora-rank 8 --out "checkpoints/$name" > "checkpoints/$name.console.log" 2>&1 \
     || echo "training failed for $name"
 }
-chunks() {  # method (concat, merge), lr; every save copied aside (runs/ccm-chunks/...-snaps/stepN)
-  local out=runs/ccm-chunks/$1-recall-chunks-lr$2 steps=${STEPS:-400}
+chunks() {  # method (concat, merge), lr[, counts]; every save copied aside (runs/ccm-chunks/...-snaps/stepN)
+  local counts=${3:-1,2,4,8} steps=${STEPS:-400} out=runs/ccm-chunks/$1-recall-chunks-lr$2
+  [ "$counts" = 1,2,4,8 ] || out=$out-t${counts//,/-}
   scripts/train_snapshots.sh "$out" "$steps" --method "ccm-$1" --comp-tokens 4 --data recall --block-tokens 192 \
     --batch-size 8 --lr "$2" --schedule cosine --steps "$steps" --warmup-steps 12 --save-every 100 --lora-rank 8 \
-    --sample-chunks 1,2,4,8 || { echo "training failed for $out"; return 1; }
+    --sample-chunks "$counts" || { echo "training failed for $out"; return 1; }
 }
 case "${1:-all}" in
   chunks)  # the committed checkpoint (lr 3e-4); `chunks-fast` is the other rate tried
@@ -32,6 +33,7 @@ case "${1:-all}" in
         checkpoints/concat-recall-chunks/ ;;
   chunks-fast) chunks concat 1e-3 ;;
   merge-chunks) chunks merge 3e-4 ;;  # the same recipe for a memory of 4 slots in all
+  chunks16) chunks concat 3e-4 1,2,4,8,16 ;;  # whole episodes (16 facts) in the draw too
   recall) run concat-recall recall 192 "${STEPS:-600}" ;;
   quiz) run concat-quiz recall-quiz 224 "${STEPS:-400}" ;;
   all) run concat-recall recall 192 "${STEPS:-600}"; run concat-quiz recall-quiz 224 "${STEPS:-400}" ;;
