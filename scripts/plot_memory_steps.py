@@ -33,7 +33,10 @@ def main() -> None:
     root = Path(args.curve)
     runs: dict[str, dict[int, dict[int, float]]] = {}  # run -> t -> step -> accuracy
     for f in sorted(root.glob("*/step*.json")):
-        step = int(re.fullmatch(r"step(\d+)", f.stem).group(1))
+        m = re.fullmatch(r"step(\d+)", f.stem)
+        if not m:
+            continue
+        step = int(m.group(1))
         for r in results(f):
             if r["label"].endswith("(trained)"):
                 runs.setdefault(f.parent.name, {}).setdefault(r["t"], {})[step] = r["accuracy"]
@@ -41,17 +44,20 @@ def main() -> None:
     for r in results(root / "baselines.json"):
         if not r["label"].endswith("(trained)"):
             refs.setdefault(r["label"], {})[r["t"]] = r["accuracy"]
+    if not runs:
+        raise SystemExit(f"no stepN.json results under {root}/*/: run scripts/ccm_recall_curve.sh first")
     ts = sorted({t for run in runs.values() for t in run})
     all_steps = sorted({s for run in runs.values() for points in run.values() for s in points})
     print(f"{'run':<10} {'t':>3} " + " ".join(f"step {s:>4}" for s in all_steps))
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.8), sharey=True, squeeze=False)
-    colours = dict(zip(ts, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"], strict=False))
+    colours = {t: plt.get_cmap("tab10")(i % 10) for i, t in enumerate(ts)}
     for ax, (name, run) in zip(axes[0], sorted(runs.items()), strict=True):
         for t in ts:
-            steps = sorted(run.get(t, {}))
-            row = (f"{run[t][s]:>9.3f}" if s in run[t] else f"{'-':>9}" for s in all_steps)
+            points = run.get(t, {})
+            steps = sorted(points)
+            row = (f"{points[s]:>9.3f}" if s in points else f"{'-':>9}" for s in all_steps)
             print(f"{name:<10} {t:>3} " + " ".join(row))
-            ax.plot(steps, [run[t][s] for s in steps], "o-", color=colours[t], label=f"memory, t = {t}")
+            ax.plot(steps, [points[s] for s in steps], "o-", color=colours[t], label=f"memory, t = {t}")
         for label, style in (("full", "--"), ("no-context", ":")):
             points = next((v for k, v in refs.items() if k.startswith(label)), {})
             for t, acc in points.items():

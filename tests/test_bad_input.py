@@ -318,7 +318,7 @@ def test_negative_counts(capsys, tiny_dir, sample_path, tmp_path, flag):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize(("counts", "match"), [("0", ">= 1"), ("2", "is text")])
+@pytest.mark.parametrize(("counts", "match"), [("0", ">= 1"), (",", "e.g. 1,2,4"), ("2", "is text")])
 def test_sample_chunks_needs_counts_and_episodes(capsys, tiny_dir, sample_path, tmp_path, counts, match):
     fails_cleanly(capsys, *train_args(tiny_dir, sample_path, tmp_path / "x", "--sample-chunks", counts), match=match)
     assert not (tmp_path / "x").exists()
@@ -327,7 +327,14 @@ def test_sample_chunks_needs_counts_and_episodes(capsys, tiny_dir, sample_path, 
 def test_sample_chunks_refuses_quiz_answers_it_would_cut(capsys, tiny_dir, tmp_path):
     argv = ["train", "--method", "ccm-concat", "--model", tiny_dir, "--data", "recall-quiz", "--sample-chunks", "2",
             "--steps", "1", "--out", tmp_path / "x"]  # fmt: skip
-    fails_cleanly(capsys, *argv, match="--data recall")
+    fails_cleanly(capsys, *argv, match="recall-quiz's answers state")
+    assert not (tmp_path / "x").exists()
+
+
+def test_sample_chunks_refuses_a_method_that_reads_episodes_as_a_prompt(capsys, tiny_dir, tmp_path):
+    argv = ["train", "--method", "scored", "--model", tiny_dir, "--data", "recall", "--sample-chunks", "2",
+            "--steps", "1", "--out", tmp_path / "x"]  # fmt: skip
+    fails_cleanly(capsys, *argv, match="one prompt")
     assert not (tmp_path / "x").exists()
 
 

@@ -170,10 +170,14 @@ def test_sampled_chunk_counts_cut_each_episode_keeping_its_evidence():
 
     counts = [comp_slots(seed) // 2 for seed in range(16)]  # two COMP tokens per compressed chunk
     assert set(counts) == {1, 2, 4} and counts == [comp_slots(seed) // 2 for seed in range(16)]
-    evidence = ep.chunks[1].tolist()
     for seed in range(16):
-        text = block_layout(None, m, cfg, ep, COMP, seed).input_ids.tolist()
-        assert any(text[i : i + len(evidence)] == evidence for i in range(len(text)))
+        lay = block_layout(None, m, cfg, ep, COMP, seed)
+        t = int((lay.kinds == Kind.COMP).sum()) // 2
+        kept = list(range(8 - t, 8))  # the most recent t chunks, the evidence (chunk 1) in place of one of them
+        kept[1 % t] = 1
+        text = lay.input_ids[lay.kinds == Kind.TEXT].tolist()
+        expected = [tok for i in kept for tok in ep.chunks[i].tolist()] + ep.query.tolist() + ep.answer.tolist()
+        assert text == expected, (seed, t)
     assert int((block_layout(None, m, TrainConfig(method="ccm-concat"), ep, COMP, 0).kinds == Kind.COMP).sum()) == 16
     assert int((block_layout(None, m, TrainConfig(sample_chunks=[99]), ep, COMP, 0).kinds == Kind.COMP).sum()) == 16
 

@@ -40,7 +40,10 @@ def _ratio_list(text: str) -> list[float]:
 def _count_list(text: str) -> list[int]:
     """An argparse type: whole numbers >= 1 separated by commas (``1,2,4``)."""
     parse = _int_at_least(1)
-    return [parse(part) for part in text.split(",") if part.strip()]
+    counts = [parse(part) for part in text.split(",") if part.strip()]
+    if not counts:
+        raise argparse.ArgumentTypeError(f"expected whole numbers >= 1 separated by commas, e.g. 1,2,4; got {text!r}")
+    return counts
 
 
 def _int_at_least(low: int):

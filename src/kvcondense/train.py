@@ -147,6 +147,10 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
         )
     if cfg.sample_chunks and not episodic:
         raise UsageError(f"--sample-chunks cuts online episodes; --data {cfg.data} is text (give an episode set)")
+    if cfg.sample_chunks and not method.reads_episodes():
+        raise UsageError(
+            f"--sample-chunks cuts the online episodes of a memory (ccm-*); {cfg.method} reads an episode as one prompt"
+        )
     if cfg.sample_chunks and cfg.data == "recall-quiz":
         raise UsageError(
             "--sample-chunks would cut facts that recall-quiz's answers state; train on --data recall to cut episodes"
