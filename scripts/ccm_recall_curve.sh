@@ -10,12 +10,17 @@ OUT=${OUT:-runs/ccm-chunks/curve}
 common=(--data recall --split validation --episodes 30 --time-steps 1 2 4 8 --out-dir runs/ccm-chunks/evals)
 lrs=("$@")
 [ ${#lrs[@]} -gt 0 ] || lrs=(1e-3 3e-4)
+snaps=()
 for lr in "${lrs[@]}"; do
-  for snap in runs/ccm-chunks/concat-recall-chunks-lr$lr-snaps/step*; do
-    mkdir -p "$OUT/lr$lr"
+  run=runs/ccm-chunks/concat-recall-chunks-lr$lr-snaps
+  [ -d "$run" ] || { echo "no $run: make it with checkpoints/train_recall.sh first; skipped"; continue; }
+  mkdir -p "$OUT/lr$lr"
+  for snap in $(ls -d "$run"/step* | sort -V); do
     $K eval --checkpoint "$snap" "${common[@]}" --json "$OUT/lr$lr/$(basename "$snap").json"
+    snaps+=("$snap")
   done
 done
-last=$(ls -d runs/ccm-chunks/concat-recall-chunks-lr*-snaps/step* | head -1)
-$K eval --checkpoint "$last" "${common[@]}" --baselines no-context full --json "$OUT/baselines.json"
+[ ${#snaps[@]} -gt 0 ] || { echo "no snapshots to score"; exit 2; }
+# the baselines (no context, full attention) do not depend on the adapter: scored once, beside the last snapshot
+$K eval --checkpoint "${snaps[-1]}" "${common[@]}" --baselines no-context full --json "$OUT/baselines.json"
 .venv/bin/python scripts/plot_memory_steps.py --curve "$OUT" --out "${PLOT:-docs/ccm_recall_vs_steps.png}"

@@ -557,6 +557,10 @@ def test_a_torn_result_is_computed_again_not_skipped(capsys, tiny_dir, sample_pa
     assert json.loads(result.read_text())["results"][0]["method"] == "streaming"
     assert main([str(a) for a in argv]) == 0  # now whole: skipped
     assert "exists; skipping" in capsys.readouterr().out
+    # a skipped run still hands its (cached) results to --json
+    assert main([str(a) for a in [*argv, "--json", tmp_path / "again.json"]]) == 0
+    assert "exists; skipping" in capsys.readouterr().out
+    assert json.loads((tmp_path / "again.json").read_text()) == json.loads(result.read_text())
 
 
 def test_a_small_file_kept_apart_is_scored_whole(capsys, tiny_dir, tmp_path):

@@ -180,13 +180,17 @@ def cmd_report(args) -> int:
 
 
 def _results_path(args, kind: str, config: dict) -> Path | None:
-    """With --out-dir, the deterministic result file of this config; None when it exists and --force is off."""
+    """With --out-dir, the deterministic result file of this config; None when it exists and --force is off (its
+    results then go to --json, as a run would have written them)."""
     from .report import find_result_file, read_result
 
     path = find_result_file(args.out_dir, kind, config)
     if path.exists() and not args.force:
-        if read_result(path) is not None:
+        if (cached := read_result(path)) is not None:
             print(f"{path} exists; skipping (use --force to redo)")
+            if args.json:
+                _write_json(args.json, cached)
+                print(f"its results written to {args.json}")
             return None
         print(f"{path} is torn or unreadable; computing it again", file=sys.stderr)
     return path
