@@ -20,9 +20,13 @@ for task in recall analogy; do
   $K eval --checkpoint checkpoints/merge-chitchat --data "$task" --baselines window "${common[@]}"
 done
 # memories trained on facts (checkpoints/train_recall.sh makes them)
-for ck in concat-recall concat-quiz concat-recall-chunks merge-recall-chunks; do
+for ck in concat-recall concat-quiz concat-recall-chunks; do
   if [ -f "checkpoints/$ck/adapter.safetensors" ]; then
     $K eval --checkpoint "checkpoints/$ck" --data recall --baselines window other-memory --verify "${common[@]}"
   fi
 done
+merge=runs/ccm-chunks/merge-recall-chunks-lr3e-4  # checkpoints/train_recall.sh merge-chunks (adapter not committed)
+if [ -f "$merge/adapter.safetensors" ]; then
+  $K eval --checkpoint "$merge" --data recall --baselines window other-memory --verify "${common[@]}"
+fi
 $K report runs/ccm --out runs/ccm/report
