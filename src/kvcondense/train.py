@@ -34,7 +34,7 @@ from .checkpoint import (
     write_checkpoint,
 )
 from .data import load_split
-from .data.episodes import is_episode_data, load_episodes
+from .data.episodes import UNCUT_SOURCES, is_episode_data, load_episodes
 from .distributed import check_distributed, checkpoint_tensors, is_main_process, load_resume
 from .errors import UsageError
 from .lora import attach_lora, load_adapter_state, set_stage
@@ -145,16 +145,19 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
             f"{cfg.method} frees nothing until a block has been read whole, so a loss on the block itself never sees "
             "the compression: give --continuation-tokens N (the last N tokens read what the method kept)"
         )
-    if cfg.sample_chunks and not episodic:
-        raise UsageError(f"--sample-chunks cuts online episodes; --data {cfg.data} is text (give an episode set)")
-    if cfg.sample_chunks and not method.reads_episodes():
-        raise UsageError(
-            f"--sample-chunks cuts the online episodes of a memory (ccm-*); {cfg.method} reads an episode as one prompt"
-        )
-    if cfg.sample_chunks and cfg.data == "recall-quiz":
-        raise UsageError(
-            "--sample-chunks would cut facts that recall-quiz's answers state; train on --data recall to cut episodes"
-        )
+    if cfg.sample_chunks:
+        if not episodic:
+            raise UsageError(f"--sample-chunks cuts online episodes; --data {cfg.data} is text (give an episode set)")
+        if not method.reads_episodes():
+            raise UsageError(
+                f"--sample-chunks cuts the online episodes of a memory (ccm-*); {cfg.method} reads an episode as one "
+                "prompt"
+            )
+        if cfg.data in UNCUT_SOURCES:
+            raise UsageError(
+                f"--sample-chunks would cut facts that {cfg.data}'s answers state; train on --data recall to cut "
+                "episodes"
+            )
     if episodic and cfg.continuation_tokens:
         raise UsageError("--continuation-tokens splits text blocks; an episode already ends in its query and answer")
     resumable = resume and (out / META).is_file()

@@ -242,6 +242,9 @@ EPISODE_SOURCES: dict[str, Callable[[int], list[tuple[str, Episode]]]] = {
     "recall": _source("tasks", "recall_episodes"),
     "recall-quiz": _source("tasks", "recall_quiz_episodes"),
 }
+# Sources whose answers state facts of several chunks: an episode cut to its last t chunks (``truncated``) would
+# ask for facts it no longer holds, so training does not cut them (``train --sample-chunks``).
+UNCUT_SOURCES = frozenset({"recall-quiz"})
 
 
 def _builtin_items(name: str, seed: int) -> list[tuple[str, Episode]]:
