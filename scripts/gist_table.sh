@@ -11,7 +11,7 @@ for block in 256 1024; do
   $K eval --method full "${common[@]}"
   $K eval --method gist --gist-tokens 4 "${common[@]}"          # untrained gist rows: the ablation
   for ck in checkpoints/gist4 checkpoints/gist8 checkpoints/gist2 checkpoints/gist1; do
-    if [ -f "$ck/kvcondense.json" ]; then $K eval --checkpoint "$ck" "${common[@]}"; fi
+    if [ -f "$ck/adapter.safetensors" ]; then $K eval --checkpoint "$ck" "${common[@]}"; else echo "skipping $ck: no adapter (its kvcondense.json names the command that remakes it)"; fi
   done
 done
 $K report runs/gist
