@@ -24,7 +24,7 @@ from .checkpoint import ADAPTER, META, method_from_meta
 from .data.episodes import CACHE_VERSION as EPISODES_VERSION
 from .errors import optional
 from .methods import METHODS
-from .report_plot import finish, style
+from .report_plot import bench_plot, finish, series_names, style
 from .report_records import (  # noqa: F401  (re-exported: these lived here before)
     KINDS,
     MAX_RESULT_BYTES,
@@ -35,7 +35,7 @@ from .report_records import (  # noqa: F401  (re-exported: these lived here befo
     record_kind,
     record_problem,
 )
-from .report_setting import data_name, heading, setting_line, short
+from .report_setting import data_name, device_name, heading, setting_line, short
 from .report_tasks import TASK_KINDS, task_markdown, task_plots
 
 
@@ -156,10 +156,6 @@ def by_setting(rows: list[dict], *more) -> dict[tuple, list[dict]]:
     return groups
 
 
-def _device(r: dict) -> str:
-    return f"{r['device']} {r['dtype']}"
-
-
 def unique_headings(lines: list[str]) -> list[str]:
     """A heading that comes again gets its count (`` (2)``): no two sections of a report share a heading."""
     seen: dict[str, int] = {}
@@ -197,7 +193,7 @@ def markdown(records: list[dict]) -> str:
                 f"{r['rouge_l']:.4f} | {bert} | {r['documents']} |"
             )
         lines.append("")
-    for (*_, device), rows in by_setting([r for r in records if "contexts" in r], _device).items():
+    for (*_, device), rows in by_setting([r for r in records if "contexts" in r], device_name).items():
         lines += [heading("Decode speed", rows) + f", {device}", "", setting_line(rows, "bench"), ""]
         lines += [
             "| method | ratio | context | batch | decode ms/step (compressed) | (full) | decode_speedup | kv_ratio |",
@@ -234,51 +230,6 @@ def _save(fig, path: Path) -> Path:
     return atomic.write_bytes(path, buf.getvalue())
 
 
-def _series_names(rows: list[dict], key: str) -> dict[int, str]:
-    """Each row's name on a categorical axis: its label, with ``key`` (ratio) added where labels repeat."""
-    count: dict[str, int] = {}
-    for r in rows:
-        count[label(r)] = count.get(label(r), 0) + 1
-    return {id(r): f"{label(r)}, {key} {r['params'].get(key, '-')}" if count[label(r)] > 1 else label(r) for r in rows}
-
-
-def _bench_plot(plt, bench: list[dict], out: Path) -> Path:
-    """Decode ms per step, compressed against its paired full-attention run: bars per method at one context; a
-    line per method against the context when there are several (full attention dotted, in the method's colour)."""
-    contexts = sorted({c["context"] for r in bench for c in r["contexts"]})
-    batches = ", ".join(map(str, dict.fromkeys(c["batches"][-1]["batch"] for r in bench for c in r["contexts"])))
-    ylabel = f"decode ms per step (batch {batches})"
-    if len(contexts) == 1:
-        series = _series_names(bench, "ratio")
-        names = {series[id(r)]: r for r in bench}  # the last run of each name
-        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names) + 2), 4.5))
-        x = range(len(names))
-        comp = [r["contexts"][0]["batches"][-1]["compressed"]["decode_ms_per_step"] for r in names.values()]
-        full = [r["contexts"][0]["batches"][-1]["full"]["decode_ms_per_step"] for r in names.values()]
-        bars = ax.bar([i - 0.2 for i in x], comp, width=0.4, color="C0", label="compressed")
-        ax.bar([i + 0.2 for i in x], full, width=0.4, color="C7", label="full attention (paired run)")
-        speedups = [r["contexts"][0]["batches"][-1]["decode_speedup"] for r in names.values()]
-        ax.bar_label(bars, [f"x{s:.2f}" for s in speedups], fontsize=7)
-        ax.set_xticks(list(x), list(names), rotation=30, ha="right", fontsize=7)
-        xlabel, title = "method (bar label: decode speedup)", f"Decode speed at a {contexts[0]}-token context"
-    else:
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        names = _series_names(bench, "ratio")
-        for i, name in enumerate(dict.fromkeys(names.values())):
-            rows = [r for r in bench if names[id(r)] == name]
-            look = style(i, ("-", "--", "-."))
-            for variant, extra in (("compressed", {"label": name, **look}), ("full", {"color": look["color"]})):
-                pts = sorted((c["context"], c["batches"][-1][variant]["decode_ms_per_step"]) for r in rows
-                             for c in r["contexts"])  # fmt: skip
-                if variant == "full":  # in the method's colour; one legend entry for them all, below
-                    extra |= {"linestyle": ":", "linewidth": 1, "label": "_full attention"}
-                ax.plot(*zip(*pts, strict=True), **extra)
-        ax.plot([], [], color="C7", linestyle=":", linewidth=1, label="full attention (dotted, paired run)")
-        xlabel, title = "context (tokens)", "Decode speed vs context"
-    finish(ax, xlabel, ylabel, f"{title}\n{short(bench)}, {', '.join(dict.fromkeys(map(_device, bench)))}")
-    return _save(fig, out / "decode_speed.png")
-
-
 def plots(records: list[dict], out: Path) -> list[Path]:
     plt = _pyplot()
     made = task_plots(records, out, _save, plt)
@@ -306,7 +257,7 @@ def plots(records: list[dict], out: Path) -> list[Path]:
     cont = [r for r in records if "rouge_l" in r]
     if cont:
         fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(cont) + 2), 4.5))
-        names = _series_names(cont, "ratio")
+        names = series_names(cont, "ratio")
         x = range(len(cont))
         ax.bar([i - 0.2 for i in x], [r["rouge_l"] for r in cont], width=0.4, label="ROUGE-L")
         bert = [r.get("bertscore_f1", float("nan")) for r in cont]  # no bar where BERTScore was not computed
@@ -316,7 +267,7 @@ def plots(records: list[dict], out: Path) -> list[Path]:
         made.append(_save(fig, out / "continuation_quality.png"))
     bench = [r for r in records if "contexts" in r]
     if bench:
-        made.append(_bench_plot(plt, bench, out))
+        made.append(bench_plot(plt, bench, out, _save))
     memory = [r for r in records if "memory_by_turn" in r]
     if memory:
         fig, ax = plt.subplots(figsize=(8, 4.5))

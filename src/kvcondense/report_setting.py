@@ -154,3 +154,8 @@ def setting_line(rows: list[dict], kind: str) -> str:
     line = f"Setting: model {_values(rows, model_name)}; data {_values(rows, data_name)}"
     tokens = _tokens(rows, kind)
     return f"{line}; {tokens}." if tokens else f"{line}."
+
+
+def device_name(r: dict) -> str:
+    """Where a result ran, as a table or plot names it (``cpu float32``)."""
+    return f"{r['device']} {r['dtype']}"
