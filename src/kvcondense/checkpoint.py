@@ -31,6 +31,7 @@ from .atomic import check_writable, current_umask
 from .errors import UsageError
 from .meta import FORMAT, validate_meta
 from .methods import METHODS, Method, build_method
+from .model_card import model_card
 from .state_io import load_state, save_state
 
 META = "kvcondense.json"
@@ -100,8 +101,6 @@ def write_checkpoint(
             save_state(resume, tmp / RESUME)
         full = {"format": FORMAT, **meta}
         if validate_meta(full) is None and "steps" in full["training"]:  # a model card for a complete config
-            from .export import model_card
-
             (tmp / "README.md").write_text(model_card(full, "kvcondense", str(out)))
         (tmp / META).write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n")  # last: marks it complete
         make_readable(tmp)
