@@ -82,3 +82,35 @@ def test_demo_table_marks_a_noisy_speedup():
     noisy = table([{**row, "decode_speedup": 1.2, "noisy": True}])
     assert "1.20x |" in quiet and "noisy" not in quiet
     assert "1.20x (noisy) |" in noisy and "rerun" in noisy
+
+
+def test_demo_rows_skip_a_checkpoint_committed_without_its_adapter(tmp_path, capsys):
+    """A checkpoint folder holding only its config and log (an adapter left out of the repository) is skipped
+    with a note naming what is missing; the KL retrains get rows of their own."""
+    from kvcondense.demo import demo_rows
+
+    for name, files in {
+        "sentinel-r0.5": ("kvcondense.json", "adapter.safetensors"),
+        "sentinel-r0.5-kl": ("kvcondense.json", "adapter.safetensors"),
+        "local-r0.5": ("kvcondense.json", "train_log.jsonl"),  # committed without its adapter
+        "gist4-kl": ("kvcondense.json", "adapter.safetensors"),
+    }.items():
+        (tmp_path / name).mkdir()
+        for f in files:
+            (tmp_path / name / f).write_text("{}")
+    rows = demo_rows(tmp_path, 0.5)
+    labels = [label for label, _ in rows]
+    assert labels == [
+        "full attention",
+        "sentinel (trained)",
+        "sentinel (trained, KL to the frozen model)",
+        "StreamingLLM (4 sinks)",
+        "sentinel (untrained tokens)",
+        "gist N=4 (trained, KL; KV set by sentences)",
+    ]
+    assert dict(rows)["sentinel (trained, KL to the frozen model)"] == {
+        "checkpoint": str(tmp_path / "sentinel-r0.5-kl")
+    }
+    printed = capsys.readouterr().out
+    assert f"note: {tmp_path / 'local-r0.5'} holds no adapter.safetensors" in printed
+    assert f"note: no checkpoint at {tmp_path / 'scattered-r0.5'}" in printed

@@ -15,6 +15,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .bench import BenchConfig, run_bench
+from .checkpoint import ADAPTER, META
 from .data import load_split
 from .evaluate import EvalConfig, run_eval
 from .generate import generate
@@ -46,19 +47,32 @@ QUICK = DemoBudget(
 )
 
 
+def _trained(checkpoints: Path, name: str, label: str) -> list[tuple[str, dict]]:
+    """The row of the checkpoint ``checkpoints/name`` if it is there with its adapter, else a note and no row (a
+    checkpoint committed without its adapter names the command that remakes it in its ``kvcondense.json``)."""
+    ck = checkpoints / name
+    if (ck / ADAPTER).exists() and (ck / META).exists():
+        return [(label, {"checkpoint": str(ck)})]
+    if (ck / META).exists():
+        print(f"note: {ck} holds no {ADAPTER} (not committed: the command in its {META} remakes it); skipping {label}")
+    else:
+        print(f"note: no checkpoint at {ck}; skipping {label}")
+    return []
+
+
 def demo_rows(checkpoints: Path, ratio: float) -> list[tuple[str, dict]]:
-    """(label, how to load it) for every row; trained rows only where a checkpoint exists."""
+    """(label, how to load it) for every row; trained rows only where a checkpoint and its adapter exist."""
     rows = [("full attention", {"method": "full"})]
-    for name in ("sentinel", "local", "scattered"):
-        ck = checkpoints / f"{name}-r{ratio}"
-        if (ck / "kvcondense.json").exists():
-            rows.append((f"{name} (trained)", {"checkpoint": str(ck)}))
-        else:
-            print(f"note: no checkpoint at {ck}; skipping trained {name}")
+    rows += _trained(checkpoints, f"sentinel-r{ratio}", "sentinel (trained)")
+    rows += _trained(checkpoints, f"sentinel-r{ratio}-kl", "sentinel (trained, KL to the frozen model)")
+    for name in ("local", "scattered"):
+        rows += _trained(checkpoints, f"{name}-r{ratio}", f"{name} (trained)")
     rows.append(("StreamingLLM (4 sinks)", {"method": "streaming"}))
     rows.append(("sentinel (untrained tokens)", {"method": "sentinel"}))
-    if (checkpoints / "gist4" / "kvcondense.json").exists():
-        rows.append(("gist N=4 (trained; KV set by sentences)", {"checkpoint": str(checkpoints / "gist4")}))
+    if (checkpoints / "gist4" / META).exists():  # no note when absent: the gist rows are extras at any ratio
+        rows += _trained(checkpoints, "gist4", "gist N=4 (trained; KV set by sentences)")
+    if (checkpoints / "gist4-kl" / META).exists():
+        rows += _trained(checkpoints, "gist4-kl", "gist N=4 (trained, KL; KV set by sentences)")
     return rows
 
 
