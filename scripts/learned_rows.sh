@@ -16,6 +16,10 @@ multi=(--task qa --data recall --episodes 30 --questions 4 --out-dir runs/multi)
 declare -A folder=([prefix]=runs/press [needle]=runs/needle [recall]=runs/recall [multi]=runs/multi)
 tasks=(${TASKS:-prefix needle recall})
 for ck in ${CHECKPOINTS:-checkpoints/gist4 checkpoints/local-r0.5 checkpoints/scattered-r0.5}; do
+  if [ ! -f "$ck/adapter.safetensors" ]; then  # local and scattered: checkpoints/train_all.sh remakes them
+    echo "skipping $ck: no adapter (the command in its kvcondense.json remakes it)"
+    continue
+  fi
   for task in "${tasks[@]}"; do
     declare -n flags=$task
     $K eval --checkpoint "$ck" "${flags[@]}" "${budgets[@]}"
