@@ -7,7 +7,8 @@
 #  - the needle grid and fact recall (with --reference: the weights with nothing compressed, the damage check);
 #  - wiki perplexity as the demo table measures it (4096 tokens in blocks of 256) and, for gist, the gist table's
 #    two block lengths;
-#  - the KL retrain's curve: every saved step (runs/kl-retrain/<name>-snaps/stepN) on the prefix task.
+#  - the curves: every saved step (runs/kl-retrain/<name>-snaps/stepN) of the KL retrains and of the LM sentinel
+#    rerun on the prefix task (scripts/plot_objectives.py draws the sentinel pair).
 # PAIRS picks what runs (default: "sentinel gist").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +18,7 @@ needle=(--task needle --needle-lengths 512 1024 --needle-depths 0 0.5 1 --docs 2
 recall=(--task qa --data recall --episodes 30 --out-dir runs/recall --reference)
 for pair in ${PAIRS:-sentinel gist}; do
   case $pair in
-    sentinel) cks=(checkpoints/sentinel-r0.5 checkpoints/sentinel-r0.5-kl) budgets=() snaps=sentinel-r0.5-kl ;;
+    sentinel) cks=(checkpoints/sentinel-r0.5 checkpoints/sentinel-r0.5-kl) budgets=() snaps="sentinel-r0.5-kl sentinel-r0.5-lm" ;;
     gist) cks=(checkpoints/gist4 checkpoints/gist4-kl) budgets=(--kv-budget 0.5 0.25 0.125) snaps=gist4-kl ;;
     *) echo "unknown pair $pair (sentinel or gist)" >&2; exit 2 ;;
   esac
@@ -32,7 +33,10 @@ for pair in ${PAIRS:-sentinel gist}; do
       done
     fi
   done
-  for s in runs/kl-retrain/"$snaps"-snaps/step*; do
-    $K eval --checkpoint "$s" "${prefix[@]}" "${budgets[@]}" --out-dir runs/kl-retrain/curve
+  for run in $snaps; do  # the LM run's saves exist after `checkpoints/train_kl.sh sentinel-lm`
+    for s in runs/kl-retrain/"$run"-snaps/step*; do
+      [ -d "$s" ] || continue
+      $K eval --checkpoint "$s" "${prefix[@]}" "${budgets[@]}" --out-dir runs/kl-retrain/curve
+    done
   done
 done
