@@ -30,6 +30,9 @@ def test_demo_quick(capsys, tiny_dir, sample_path, tiny_encoder, tmp_path):
             )
             == 0
         )
+    # a gist checkpoint: no ratio (its compression is set by the sentences), so the demo must not pass one
+    gist = ["--method", "gist", "--gist-tokens", "4", "--model", str(tiny_dir), "--data", str(sample_path)]
+    assert main(["train", *gist, "--steps", "1", "--block-tokens", "64", "--out", str(ck / "gist4")]) == 0
     out = tmp_path / "demo"
     argv = [
         "demo",
@@ -52,7 +55,14 @@ def test_demo_quick(capsys, tiny_dir, sample_path, tiny_encoder, tmp_path):
     capsys.readouterr()
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    for label in ("full attention", "sentinel (trained)", "local (trained)", "StreamingLLM", "untrained tokens"):
+    for label in (
+        "full attention",
+        "sentinel (trained)",
+        "local (trained)",
+        "StreamingLLM",
+        "untrained tokens",
+        "gist N=4",
+    ):
         assert label in printed
     assert "| method | KV kept | perplexity | ROUGE-L | BERTScore | decode speedup |" in printed
     assert (out / "table.md").exists() and (out / "generation.txt").exists()
@@ -60,7 +70,7 @@ def test_demo_quick(capsys, tiny_dir, sample_path, tiny_encoder, tmp_path):
     # each bench result is named after what it measured: the checkpoint, else the method (the local checkpoint's
     # bench was bench-sentinel-*, after the config's default method)
     benches = sorted(p.parent.name.rsplit("-", 1)[0] for p in out.glob("bench-*/result.json"))
-    assert benches == ["bench-local-r0.5", "bench-sentinel", "bench-sentinel-r0.5", "bench-streaming"]
+    assert benches == ["bench-gist4", "bench-local-r0.5", "bench-sentinel", "bench-sentinel-r0.5", "bench-streaming"]
     report = (out / "report" / "report.md").read_text()
     assert "| local (trained) | 0.5 | 128 |" in report and "| sentinel (untrained tokens) | 0.5 | 128 |" in report
     # --device/--dtype reach every measurement the demo stores

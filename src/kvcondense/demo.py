@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .bench import BenchConfig, run_bench
-from .checkpoint import ADAPTER, META
+from .checkpoint import ADAPTER, META, method_from_meta, read_meta
 from .data import load_split
 from .evaluate import EvalConfig, run_eval
 from .generate import generate
@@ -86,10 +86,19 @@ def cached(out: Path, kind: str, config: dict, force: bool, compute):
     return result
 
 
+def _takes_ratio(source: dict) -> bool:
+    """Whether a row's method (a checkpoint's, or the one named) has a compression ratio to set."""
+    if "checkpoint" in source:
+        return "ratio" in method_from_meta(read_meta(source["checkpoint"])).params()
+    return "ratio" in build_method(source["method"]).params()
+
+
 def measure_row(label: str, source: dict, model, data, ratio, budget, encoder, out, force, where=None) -> dict:
     """One row of the table; ``where``: the device and dtype (``{"device": ..., "dtype": ...}``)."""
     where = where or {}
-    base = dict(model=model, data=data, ratios=(ratio,), **source, **where)
+    if not _takes_ratio(source):  # gist: its compression is set by the sentences, not by r
+        ratio = None
+    base = dict(model=model, data=data, ratios=() if ratio is None else (ratio,), **source, **where)
     ppl_cfg = EvalConfig(max_tokens=budget.ppl_tokens, verify=True, **base)
     ppl = cached(out, "eval-perplexity", asdict(ppl_cfg), force, lambda: run_eval(ppl_cfg))[0]
     cont_cfg = EvalConfig(
@@ -156,7 +165,7 @@ def side_by_side(
     shown = tokenizer.decode(prompt.ids[-60:].tolist())
     full = generate(model, tokenizer, build_method("full"), {}, prompt, budget.show_new, progress=False)
     ck = checkpoints / f"sentinel-r{ratio}"
-    if (ck / "kvcondense.json").exists():
+    if (ck / ADAPTER).exists() and (ck / META).exists():
         got = load(ck, params={"ratio": ratio}, model=model_name, **where)
         model, tokenizer, method, token_ids = got.model, got.tokenizer, got.method, got.token_ids
         name = "trained sentinel"
