@@ -49,9 +49,40 @@ def teacher_logits(model, layouts: list[Layout]) -> torch.Tensor:
     for b, r in enumerate(raws):
         ids[b, : len(r)] = r
         mask[b, : len(r)] = 1
+    padded = bool((mask == 0).any())  # without padding no mask is passed: the causal kernel's fast path
     with inner.disable_adapter():  # LoRA and the new token rows off: exactly the base model
-        out = inner(input_ids=ids.to(inner.device), attention_mask=mask.to(inner.device), use_cache=False)
+        out = inner(
+            input_ids=ids.to(inner.device), attention_mask=mask.to(inner.device) if padded else None, use_cache=False
+        )
     return out.logits
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """Summed KL(p_teacher || p_student) over chosen rows of the student's logits, with its gradient computed in
+    the same pass, chunk by chunk: autograd would keep every chunk's (rows, vocabulary) log-softmax for the
+    backward and then walk through it again; here each chunk's gradient, ``T * (q - p)`` for the rows it holds,
+    is written straight into one buffer the size of the logits (what any loss over them hands back anyway)."""
+
+    @staticmethod
+    def forward(ctx, student, rows, teacher_rows, temperature):
+        flat = student.detach().flatten(0, 1)
+        grad = torch.zeros_like(flat, dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        for lo in range(0, rows.shape[0], KL_CHUNK):
+            idx = rows[lo : lo + KL_CHUNK]
+            log_q = F.log_softmax(flat[idx].float() / temperature, dim=-1)
+            log_p = F.log_softmax(teacher_rows[lo : lo + KL_CHUNK].float() / temperature, dim=-1)
+            p = log_p.exp()
+            total += (p * (log_p - log_q)).sum()
+            grad[idx] = (log_q.exp() - p) * temperature  # d/ds of T^2 * KL(p || softmax(s / T))
+        ctx.save_for_backward(grad)
+        ctx.shape, ctx.dtype = student.shape, student.dtype
+        return total * temperature**2
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_out).to(ctx.dtype).view(ctx.shape), None, None, None
 
 
 def kl_to_teacher(
@@ -65,15 +96,11 @@ def kl_to_teacher(
         temperature: both distributions are softened by it; the sum is scaled by T^2 (Hinton et al.) so the
             gradient scale does not depend on it.
     """
-    s_rows, t_rows = [], []
+    length = student.shape[1]
+    rows, t_rows = [], []
     for b, lay in enumerate(layouts):
         s, t = aligned_rows(lay)
-        s_rows.append(student[b, s.to(student.device)])
+        rows.append(s + b * length)  # rows of the (B * L, V) logits
         t_rows.append(teacher[b, t.to(teacher.device)])
-    s_all, t_all = torch.cat(s_rows), torch.cat(t_rows)
-    total = student.new_zeros((), dtype=torch.float32)
-    for lo in range(0, s_all.shape[0], KL_CHUNK):
-        log_q = F.log_softmax(s_all[lo : lo + KL_CHUNK].float() / temperature, dim=-1)
-        log_p = F.log_softmax(t_all[lo : lo + KL_CHUNK].float() / temperature, dim=-1)
-        total = total + F.kl_div(log_q, log_p, log_target=True, reduction="sum")
-    return total * temperature**2, s_all.shape[0]
+    rows_all = torch.cat(rows).to(student.device)
+    return _ChunkedKL.apply(student, rows_all, torch.cat(t_rows), temperature), rows_all.shape[0]

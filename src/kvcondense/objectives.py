@@ -38,7 +38,8 @@ def objective_loss(model, layouts: list[Layout], cfg: TrainConfig, accelerator: 
     """
     logits = parallel_forward(model, layouts, attention=cfg.attention).logits
     world = accelerator.num_processes
-    lm_sum, n = lm_loss(logits, layouts, reduction="sum")
+    with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.objective != "kl"):  # "kl" logs it, no gradient
+        lm_sum, n = lm_loss(logits, layouts, reduction="sum")
     sums, counts = {"loss_lm": lm_sum}, {"loss_lm": n}
     if cfg.objective != "lm":
         teacher = teacher_logits(model, layouts)
