@@ -131,16 +131,17 @@ def cmd_list(args) -> int:
     root = Path(args.checkpoints)
     found = sorted(p.parent for p in root.glob("*/" + META)) if root.is_dir() else []
     print(f"checkpoints under {root}:" + ("" if found else " none"))
+    width = max([28, *(len(ck.name) for ck in found)])  # the columns line up whatever the names
     for ck in found:
         try:
             meta = read_meta(ck)
         except UsageError as e:
-            print(f"  {ck.name:28s} unreadable: {e}")
+            print(f"  {ck.name:{width}s} unreadable: {e}")
             continue
         t = meta["training"]
         weights = "" if (ck / ADAPTER).is_file() else "  (config and log only: no weights)"
         print(
-            f"  {ck.name:28s} {meta['method']['name']:10s} {t.get('steps_done', t['steps'])} steps, "
+            f"  {ck.name:{width}s} {meta['method']['name']:12s} {t.get('steps_done', t['steps'])} steps, "
             f"objective {t.get('objective', 'lm')}, data {t['data']}{weights}"
         )
     return 0
