@@ -66,7 +66,8 @@ class _ChunkedKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, rows, teacher_rows, temperature):
         flat = student.detach().flatten(0, 1)
-        grad = torch.zeros_like(flat, dtype=torch.float32)
+        want_grad = ctx.needs_input_grad[0]  # not under no_grad (an evaluation of the loss)
+        grad = torch.zeros_like(flat, dtype=torch.float32) if want_grad else None
         total = torch.zeros((), dtype=torch.float32, device=student.device)
         for lo in range(0, rows.shape[0], KL_CHUNK):  # in place where a chunk's buffer is ours alone
             idx = rows[lo : lo + KL_CHUNK]
@@ -75,9 +76,11 @@ class _ChunkedKL(torch.autograd.Function):
             log_p = F.log_softmax(t if temperature == 1 else t / temperature, dim=-1)
             p = log_p.exp()
             total += log_p.sub_(log_q).mul_(p).sum()  # sum of p (log p - log q)
-            q_minus_p = log_q.exp_().sub_(p)
-            grad[idx] = q_minus_p if temperature == 1 else q_minus_p.mul_(temperature)  # d/ds of T^2 KL(p || q(s/T))
-        ctx.save_for_backward(grad)
+            if want_grad:
+                q_minus_p = log_q.exp_().sub_(p)
+                grad[idx] = q_minus_p if temperature == 1 else q_minus_p.mul_(temperature)  # d/ds T^2 KL(p||q(s/T))
+        if want_grad:
+            ctx.save_for_backward(grad)
         ctx.shape, ctx.dtype = student.shape, student.dtype
         return total * temperature**2
 
