@@ -145,3 +145,28 @@ def test_the_chunked_kl_and_its_gradient_equal_autograd_on_the_plain_formula(blo
     assert torch.allclose(kl.double(), ref, rtol=1e-5)  # the chunks compute in float32
     assert torch.allclose(fused, student.grad, atol=1e-6)
     assert float(fused.abs().sum()) > 0
+
+
+def test_a_bf16_teacher_is_close_to_the_float32_one_and_trains(tiny_dir, sample_path, tmp_path, blocks):
+    """--teacher-dtype bfloat16 runs the teacher under bf16 autocast: its targets differ from float32's by a little
+    (not at all would mean autocast did nothing), a run with it trains and records it, and resuming with another
+    teacher dtype is refused."""
+    import torch.nn.functional as F
+
+    model, tok = load_model(str(tiny_dir))
+    method = build_method("sentinel", ratio=0.5, min_line_words=4)
+    token_ids = add_special_tokens(model, tok, method.special_tokens)
+    model = attach_lora(model, LoraSettings(dropout=0.0), list(token_ids.values()))
+    layouts = [method.layout(b, token_ids, seed=0) for b in blocks[:2]]
+    exact = F.log_softmax(teacher_logits(model, layouts).float(), -1)
+    fast = F.log_softmax(teacher_logits(model, layouts, "bfloat16").float(), -1)
+    kl = (exact.exp() * (exact - fast)).sum(-1).mean()
+    assert 0 < float(kl) < 1e-2
+    cfg = config(tiny_dir, sample_path, tmp_path / "bf16", teacher_dtype="bfloat16", steps=2, save_every=2)
+    train(cfg)
+    assert read_meta(cfg.out)["training"]["teacher_dtype"] == "bfloat16"
+    assert all(r["loss_kl"] > 0 for r in read_log(cfg.out))
+    with pytest.raises(ValueError, match="teacher_dtype"):
+        train(config(tiny_dir, sample_path, tmp_path / "bf16", steps=4), resume=True)  # float32 now: refused
+    with pytest.raises(ValueError, match="--teacher-dtype"):
+        TrainConfig(teacher_dtype="float16")

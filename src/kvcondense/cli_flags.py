@@ -64,6 +64,13 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kl-weight", type=float, default=None, help="weight of the KL term (default 1.0)")
     p.add_argument("--temperature", type=float, default=None, help="KL temperature (default 1.0)")
     p.add_argument(
+        "--teacher-dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="the frozen teacher's forward: float32 (default, exact) or bfloat16 autocast (about 2x faster on GPUs "
+        "and AMX CPUs, targets off by ~6e-4 nats per token)",
+    )
+    p.add_argument(
         "--max-grad-norm", type=float, default=None, help="clip the gradient norm to this (default 1.0; 0: off)"
     )
     p.add_argument(

@@ -25,8 +25,8 @@ __all__ = (
 # the user gave (and must agree with the stored run) from the ones it should take from the run itself
 TRAIN_FLAGS = (
     "model", "data", "batch_size", "grad_accum", "block_tokens", "lr", "schedule", "warmup_steps", "attention",
-    "seed", "save_every", "stage", "init_from", "objective", "kl_weight", "temperature", "sample_ratios",
-    "sample_chunks", "continuation_tokens", "max_grad_norm", "report_to",
+    "seed", "save_every", "stage", "init_from", "objective", "kl_weight", "temperature", "teacher_dtype",
+    "sample_ratios", "sample_chunks", "continuation_tokens", "max_grad_norm", "report_to",
 )  # fmt: skip
 
 

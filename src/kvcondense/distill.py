@@ -39,8 +39,9 @@ def aligned_rows(layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def teacher_logits(model, layouts: list[Layout]) -> torch.Tensor:
-    """Logits (B, T, V) of the frozen base model on each layout's raw text (right-padded to the longest)."""
+def teacher_logits(model, layouts: list[Layout], dtype: str = "float32") -> torch.Tensor:
+    """Logits (B, T, V) of the frozen base model on each layout's raw text (right-padded to the longest);
+    ``dtype="bfloat16"`` runs it under bf16 autocast (``TrainConfig.teacher_dtype``)."""
     inner = getattr(model, "module", model)
     raws = [lay.input_ids[lay.kinds == Kind.TEXT] for lay in layouts]
     length = max(len(r) for r in raws)
@@ -50,7 +51,8 @@ def teacher_logits(model, layouts: list[Layout]) -> torch.Tensor:
         ids[b, : len(r)] = r
         mask[b, : len(r)] = 1
     padded = bool((mask == 0).any())  # without padding no mask is passed: the causal kernel's fast path
-    with inner.disable_adapter():  # LoRA and the new token rows off: exactly the base model
+    autocast = torch.autocast(inner.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    with inner.disable_adapter(), autocast:  # LoRA and the new token rows off: exactly the base model
         out = inner(
             input_ids=ids.to(inner.device), attention_mask=mask.to(inner.device) if padded else None, use_cache=False
         )

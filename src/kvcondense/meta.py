@@ -39,6 +39,7 @@ _TRAINING_OPTIONAL = {
     "objective": str,
     "kl_weight": _NUMBER,
     "temperature": _NUMBER,
+    "teacher_dtype": str,
     "max_grad_norm": _NUMBER,
     "sample_ratios": list,
     "sample_chunks": list,

@@ -42,7 +42,7 @@ def objective_loss(model, layouts: list[Layout], cfg: TrainConfig, accelerator: 
         lm_sum, n = lm_loss(logits, layouts, reduction="sum")
     sums, counts = {"loss_lm": lm_sum}, {"loss_lm": n}
     if cfg.objective != "lm":
-        teacher = teacher_logits(model, layouts)
+        teacher = teacher_logits(model, layouts, cfg.teacher_dtype)
         sums["loss_kl"], counts["loss_kl"] = kl_to_teacher(logits, teacher, layouts, cfg.temperature)
     weights = {"loss_lm": 0.0 if cfg.objective == "kl" else 1.0, "loss_kl": cfg.kl_weight}
     loss, parts = logits.new_zeros((), dtype=torch.float32), {"loss": 0.0}
