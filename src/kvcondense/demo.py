@@ -51,12 +51,12 @@ def _trained(checkpoints: Path, name: str, label: str) -> list[tuple[str, dict]]
     """The row of the checkpoint ``checkpoints/name`` if it is there with its adapter, else a note and no row (a
     checkpoint committed without its adapter names the command that remakes it in its ``kvcondense.json``)."""
     ck = checkpoints / name
-    if (ck / ADAPTER).exists() and (ck / META).exists():
-        return [(label, {"checkpoint": str(ck)})]
-    if (ck / META).exists():
+    if not (ck / META).exists():
+        print(f"note: no checkpoint at {ck}; skipping {label}")
+    elif not (ck / ADAPTER).exists():
         print(f"note: {ck} holds no {ADAPTER} (not committed: the command in its {META} remakes it); skipping {label}")
     else:
-        print(f"note: no checkpoint at {ck}; skipping {label}")
+        return [(label, {"checkpoint": str(ck)})]
     return []
 
 
@@ -69,10 +69,9 @@ def demo_rows(checkpoints: Path, ratio: float) -> list[tuple[str, dict]]:
         rows += _trained(checkpoints, f"{name}-r{ratio}", f"{name} (trained)")
     rows.append(("StreamingLLM (4 sinks)", {"method": "streaming"}))
     rows.append(("sentinel (untrained tokens)", {"method": "sentinel"}))
-    if (checkpoints / "gist4" / META).exists():  # no note when absent: the gist rows are extras at any ratio
-        rows += _trained(checkpoints, "gist4", "gist N=4 (trained; KV set by sentences)")
-    if (checkpoints / "gist4-kl" / META).exists():
-        rows += _trained(checkpoints, "gist4-kl", "gist N=4 (trained, KL; KV set by sentences)")
+    for name, how in (("gist4", "trained"), ("gist4-kl", "trained, KL")):
+        if (checkpoints / name / META).exists():  # no note when absent: the gist rows are extras at any ratio
+            rows += _trained(checkpoints, name, f"gist N=4 ({how}; KV set by sentences)")
     return rows
 
 
