@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from kvcondense.cli import main
-from kvcondense.export import export
 from kvcondense.forward import parallel_forward
-from kvcondense.loader import load_checkpoint
+from kvcondense.loader import export, load_checkpoint
 from kvcondense.methods import tokenize
 
 TEXT = "Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing to do. " * 3

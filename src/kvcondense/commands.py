@@ -149,7 +149,7 @@ def cmd_list(args) -> int:
 
 def cmd_export(args) -> int:
     from .atomic import check_writable
-    from .export import export
+    from .loader import export
 
     fmt, out = args.to
     if Path(out).exists():

@@ -14,6 +14,9 @@ run the exported model through kvcondense (``--model DIR`` for a merged export) 
 whose LoRA acts only on its own tokens (CCM, sentinel ``--lora-scope special``) cannot be expressed in a stock
 model or in stock peft (the per-token gate is kvcondense's), so its export is refused rather than silently wrong.
 Written atomically: a temp folder beside ``DIR``, renamed at the end; an existing ``DIR`` is never replaced.
+
+This module checks and writes; :func:`kvcondense.loader.export` (and ``Loaded.save_pretrained``) loads the
+checkpoint in between, so that the loader is the only module that loads.
 """
 
 from __future__ import annotations
@@ -30,10 +33,10 @@ from .model_card import model_card
 FORMATS = ("peft", "merged")
 
 
-def export(checkpoint: str | Path, fmt: str, out: str | Path) -> Path:
-    """Write ``checkpoint`` to ``out`` as ``fmt`` (``peft`` or ``merged``). Returns ``out``."""
-    from .loader import load_checkpoint
-
+def check_export(checkpoint: str | Path, fmt: str, out: str | Path) -> dict:
+    """Refuse, before anything is loaded, an export that cannot be written or would be wrong: an unknown format,
+    an existing ``out``, a LoRA gated to special tokens, a full-weight checkpoint as ``peft``. Returns the
+    checkpoint's ``kvcondense.json``."""
     out = Path(out)
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -49,19 +52,24 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path) -> Path:
     stage = meta["training"].get("stage", "lora")
     if fmt == "peft" and stage == "full":
         raise UsageError(f"{checkpoint} trained every weight (stage full), not a LoRA; export it --to merged")
+    return meta
+
+
+def write_export(model, tokenizer, meta: dict, fmt: str, out: str | Path, source: str) -> Path:
+    """Write a loaded checkpoint (``model``: a peft model for ``peft``, its LoRA folded in for ``merged``) to the
+    new folder ``out`` with its tokenizer, model card and ``kvcondense_source.json``, atomically. Returns ``out``.
+    :func:`kvcondense.loader.export` loads and checks it first."""
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     try:
-        loaded = load_checkpoint(checkpoint, merge_lora=fmt == "merged")
-        model = loaded.model
-        if fmt == "peft":
-            model.peft_config["default"].base_model_name_or_path = meta["base_model"]["name"]
         if fmt == "peft":  # the new rows travel as peft's trainable tokens; not the whole resized embedding
+            model.peft_config["default"].base_model_name_or_path = meta["base_model"]["name"]
             model.save_pretrained(tmp, save_embedding_layers=False)
         else:
             model.save_pretrained(tmp)
-        loaded.tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(meta, fmt, str(checkpoint)))
+        tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(meta, fmt, source))
         (tmp / "kvcondense_source.json").write_text(json.dumps(meta, indent=2) + "\n")  # what it came from
         make_readable(tmp)
         tmp.rename(out)

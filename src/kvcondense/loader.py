@@ -19,6 +19,7 @@ import torch
 
 from .checkpoint import ADAPTER, CheckpointError, method_from_meta, read_adapter, read_meta
 from .errors import UsageError
+from .export import check_export, write_export
 from .lora import LoraSettings, attach_lora, load_adapter_state
 from .methods import Method, build_method, check_params, override
 from .models import DEFAULT_MODEL, add_special_tokens, load_model, model_identity
@@ -53,9 +54,7 @@ class Loaded:
 
     def save_pretrained(self, path: str | Path, format: str = "peft") -> Path:
         """Write the checkpoint this was loaded from as a stock ``peft`` adapter or a ``merged`` model (see
-        :mod:`kvcondense.export`; a new folder, with a model card)."""
-        from .export import export
-
+        :func:`export`; a new folder, with a model card)."""
         if self.source is None:
             raise UsageError("an untrained method has nothing to save; train it first (kvcondense train)")
         return export(self.source, format, path)
@@ -166,3 +165,11 @@ def _load(checkpoint, method, params, model, merge_lora=True, **model_kwargs) ->
     token_ids = add_special_tokens(base, tokenizer, built.special_tokens)
     label = f"{built.name} (untrained tokens)" if built.special_tokens else built.name
     return Loaded(base, tokenizer, built, token_ids, label)
+
+
+def export(checkpoint: str | Path, fmt: str, out: str | Path) -> Path:
+    """Write ``checkpoint`` to the new folder ``out`` as ``fmt`` (``peft`` or ``merged``, see
+    :mod:`kvcondense.export`): checked before the model is loaded, written atomically. Returns ``out``."""
+    meta = check_export(checkpoint, fmt, out)
+    loaded = load_checkpoint(checkpoint, merge_lora=fmt == "merged")
+    return write_export(loaded.model, loaded.tokenizer, meta, fmt, out, str(checkpoint))
