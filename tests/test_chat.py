@@ -282,7 +282,8 @@ def test_chat_stops_before_the_models_context_and_keeps_the_memory(method, tmp_p
     one after the last whole turn, which can still be saved and loaded."""
     import io
 
-    from kvcondense.session import ContextFullError, chat
+    from kvcondense.chat_loop import chat
+    from kvcondense.session import ContextFullError
 
     session = gpt2_session(method)
     out, err = io.StringIO(), io.StringIO()
@@ -312,7 +313,7 @@ def test_a_failing_turn_is_undone_whole_and_named(tmp_path):
     the turn, says so in one line, and lets the error through."""
     import io
 
-    from kvcondense.session import chat
+    from kvcondense.chat_loop import chat
 
     session = gpt2_session("ccm-merge", n_positions=256)
     chat(session, ["hello there\n"], io.StringIO(), io.StringIO(), max_new_tokens=3)

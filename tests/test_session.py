@@ -10,8 +10,9 @@ from conftest import COMP, episode, lora_model
 from kvcondense.errors import UsageError
 from kvcondense.forward import parallel_forward
 from kvcondense.layout import IGNORE
+from kvcondense.memory_file import MemoryFileError, check_save_path
 from kvcondense.methods import build_method
-from kvcondense.session import MemoryFileError, MemorySession, check_save_path
+from kvcondense.session import MemorySession
 
 
 class Tok:

@@ -64,11 +64,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from .session import MemorySession, chat
+    from .chat_loop import chat
+    from .session import MemorySession
 
     if args.save:
         from .atomic import check_writable
-        from .session import check_save_path
+        from .memory_file import check_save_path
 
         check_writable(args.save, "--save")
         check_save_path(args.save)

@@ -10,23 +10,36 @@ a file or changes the session.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
+from .cache import EvictingCache
 from .generate import context_limit
 from .layout import NEVER
 from .methods.ccm import MemoryWriter
+from .methods.memory import TextWriter
 
-if TYPE_CHECKING:
-    from .session import MemorySession
+
+class MemoryOwner(Protocol):
+    """What a memory file is written from and checked against: a :class:`~kvcondense.session.MemorySession`
+    (named by its fields here, so that the file format does not import the session that uses it)."""
+
+    model: Any
+    name: str
+    identity: str
+    writer: MemoryWriter | TextWriter
+    cache: EvictingCache
+
+    def kv_geometry(self) -> list[tuple[int, int, int]]: ...
+
 
 MAX_COUNTER = 1 << 53  # writer counters beyond this are no chat's (JSON integers stay exact below it)
 KV_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _HEADER_DTYPES = {"I64": torch.int64, **KV_DTYPES}
 
 
-def check_info(session: MemorySession, info: dict, bad) -> dict[str, tuple[torch.dtype | None, tuple[int, ...]]]:
+def check_info(session: MemoryOwner, info: dict, bad) -> dict[str, tuple[torch.dtype | None, tuple[int, ...]]]:
     """Check the bookkeeping of a memory file against ``session``'s method and model. Returns the tensors the
     file must hold: name -> (dtype, or None for any key/value dtype; shape)."""
     fields = {"format", "identity", "writer", "seen"}
@@ -73,13 +86,13 @@ def check_info(session: MemorySession, info: dict, bad) -> dict[str, tuple[torch
         "slot_expire": (torch.int64, (1, slots)),
     }
     if slots:
-        for i, (heads, dk, dv) in enumerate(session._kv_geometry()):
+        for i, (heads, dk, dv) in enumerate(session.kv_geometry()):
             expected[f"keys.{i}"] = (None, (1, heads, slots, dk))
             expected[f"values.{i}"] = (None, (1, heads, slots, dv))
     return expected
 
 
-def check_tensors(session: MemorySession, info: dict, tensors: dict[str, torch.Tensor], expected: dict, bad) -> None:
+def check_tensors(session: MemoryOwner, info: dict, tensors: dict[str, torch.Tensor], expected: dict, bad) -> None:
     """Check tensor names, dtypes, shapes and values (the slot bookkeeping is what this writer state makes)."""
     for name in sorted(set(tensors) | set(expected)):
         if name not in expected and not name.startswith(("keys.", "values.")):

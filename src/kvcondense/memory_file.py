@@ -21,7 +21,6 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -35,6 +34,7 @@ from .forward import num_layers
 from .memory_checks import (  # noqa: F401  (KV_DTYPES, MAX_COUNTER re-exported: they lived here before)
     KV_DTYPES,
     MAX_COUNTER,
+    MemoryOwner,
     check_header,
     check_info,
     check_tensors,
@@ -42,9 +42,6 @@ from .memory_checks import (  # noqa: F401  (KV_DTYPES, MAX_COUNTER re-exported:
 )
 from .methods import Method
 from .models import model_identity
-
-if TYPE_CHECKING:
-    from .session import MemorySession
 
 FORMAT = "kvcondense-memory/1"
 MAX_HEADER_BYTES = 1 << 20  # a memory file's safetensors header is a few KB
@@ -55,7 +52,7 @@ class MemoryFileError(UsageError):
     contents), or cannot be written."""
 
 
-def save_memory(session: MemorySession, path: str | Path) -> Path:
+def save_memory(session: MemoryOwner, path: str | Path) -> Path:
     """Write ``session``'s memory (keys/values and bookkeeping) to one safetensors file, atomically (see
     :meth:`MemorySession.save <kvcondense.session.MemorySession.save>`)."""
     path = check_save_path(path)
@@ -72,7 +69,7 @@ def save_memory(session: MemorySession, path: str | Path) -> Path:
     return path
 
 
-def load_memory(session: MemorySession, path: str | Path) -> tuple[EvictingCache, dict]:
+def load_memory(session: MemoryOwner, path: str | Path) -> tuple[EvictingCache, dict]:
     """The cache and writer state of a memory file, checked against ``session`` (see
     :meth:`MemorySession.load <kvcondense.session.MemorySession.load>`); nothing of ``session`` is changed."""
     path = Path(path)
@@ -82,7 +79,7 @@ def load_memory(session: MemorySession, path: str | Path) -> tuple[EvictingCache
     return cache, info["writer"]
 
 
-def read_memory_file(session: MemorySession, path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_memory_file(session: MemoryOwner, path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """The checked bookkeeping and tensors of a memory file (see :func:`load_memory`)."""
 
     def bad(problem: str) -> MemoryFileError:

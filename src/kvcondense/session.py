@@ -28,26 +28,15 @@ import torch
 import torch.nn.functional as F
 
 from .cache import EvictingCache
-from .chat_loop import chat  # noqa: F401  (re-exported: it lived here before)
 from .engine import Stream, generate_step
 from .errors import UsageError
 from .forward import feed, num_layers
 from .generate import context_limit
 from .layout import NEVER, text_layout
-from .memory_file import (  # noqa: F401  (re-exported: these lived here before)
-    FORMAT,
-    KV_DTYPES,
-    MAX_COUNTER,
-    MAX_HEADER_BYTES,
-    MemoryFileError,
-    check_save_path,
-    load_memory,
-    memory_identity,
-    save_memory,
-)
+from .memory_file import load_memory, memory_identity, save_memory
 from .methods import Method, StepPiece
 from .methods.ccm import MemoryWriter
-from .methods.memory import TextWriter  # noqa: F401  (re-exported: it lived here before)
+from .methods.memory import TextWriter
 
 
 class TailPolicy:
@@ -256,7 +245,7 @@ class MemorySession:
         self.cache, state = load_memory(self, path)
         self.writer.restore(state)
 
-    def _kv_geometry(self) -> list[tuple[int, int, int]]:
+    def kv_geometry(self) -> list[tuple[int, int, int]]:
         """(key/value heads, key dim, value dim) of each layer's cache, measured with one token."""
         if self._geometry is None:
             cache = EvictingCache(num_layers(self.model))
