@@ -107,3 +107,34 @@ def test_prefill_starts_a_stream_and_refuses_a_used_one():
     stream.prefill(prompt(20, 7), chunk_tokens=8)
     with pytest.raises(ValueError, match="empty cache"):
         stream.prefill(prompt(20, 8), chunk_tokens=8)
+
+
+@pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("llama", "eager"), ("gpt2", "sdpa")])
+def test_a_full_attention_prompt_is_one_causal_pass_with_the_chunked_logits(family, attn):
+    """A prompt that frees nothing before its end is read in one forward with no mask of ours (the model's causal
+    attention), and gives the logits of the masked chunks it replaces; a compressing prompt is still chunked."""
+    from kvcondense.cache import EvictingCache
+    from kvcondense.forward import chunk_bounds, feed
+    from kvcondense.layout import text_layout
+    from kvcondense.methods import FullAttention
+
+    model = tiny_model(family, attn)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw.get("attention_mask")), with_kwargs=True)
+    text = prompt(90, 4)
+    stream = Stream(model, FullAttention(), TOKENS)
+    logits = stream.prefill(text, chunk_tokens=16, keep_logits=True)
+    assert len(calls) == 1 and calls[0] is None
+    layout = text_layout(text.ids)
+    assert layout.is_causal() and stream.cache.physical_length == len(layout)
+    cache, chunked = EvictingCache(model.config.num_hidden_layers), []
+    for lo, hi in chunk_bounds(layout, 16):  # the masked path, chunk by chunk
+        chunked.append(feed(model, cache, layout.slice(lo, hi), lo)[0])
+    torch.testing.assert_close(logits, torch.cat(chunked), rtol=1e-4, atol=1e-4)
+    for ours, theirs in zip(stream.cache.layers, cache.layers, strict=True):
+        torch.testing.assert_close(ours.keys, theirs.keys, rtol=1e-4, atol=1e-4)
+    calls.clear()
+    Stream(model, sentinel(), TOKENS).prefill(text, chunk_tokens=16)
+    hook.remove()
+    assert len(calls) > 1 and all(mask is not None for mask in calls)
+    assert not sentinel().layout(text, TOKENS).is_causal()

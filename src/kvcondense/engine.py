@@ -107,7 +107,9 @@ class Stream:
         keep_logits: bool = False,
     ) -> torch.Tensor:
         """Lay out a one-row prompt (unless it is a layout already), feed it in chunks of ``chunk_tokens``, free
-        what expires after each, and set up the decode policy that continues it.
+        what expires after each, and set up the decode policy that continues it. A prompt that frees nothing
+        before its end (:meth:`~kvcondense.layout.Layout.is_causal`: full attention) is read in one pass with the
+        model's own causal attention instead: chunks would bound nothing (every key is kept) and cost time.
 
         Returns the logits of the row that predicts the first new token (V,), or with ``keep_logits`` those of
         every row of the layout (L, V).
@@ -130,10 +132,13 @@ class Stream:
             self.cache.evict(len(layout))
             logits = read.logits
         else:
-            for lo, hi in chunk_bounds(layout, chunk_tokens):
+            # a prompt that frees nothing before its end gains nothing from chunks (every key is kept either way):
+            # one pass, with the model's own causal attention, as transformers' prefill
+            causal = layout.is_causal()
+            for lo, hi in [(0, len(layout))] if causal else chunk_bounds(layout, chunk_tokens):
                 wanted = lo <= last < hi
                 rows = None if keep_logits else torch.tensor([last - lo if wanted else hi - lo - 1])
-                out = feed(self.model, self.cache, layout.slice(lo, hi), lo, logits_rows=rows)[0]
+                out = feed(self.model, self.cache, layout.slice(lo, hi), lo, logits_rows=rows, causal=causal)[0]
                 if keep_logits:
                     kept.append(out)
                 elif wanted:

@@ -203,23 +203,29 @@ def feed(
     mask: torch.Tensor | None = None,
     input_ids: torch.Tensor | None = None,
     logits_rows: torch.Tensor | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
     """Run one chunk (logical indices ``first..first+len(chunk)-1``) through the cache. The caller evicts.
 
     ``input_ids`` (B, n) feeds B rows that share the chunk's layout (default: the layout's own ids, one row).
     Returns the chunk's logits (B, n, V), or with ``logits_rows`` (chunk indices) only those rows' (B, k, V):
     the LM head over a 49k vocabulary is a fifth of a small model's prefill, and a prompt needs one row of it.
+    ``causal``: the chunk is a whole :meth:`~kvcondense.layout.Layout.is_causal` layout on an empty cache; no mask
+    is built and the model applies its own causal attention (sdpa's causal kernel, no (n, n) mask tensor).
     """
     device = model.device
     ids = chunk.input_ids.unsqueeze(0) if input_ids is None else input_ids
-    mask = chunk_mask(model, cache, chunk, first) if mask is None else mask
+    if causal and (cache.physical_length or first or not chunk.is_causal()):
+        raise ValueError("a causal feed is a whole causal layout on an empty cache")
+    if not causal:
+        mask = (chunk_mask(model, cache, chunk, first) if mask is None else mask).to(device)
     if chunk.head_expire is not None or cache.slot_heads is not None:
         check_chunk(cache.slot_heads, cache.slot_expire, chunk, first)
     with writing_into(model, cache, chunk.kinds.expand(ids.shape[0], -1)) as layer_kwargs:
         out = model(
             input_ids=ids.to(device),
             position_ids=chunk.position_ids.expand(ids.shape[0], -1).to(device),
-            attention_mask=mask.to(device),
+            attention_mask=None if causal else mask,
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=0 if logits_rows is None else logits_rows.to(device),

@@ -121,6 +121,22 @@ class Layout:
             return self.head_expire
         return self.expire.expand(layers, heads, -1)
 
+    def is_causal(self) -> bool:
+        """Whether this layout, fed from an empty cache, is plain causal attention: positions 0, 1, 2, ..., every
+        key seen by every later query to the end, nothing merged or cut. Its mask is then transformers' own causal
+        one, which the attention kernel applies without a mask tensor (see :class:`kvcondense.engine.Stream`)."""
+        n = len(self)
+        return (
+            torch.equal(self.position_ids, torch.arange(n))
+            and bool((self.start == 0).all())
+            and bool((self.expire >= n - 1).all())
+            and not bool(self.closer_only.any())
+            and (self.head_expire is None or bool((self.head_expire >= n - 1).all()))
+            and self.mix is None
+            and self.mix_online is None
+            and not self.cuts
+        )
+
     def compression_ratio(self) -> float:
         """Measured KV kept: stored slots at the end / text tokens (what full attention would store)."""
         return self.kept_slots() / max(1, self.n_text)
