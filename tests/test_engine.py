@@ -138,3 +138,29 @@ def test_a_full_attention_prompt_is_one_causal_pass_with_the_chunked_logits(fami
     hook.remove()
     assert len(calls) > 1 and all(mask is not None for mask in calls)
     assert not sentinel().layout(text, TOKENS).is_causal()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_sliding_window_model_is_not_fed_causally_past_its_window(attn):
+    """The model's own causal mask would apply its sliding window, which kvcondense's masks never do: a prompt
+    longer than the window keeps the masked chunks (and the logits of the parallel forward); a shorter one does not."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from kvcondense.forward import attention_window, can_feed_causally, parallel_forward
+    from kvcondense.layout import text_layout
+    from kvcondense.methods import FullAttention
+
+    config = MistralConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=8,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+    assert attention_window(model) == 8 and attention_window(tiny_model("llama")) is None
+    for n, one_pass in ((40, False), (8, True)):
+        text = prompt(n, 5)
+        assert can_feed_causally(model, text_layout(text.ids)) == one_pass
+        logits = Stream(model, FullAttention(), TOKENS).prefill(text, chunk_tokens=16, keep_logits=True)
+        with torch.no_grad():
+            reference = parallel_forward(model, [text_layout(text.ids)]).logits[0]
+        torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)

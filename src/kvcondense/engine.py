@@ -24,6 +24,7 @@ import torch
 
 from .cache import EvictingCache
 from .forward import (
+    can_feed_causally,
     chunk_bounds,
     feed,
     num_layers,
@@ -134,7 +135,7 @@ class Stream:
         else:
             # a prompt that frees nothing before its end gains nothing from chunks (every key is kept either way):
             # one pass, with the model's own causal attention, as transformers' prefill
-            causal = layout.is_causal()
+            causal = can_feed_causally(self.model, layout)
             for lo, hi in [(0, len(layout))] if causal else chunk_bounds(layout, chunk_tokens):
                 wanted = lo <= last < hi
                 rows = None if keep_logits else torch.tensor([last - lo if wanted else hi - lo - 1])

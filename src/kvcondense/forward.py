@@ -34,6 +34,16 @@ def num_layers(model) -> int:
     return cfg.num_hidden_layers
 
 
+def attention_window(model) -> int | None:
+    """The narrowest window the model's own causal mask would impose on some layers (``sliding_window``,
+    ``attention_chunk_size``), or None. kvcondense's masks never apply one, so the model's own causal attention
+    (:func:`feed` with ``causal``) matches them only on sequences no longer than it."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    sizes = [getattr(cfg, key, None) for key in ("sliding_window", "attention_chunk_size")]
+    sizes = [s for s in sizes if isinstance(s, int) and not isinstance(s, bool) and s > 0]
+    return min(sizes) if sizes else None
+
+
 def pad_layouts(layouts: list[Layout], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad ids, positions and kinds of several layouts (pads are text). Returns three (B, L) tensors."""
     length = max(len(x) for x in layouts)
@@ -168,6 +178,12 @@ def parallel_forward(model, layouts: list[Layout], attention: str = "auto", **kw
         )
 
 
+def can_feed_causally(model, layout: Layout) -> bool:
+    """Whether ``layout``, fed from an empty cache, may skip kvcondense's mask for the model's own causal one."""
+    window = attention_window(model)
+    return layout.is_causal() and (window is None or len(layout) <= window)
+
+
 def chunk_mask(model, cache: EvictingCache, chunk: Layout, first: int) -> torch.Tensor:
     """The 4-D mask of a chunk (logical indices ``first..``) against every row's stored slots and itself.
 
@@ -210,13 +226,14 @@ def feed(
     ``input_ids`` (B, n) feeds B rows that share the chunk's layout (default: the layout's own ids, one row).
     Returns the chunk's logits (B, n, V), or with ``logits_rows`` (chunk indices) only those rows' (B, k, V):
     the LM head over a 49k vocabulary is a fifth of a small model's prefill, and a prompt needs one row of it.
-    ``causal``: the chunk is a whole :meth:`~kvcondense.layout.Layout.is_causal` layout on an empty cache; no mask
-    is built and the model applies its own causal attention (sdpa's causal kernel, no (n, n) mask tensor).
+    ``causal``: the chunk is a whole :meth:`~kvcondense.layout.Layout.is_causal` layout on an empty cache, within
+    the model's :func:`attention_window`; no mask is built and the model applies its own causal attention (sdpa's
+    causal kernel, no (n, n) mask tensor).
     """
     device = model.device
     ids = chunk.input_ids.unsqueeze(0) if input_ids is None else input_ids
-    if causal and (cache.physical_length or first or not chunk.is_causal()):
-        raise ValueError("a causal feed is a whole causal layout on an empty cache")
+    if causal and not (cache.physical_length == 0 and first == 0 and can_feed_causally(model, chunk)):
+        raise ValueError("a causal feed is a whole causal layout on an empty cache, within the attention window")
     if not causal:
         mask = (chunk_mask(model, cache, chunk, first) if mask is None else mask).to(device)
     if chunk.head_expire is not None or cache.slot_heads is not None:
