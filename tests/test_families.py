@@ -21,6 +21,16 @@ def test_probe_passes_an_unlisted_family_that_works():
     check_family(AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval())
 
 
+def test_a_sliding_window_family_runs_with_a_warning_that_names_the_window():
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(
+        "mistral", vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, sliding_window=16,
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="window of 16 tokens"):
+        check_family(AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval())
+
+
 def test_alibi_family_is_refused():
     torch.manual_seed(0)
     cfg = AutoConfig.for_model("mpt", vocab_size=96, d_model=32, n_heads=4, n_layers=2)
