@@ -115,7 +115,11 @@ def decode_step_times(streams: dict[str, Stream], steps: int) -> dict[str, list[
 
 @torch.no_grad()
 def timed_prefill(model, method: Method, text: TokenizedText, token_ids, chunk: int) -> tuple[Stream, dict]:
-    """Prefill one row through the engine, timed. Returns the stream and what the cache held."""
+    """Prefill one row through the engine, timed. Returns the stream and what the cache held.
+
+    Full attention reads its prompt in one causal pass (nothing to free between chunks), as transformers does, so
+    its ``cuda_max_memory_allocated`` includes that pass's activations; a compressing method's is paced by
+    ``chunk``. Compare stored KV with ``kv_bytes`` / ``peak_kv_bytes``."""
     stream = Stream(model, method, token_ids)
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
