@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
 from kvcondense.engine import incremental_forward
 from kvcondense.forward import parallel_forward
@@ -39,6 +39,16 @@ _CONFIGS = {
         tie_word_embeddings=False,
     ),
     "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=512),
+    "mistral": lambda: MistralConfig(  # a sliding window, which kvcondense's masks do not apply
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        sliding_window=16,
+    ),
 }
 
 

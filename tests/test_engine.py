@@ -109,24 +109,28 @@ def test_prefill_starts_a_stream_and_refuses_a_used_one():
         stream.prefill(prompt(20, 8), chunk_tokens=8)
 
 
-@pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("llama", "eager"), ("gpt2", "sdpa")])
+@pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("qwen2", "sdpa"), ("gpt2", "sdpa"), ("llama", "eager")])
 def test_a_full_attention_prompt_is_one_causal_pass_with_the_chunked_logits(family, attn):
-    """A prompt that frees nothing before its end is read in one forward with no mask of ours (the model's causal
-    attention), and gives the logits of the masked chunks it replaces; a compressing prompt is still chunked."""
+    """On sdpa, a prompt that frees nothing before its end is read in one forward with no mask of ours (the
+    model's causal kernel) and gives the logits and keys of the masked chunks it replaces; eager (whose causal
+    mask would be an n x n tensor) and a compressing prompt keep the chunks."""
     from kvcondense.cache import EvictingCache
-    from kvcondense.forward import chunk_bounds, feed
+    from kvcondense.forward import can_feed_causally, chunk_bounds, feed
     from kvcondense.layout import text_layout
     from kvcondense.methods import FullAttention
 
     model = tiny_model(family, attn)
+    one_pass = attn == "sdpa"
     calls = []
     hook = model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw.get("attention_mask")), with_kwargs=True)
     text = prompt(90, 4)
     stream = Stream(model, FullAttention(), TOKENS)
     logits = stream.prefill(text, chunk_tokens=16, keep_logits=True)
-    assert len(calls) == 1 and calls[0] is None
+    assert (len(calls) == 1 and calls[0] is None) if one_pass else (len(calls) == 6 and None not in calls)
     layout = text_layout(text.ids)
-    assert layout.is_causal() and stream.cache.physical_length == len(layout)
+    assert layout.is_causal() and can_feed_causally(model, layout) == one_pass
+    assert not can_feed_causally(model, text_layout(torch.zeros(0, dtype=torch.long)))  # nothing to feed
+    assert stream.cache.physical_length == len(layout)
     cache, chunked = EvictingCache(model.config.num_hidden_layers), []
     for lo, hi in chunk_bounds(layout, 16):  # the masked path, chunk by chunk
         chunked.append(feed(model, cache, layout.slice(lo, hi), lo)[0])
@@ -144,20 +148,22 @@ def test_a_full_attention_prompt_is_one_causal_pass_with_the_chunked_logits(fami
 def test_a_sliding_window_model_is_not_fed_causally_past_its_window(attn):
     """The model's own causal mask would apply its sliding window, which kvcondense's masks never do: a prompt
     longer than the window keeps the masked chunks (and the logits of the parallel forward); a shorter one does not."""
-    from transformers import AutoModelForCausalLM, MistralConfig
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
 
-    from kvcondense.forward import attention_window, can_feed_causally, parallel_forward
+    from kvcondense.forward import can_feed_causally, parallel_forward
     from kvcondense.layout import text_layout
     from kvcondense.methods import FullAttention
+    from kvcondense.models import attention_window
 
-    config = MistralConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, sliding_window=8,
-    )  # fmt: skip
+    shape = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+    model = AutoModelForCausalLM.from_config(
+        MistralConfig(**shape, num_key_value_heads=2, sliding_window=8), attn_implementation=attn
+    ).eval()
     assert attention_window(model) == 8 and attention_window(tiny_model("llama")) is None
-    for n, one_pass in ((40, False), (8, True)):
+    no_layer_slides = Qwen2Config(**shape, use_sliding_window=True, sliding_window=8, max_window_layers=2)
+    assert attention_window(AutoModelForCausalLM.from_config(no_layer_slides)) is None
+    for n, one_pass in ((40, False), (8, attn == "sdpa")):
         text = prompt(n, 5)
         assert can_feed_causally(model, text_layout(text.ids)) == one_pass
         logits = Stream(model, FullAttention(), TOKENS).prefill(text, chunk_tokens=16, keep_logits=True)

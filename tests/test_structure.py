@@ -18,7 +18,7 @@ def _module_name(path: Path) -> str:
 def _imports(path: Path, name: str, modules: set[str]) -> set[str]:
     """The package's modules that ``path`` imports anywhere in its text (relative imports resolved)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found = set()
+    found, from_init = set(), set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
@@ -29,11 +29,13 @@ def _imports(path: Path, name: str, modules: set[str]) -> set[str]:
                 base = ".".join([*anchor, base] if base else anchor)
             # ``from .pkg import mod`` imports the module ``pkg.mod``; ``from .mod import name`` the module ``mod``
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            from_init |= {t for t in targets if t == base}  # a name taken from ``base`` itself (a package's __init__)
         else:
             continue
         found |= {t for t in targets if t in modules}
-    # a module's own packages run before it anyway (Python imports a package's __init__ before its modules)
-    return {t for t in found if not (name == t or name.startswith(t + "."))}
+    # a module's own packages run before it anyway (Python imports a package's __init__ before its modules), so
+    # only a name taken from one of them is an edge to it: that name may not be defined yet when the module runs
+    return {t for t in found if t != name and (not name.startswith(t + ".") or t in from_init)}
 
 
 def _graph() -> dict[str, set[str]]:
@@ -79,6 +81,10 @@ def test_the_graph_reads_the_imports_it_should():
     assert "kvcondense.methods" in graph["kvcondense.session"]  # the package of a module it imports (.methods.ccm)
     assert "kvcondense.methods" not in graph["kvcondense.methods.sentinel"]  # its own package
     assert _circle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    pkg = Path(__file__).parent / "data" / "circle_pkg"  # pkg/__init__ imports m; m takes a name from pkg
+    modules = {"pkg", "pkg.m"}
+    assert _imports(pkg / "__init__.py", "pkg", modules) == {"pkg.m"}
+    assert _imports(pkg / "m.py", "pkg.m", modules) == {"pkg"}
     assert _circle({"a": {"b"}, "b": set()}) is None
 
 

@@ -5,11 +5,13 @@
 
 from __future__ import annotations
 
-from typing import Self
+from typing import TypeVar
 
 import torch
 
 from .layout import NEVER
+
+C = TypeVar("C", bound="CacheState")  # the class itself (Python 3.10 has no typing.Self)
 
 
 class CacheState:
@@ -18,7 +20,7 @@ class CacheState:
     ``layer_kept``, ``seen``), never one forward's worth of it."""
 
     @classmethod
-    def stack(cls, caches: list[Self]) -> Self:
+    def stack(cls: type[C], caches: list[C]) -> C:
         """One batched cache from one-row caches of different lengths (shorter rows padded with invalid slots)."""
         width = max(c.physical_length for c in caches)
         out = cls(len(caches[0].layers), batch_size=len(caches))
@@ -61,7 +63,7 @@ class CacheState:
         if self.layer_kept is not None:
             self.layer_kept = self.layer_kept.repeat(times, 1)
 
-    def clone(self) -> Self:
+    def clone(self: C) -> C:
         """An independent copy (keys, values and slot metadata): one compressed context, several continuations."""
         copy = type(self)(len(self.layers), self.rows)
         for dst, src in zip(copy.layers, self.layers, strict=True):
@@ -90,7 +92,9 @@ class CacheState:
         return state
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor], num_layers: int, seen: int, device=None, dtype=None) -> Self:
+    def from_state(
+        cls: type[C], state: dict[str, torch.Tensor], num_layers: int, seen: int, device=None, dtype=None
+    ) -> C:
         """A cache holding ``state`` (see :meth:`state_dict`), keys/values moved to ``device`` and ``dtype``."""
         rows = state["slot_idx"].shape[0]
         cache = cls(num_layers, rows)

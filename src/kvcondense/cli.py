@@ -75,7 +75,8 @@ def _generate_flags(p: argparse.ArgumentParser) -> None:
         "--prefill-chunk",
         type=_positive_int,
         default=512,
-        help="prefill chunk size: tokens per forward; the peak KV is what is kept plus one chunk (default 512)",
+        help="prefill chunk size: tokens per forward; the peak KV is what is kept plus one chunk (default 512; full "
+        "attention on sdpa reads the prompt in one causal pass, as transformers does)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for span placement and sampling (default 0)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
@@ -105,7 +106,12 @@ def _bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=_positive_int, nargs="+", default=[1024], help="context lengths in tokens")
     p.add_argument("--batch", type=_positive_int, nargs="+", default=[1], help="batch sizes for decoding")
     p.add_argument("--steps", type=_positive_int, default=8, help="timed decode steps (median reported)")
-    p.add_argument("--prefill-chunk", type=_positive_int, default=512, help="prefill chunk size (tokens per forward)")
+    p.add_argument(
+        "--prefill-chunk",
+        type=_positive_int,
+        default=512,
+        help="prefill chunk size (tokens per forward; full attention on sdpa: one pass)",
+    )
     p.add_argument(
         "--kv-budget-mb", type=float, default=None, help="fixed KV memory in MiB (2**20 bytes): largest batch that fits"
     )

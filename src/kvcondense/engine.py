@@ -110,7 +110,8 @@ class Stream:
         """Lay out a one-row prompt (unless it is a layout already), feed it in chunks of ``chunk_tokens``, free
         what expires after each, and set up the decode policy that continues it. A prompt that frees nothing
         before its end (:meth:`~kvcondense.layout.Layout.is_causal`: full attention) is read in one pass with the
-        model's own causal attention instead: chunks would bound nothing (every key is kept) and cost time.
+        model's own causal attention instead, on an sdpa model (:func:`~kvcondense.forward.can_feed_causally`):
+        chunks would bound no KV (every key is kept), only activations, as transformers' own prefill.
 
         Returns the logits of the row that predicts the first new token (V,), or with ``keep_logits`` those of
         every row of the layout (L, V).

@@ -23,6 +23,7 @@ from .layout import Kind, Layout, text_layout
 from .lora import lora_gate
 from .masks import batch_visibility, block_mask, to_attention_mask
 from .merge import batch_rules, merging_attention
+from .models import attention_window
 
 
 def attn_implementation(model) -> str:
@@ -32,16 +33,6 @@ def attn_implementation(model) -> str:
 def num_layers(model) -> int:
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return cfg.num_hidden_layers
-
-
-def attention_window(model) -> int | None:
-    """The narrowest window the model's own causal mask would impose on some layers (``sliding_window``,
-    ``attention_chunk_size``), or None. kvcondense's masks never apply one, so the model's own causal attention
-    (:func:`feed` with ``causal``) matches them only on sequences no longer than it."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    sizes = [getattr(cfg, key, None) for key in ("sliding_window", "attention_chunk_size")]
-    sizes = [s for s in sizes if isinstance(s, int) and not isinstance(s, bool) and s > 0]
-    return min(sizes) if sizes else None
 
 
 def pad_layouts(layouts: list[Layout], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -179,9 +170,17 @@ def parallel_forward(model, layouts: list[Layout], attention: str = "auto", **kw
 
 
 def can_feed_causally(model, layout: Layout) -> bool:
-    """Whether ``layout``, fed from an empty cache, may skip kvcondense's mask for the model's own causal one."""
+    """Whether ``layout``, fed from an empty cache, may be read in one pass with the model's own causal attention
+    instead of kvcondense's mask: a non-empty :meth:`~kvcondense.layout.Layout.is_causal` layout, within the
+    model's :func:`~kvcondense.models.attention_window`, on sdpa (its causal kernel needs no mask tensor; eager
+    would build an n x n mask and n x n weights per layer, which chunks bound)."""
     window = attention_window(model)
-    return layout.is_causal() and (window is None or len(layout) <= window)
+    return (
+        attn_implementation(model) in ("sdpa", "flex_attention")
+        and len(layout) > 0
+        and layout.is_causal()
+        and (window is None or len(layout) <= window)
+    )
 
 
 def chunk_mask(model, cache: EvictingCache, chunk: Layout, first: int) -> torch.Tensor:
@@ -226,13 +225,12 @@ def feed(
     ``input_ids`` (B, n) feeds B rows that share the chunk's layout (default: the layout's own ids, one row).
     Returns the chunk's logits (B, n, V), or with ``logits_rows`` (chunk indices) only those rows' (B, k, V):
     the LM head over a 49k vocabulary is a fifth of a small model's prefill, and a prompt needs one row of it.
-    ``causal``: the chunk is a whole :meth:`~kvcondense.layout.Layout.is_causal` layout on an empty cache, within
-    the model's :func:`attention_window`; no mask is built and the model applies its own causal attention (sdpa's
-    causal kernel, no (n, n) mask tensor).
+    ``causal``: the chunk is a whole layout that :func:`can_feed_causally`, on an empty cache; no mask is built
+    and the model applies its own causal attention (sdpa's causal kernel, no (n, n) mask tensor).
     """
     device = model.device
     ids = chunk.input_ids.unsqueeze(0) if input_ids is None else input_ids
-    if causal and not (cache.physical_length == 0 and first == 0 and can_feed_causally(model, chunk)):
+    if causal and not (cache.physical_length == cache.seen == first == 0 and can_feed_causally(model, chunk)):
         raise ValueError("a causal feed is a whole causal layout on an empty cache, within the attention window")
     if not causal:
         mask = (chunk_mask(model, cache, chunk, first) if mask is None else mask).to(device)

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,19 @@ def hub_snapshot(repo_id: str) -> Path:
     return path
 
 
+def attention_window(model) -> int | None:
+    """The narrowest window the model's own causal mask imposes on some of its layers (``sliding_window``,
+    ``attention_chunk_size``; none when ``layer_types`` lists only full attention), or None. kvcondense's masks
+    never apply one: past it, its attention is not the model's own."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    types = getattr(cfg, "layer_types", None)
+    if types is not None and all(t == "full_attention" for t in types):
+        return None
+    sizes = [getattr(cfg, key, None) for key in ("sliding_window", "attention_chunk_size")]
+    sizes = [s for s in sizes if isinstance(s, int) and not isinstance(s, bool) and s > 0]
+    return min(sizes) if sizes else None
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL, attn_implementation: str = "sdpa", dtype=torch.float32, device_map=None
 ):
@@ -156,6 +170,12 @@ def load_model(
     except (OSError, SafetensorError, RuntimeError) as e:  # no weights, a torn or empty file, shapes not the config's
         raise ModelError(f"the weights in {path} cannot be loaded ({type(e).__name__}: {_short(e)})") from e
     model.eval()
+    if (window := attention_window(model)) is not None:
+        warnings.warn(
+            f"{path} limits some layers' attention to a window of {window} tokens; kvcondense's masks do not, so "
+            f"past {window} tokens its full attention and compression are not the model's own",
+            stacklevel=2,
+        )
     return model, tokenizer
 
 

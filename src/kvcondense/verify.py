@@ -6,13 +6,11 @@ eviction at every position that carries a target (text positions).
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from .engine import incremental_forward
 from .errors import UsageError
-from .forward import attention_window, parallel_forward
+from .forward import parallel_forward
 from .layout import IGNORE, Layout
 from .masks import SUPPORTED_ATTN
 from .methods.sentinel import sentinel_layout
@@ -44,12 +42,6 @@ def check_family(model) -> None:
     if attn not in SUPPORTED_ATTN:
         raise UnsupportedModelError(
             f"attention implementation {attn!r} is not supported; load the model with attn_implementation='sdpa'"
-        )
-    if (window := attention_window(model)) is not None:
-        warnings.warn(
-            f"{model.config.model_type} limits some layers' attention to a window of {window} tokens; kvcondense's "
-            f"masks do not, so past {window} tokens its full attention and compression differ from the model's own",
-            stacklevel=2,
         )
     if model.config.model_type in VERIFIED_FAMILIES:
         return
