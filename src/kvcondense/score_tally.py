@@ -10,7 +10,6 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -27,11 +26,13 @@ QUERY_BLOCK = 256
 @dataclasses.dataclass(frozen=True)
 class Part:
     """The scoring queries ``lo..hi-1`` of the text read, and how their attention on each key is reduced over them
-    and over each KV head's group of query heads: ``"sum"`` or ``"max"``."""
+    and over each KV head's group of query heads: ``"sum"`` or ``"max"``. ``keys``: only the keys before this index
+    are scored (KVzip's replay scores the text, not its copy; the copy's keys still count in each query's softmax)."""
 
     lo: int
     hi: int
     reduce: str = "sum"
+    keys: int | None = None
 
 
 class Tally:
@@ -53,20 +54,27 @@ class Tally:
         row[i] = got
 
 
-def _reduced(query, k, rows: range, first: int, reduce: str, scale: float, kv_heads: int) -> torch.Tensor:
-    """The attention of query rows ``rows`` (local indices; absolute = ``first`` + local) on every key of ``k``,
-    causal, reduced over those rows and each KV head's group: (B, KV heads, keys)."""
-    b, h, t, _ = k.shape
-    op = (lambda x, dim: x.amax(dim)) if reduce == "max" else (lambda x, dim: x.sum(dim))
+def _reduced(query, k, rows: range, first: int, part: Part, scale: float) -> torch.Tensor:
+    """The attention of query rows ``rows`` (local indices; absolute = ``first`` + local) on the keys ``k``
+    (B, KV heads, T, d) (causal; the first ``part.keys`` of them if set), reduced over those rows and each KV head's
+    group of query heads: (B, KV heads, keys). A group's query heads are stacked on the rows of one product with
+    their KV head's keys (no copy of the keys per query head)."""
+    b, kv_heads, t, d = k.shape
+    groups = query.shape[1] // kv_heads
+    width = t if part.keys is None else min(t, part.keys)
+    op = (lambda x, dim: x.amax(dim)) if part.reduce == "max" else (lambda x, dim: x.sum(dim))
     total = None
     for lo in range(rows.start, rows.stop, QUERY_BLOCK):  # query rows in blocks: bounded memory
         hi = min(lo + QUERY_BLOCK, rows.stop)
-        q = query[:, :, lo:hi].float()
-        at = torch.arange(first + lo, first + hi, device=q.device)  # the rows' absolute positions
-        future = torch.arange(t, device=q.device)[None, :] > at[:, None]
-        probs = torch.softmax((q @ k.transpose(-1, -2) * scale).masked_fill(future, float("-inf")), dim=-1)
-        part = op(op(probs, 2).view(b, kv_heads, h // kv_heads, t), 2)  # over queries, then the group
-        total = part if total is None else (torch.maximum(total, part) if reduce == "max" else total + part)
+        seen = first + hi  # the keys the block's last row sees: every later key is in all its rows' future
+        q = query[:, :, lo:hi].float().reshape(b, kv_heads, groups * (hi - lo), d)  # query head h = kv * groups + j
+        logits = (q @ k[:, :, :seen].transpose(-1, -2)).mul_(scale).view(b, kv_heads, groups, hi - lo, seen)
+        corner = torch.ones(hi - lo, hi - lo, dtype=torch.bool, device=logits.device).triu_(1)  # row i: lo..lo+i
+        logits[..., first + lo :].masked_fill_(corner, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)[..., :width]  # normalised over every key seen; the scored ones kept
+        got = op(op(probs, 3), 2)  # over the block's rows, then the group's query heads
+        got = F.pad(got, (0, width - got.shape[-1]))  # keys no row of the block sees: no attention
+        total = got if total is None else (torch.maximum(total, got) if part.reduce == "max" else total + got)
     return total
 
 
@@ -84,8 +92,8 @@ def _scoring_attention(module, query, key, value, attention_mask, kvc_tally=None
         if len(rows) <= 0:
             continue
         if k is None:
-            k = repeat_kv(key, query.shape[1] // key.shape[1]).float()  # (B, H, T, d)
-        kvc_tally.add(module.layer_idx, i, _reduced(query, k, rows, first, part.reduce, scale, key.shape[1]))
+            k = key.float()  # (B, KV heads, T, d)
+        kvc_tally.add(module.layer_idx, i, _reduced(query, k, rows, first, part, scale))
     if kvc_tally.value_norm:
         kvc_tally.norms[module.layer_idx] = value.float().norm(dim=-1)
     kvc_tally.keys[module.layer_idx] = t

@@ -161,7 +161,7 @@ def repeat_scores(model, ids: torch.Tensor, instruction: torch.Tensor, chunk_tok
     or the replay (and of any query head of the group) puts on it. Returns (layers, KV heads, T)."""
     replay = torch.cat([ids, instruction, ids])
     n, t = replay.shape[0], ids.shape[0]
-    (scores,), _ = scoring_pass(model, replay, (Part(t, n, "max"),), chunk_tokens)  # the request's queries too
+    (scores,), _ = scoring_pass(model, replay, (Part(t, n, "max", keys=t),), chunk_tokens)  # the request's too
     return scores[..., :t]
 
 
@@ -180,7 +180,7 @@ def _with_scores(model, method: Method, text: TokenizedText, keep: bool = False)
     if spec.replay < 1:
         parts.append(Part(n - max(1, min(spec.window, n)), n, "sum"))
     if spec.replay > 0:  # KVzip without its request to repeat (the method has no tokenizer): the text, then its copy
-        parts.append(Part(n, 2 * n, "max"))
+        parts.append(Part(n, 2 * n, "max", keys=n))
     ids = text.ids if spec.replay == 0 else torch.cat([text.ids, text.ids])
     value_norm = spec.value_norm and spec.replay < 1
     got, norms, read = _pass(model, ids, tuple(parts), READ_CHUNK, value_norm, n if keep else 0)
