@@ -17,38 +17,20 @@ from kvcondense.methods import EpisodeTokens, TokenizedText
 DATA = Path(__file__).parent / "data"
 VOCAB = 100
 
+_DECODER = dict(  # the shape of the tiny RoPE models
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
 _CONFIGS = {
-    "llama": lambda: LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    ),
-    "qwen2": lambda: Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    ),
+    "llama": lambda: LlamaConfig(**_DECODER, tie_word_embeddings=True),
+    "qwen2": lambda: Qwen2Config(**_DECODER, tie_word_embeddings=False),
     "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=512),
-    "mistral": lambda: MistralConfig(  # a sliding window, which kvcondense's masks do not apply
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        sliding_window=16,
-    ),
+    "mistral": lambda: MistralConfig(**_DECODER, sliding_window=16),  # a window kvcondense's masks do not apply
 }
 
 

@@ -148,22 +148,19 @@ def test_a_full_attention_prompt_is_one_causal_pass_with_the_chunked_logits(fami
 def test_a_sliding_window_model_is_not_fed_causally_past_its_window(attn):
     """The model's own causal mask would apply its sliding window, which kvcondense's masks never do: a prompt
     longer than the window keeps the masked chunks (and the logits of the parallel forward); a shorter one does not."""
-    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, Qwen2Config
 
     from kvcondense.forward import can_feed_causally, parallel_forward
     from kvcondense.layout import text_layout
     from kvcondense.methods import FullAttention
     from kvcondense.models import attention_window
 
+    model = tiny_model("mistral", attn)
+    assert attention_window(model) == 16 and attention_window(tiny_model("llama")) is None
     shape = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(
-        MistralConfig(**shape, num_key_value_heads=2, sliding_window=8), attn_implementation=attn
-    ).eval()
-    assert attention_window(model) == 8 and attention_window(tiny_model("llama")) is None
     no_layer_slides = Qwen2Config(**shape, use_sliding_window=True, sliding_window=8, max_window_layers=2)
     assert attention_window(AutoModelForCausalLM.from_config(no_layer_slides)) is None
-    for n, one_pass in ((40, False), (8, attn == "sdpa")):
+    for n, one_pass in ((40, False), (16, attn == "sdpa")):
         text = prompt(n, 5)
         assert can_feed_causally(model, text_layout(text.ids)) == one_pass
         logits = Stream(model, FullAttention(), TOKENS).prefill(text, chunk_tokens=16, keep_logits=True)
