@@ -167,3 +167,13 @@ def test_a_sliding_window_model_is_not_fed_causally_past_its_window(attn):
         with torch.no_grad():
             reference = parallel_forward(model, [text_layout(text.ids)]).logits[0]
         torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [0, -3])
+def test_a_chunk_of_no_tokens_is_one_clear_error_not_a_hang(chunk):
+    from kvcondense.scoring import token_scores
+
+    with pytest.raises(UsageError, match="at least one token"):
+        Stream(tiny_model("llama"), sentinel(), TOKENS).prefill(prompt(40, 1), chunk_tokens=chunk)
+    with pytest.raises(UsageError, match="at least one token"):
+        token_scores(tiny_model("llama"), prompt(20, 1).ids, 4, chunk_tokens=chunk)

@@ -287,6 +287,8 @@ def feed_text(model, cache: EvictingCache, ids: torch.Tensor, first: int, positi
 def chunk_bounds(layout: Layout, chunk_size: int) -> list[tuple[int, int]]:
     """Chunks of at most ``chunk_size`` positions that also end at every cut the layout asks for (CCM-merge:
     a memory update must be complete before a later token attends to it)."""
+    if chunk_size < 1:
+        raise UsageError(f"a chunk holds at least one token, got {chunk_size}")
     cuts = sorted({c for c in layout.cuts if 0 < c < len(layout)} | {len(layout)})  # a slice keeps later cuts
     bounds, lo = [], 0
     for cut in cuts:

@@ -116,6 +116,8 @@ def check_full_attention(config, n: int) -> None:
 
 
 def _read(inner, ids, tally: Tally, chunk_tokens: int, keep: int = 0):
+    if chunk_tokens < 1:
+        raise UsageError(f"the scoring pass reads at least one token at a time, got chunk_tokens={chunk_tokens}")
     n = ids.shape[0]
     base = attn_implementation(inner)
     score_base = "eager" if base == "eager" else "sdpa"  # flash/flex kernels cannot take the mask the scores need
