@@ -177,3 +177,43 @@ def test_a_chunk_of_no_tokens_is_one_clear_error_not_a_hang(chunk):
         Stream(tiny_model("llama"), sentinel(), TOKENS).prefill(prompt(40, 1), chunk_tokens=chunk)
     with pytest.raises(UsageError, match="at least one token"):
         token_scores(tiny_model("llama"), prompt(20, 1).ids, 4, chunk_tokens=chunk)
+
+
+def test_a_token_outside_the_vocabulary_is_refused_before_the_stream_moves():
+    model, p = tiny_model("llama"), prompt(20, 0)
+    stream, fresh = Stream(model, sentinel(), TOKENS), Stream(model, sentinel(), TOKENS)
+    stream.prefill(p), fresh.prefill(p)
+    for bad in (model.config.vocab_size, -1):
+        with pytest.raises(UsageError, match="outside the model's vocabulary"):
+            stream.step([bad])
+    torch.testing.assert_close(stream.step([5]).logits, fresh.step([5]).logits)  # the same position as a fresh one
+
+
+def test_a_stack_decodes_on_copies_of_its_rows_policies():
+    model = tiny_model("llama")
+    rows = [Stream(model, sentinel(), TOKENS) for _ in range(2)]
+    for i, row in enumerate(rows):
+        row.prefill(prompt(12 + 5 * i, i))
+    alone = rows[0].clone()
+    stacked = Stream.stack(rows)
+    for token in range(5, 25):  # long enough to open and close spans
+        stacked.step([token, token + 1])
+    for token in range(5, 25):  # the source row is where it was: it decodes as its clone does
+        torch.testing.assert_close(rows[0].step([token]).logits, alone.step([token]).logits)
+
+
+def test_stream_misuse_is_one_clear_error():
+    model = tiny_model("llama")
+    with pytest.raises(UsageError, match="empty prompt"):
+        Stream(model, sentinel(), TOKENS).prefill(prompt(0, 0))
+    with pytest.raises(ValueError, match="stack one or more prefilled one-row streams"):
+        Stream.stack([])
+    with pytest.raises(ValueError, match="stack one or more prefilled one-row streams"):
+        Stream.stack([Stream(model, sentinel(), TOKENS)])  # never prefilled
+    repeated = Stream(model, sentinel(), TOKENS)
+    repeated.prefill(prompt(10, 0))
+    with pytest.raises(ValueError, match="at least once"):
+        repeated.repeat(0)
+    repeated.repeat(2)
+    with pytest.raises(ValueError, match="not a repeated or stacked one"):
+        Stream.stack([repeated])

@@ -23,15 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from .cache import EvictingCache
-from .forward import (
-    can_feed_causally,
-    chunk_bounds,
-    feed,
-    num_layers,
-    step_mask_kind,
-    store_read,
-    writing_into,
-)
+from .errors import UsageError
+from .forward import can_feed_causally, chunk_bounds, feed, num_layers, step_mask_kind, store_read, writing_into
 from .layout import Kind, Layout
 from .masks import to_attention_mask
 from .methods import Method, StepPiece, TokenizedText
@@ -120,10 +113,12 @@ class Stream:
             raise ValueError("prefill feeds one row; stack one-row streams with Stream.batch")
         if self.seen[0] != 0:  # a layout's expiry and starts are indices from its own first token
             raise ValueError("prefill starts a stream on an empty cache; continue a stream with step()")
+        if len(prompt) == 0:
+            raise UsageError("an empty prompt: give at least one token to prefill")
         read = None  # a method that reads token scores gets its scoring pass here, which may read the prompt for us
-        if not isinstance(prompt, Layout):
-            prompt, read = prompt_layout(self.model, self.method, prompt, self.token_ids, seed)
         layout = prompt
+        if not isinstance(prompt, Layout):
+            layout, read = prompt_layout(self.model, self.method, prompt, self.token_ids, seed)
         predict_from = self.method.predict_from if self.method is not None else (Kind.TEXT,)
         predictors = torch.isin(layout.kinds, torch.tensor([int(k) for k in predict_from]))
         last = int(torch.nonzero(predictors).max()) if bool(predictors.any()) else len(layout) - 1
@@ -134,9 +129,7 @@ class Stream:
             self.cache.evict(len(layout))
             logits = read.logits
         else:
-            # a prompt that frees nothing before its end gains nothing from chunks (every key is kept either way):
-            # one pass, with the model's own causal attention, as transformers' prefill
-            causal = can_feed_causally(self.model, layout)
+            causal = can_feed_causally(self.model, layout)  # one pass: chunks would free nothing (see above)
             for lo, hi in [(0, len(layout))] if causal else chunk_bounds(layout, chunk_tokens):
                 wanted = lo <= last < hi
                 rows = None if keep_logits else torch.tensor([last - lo if wanted else hi - lo - 1])
@@ -174,11 +167,13 @@ class Stream:
     @classmethod
     def stack(cls, rows: Sequence[Stream]) -> Stream:
         """One stream from prefilled one-row streams (their caches stacked, shorter rows padded with invalid
-        slots; each row keeps its own policy and logical length)."""
+        slots; each row keeps a copy of its own policy and its logical length: the rows stay usable apart)."""
+        if not rows or any(s.cache.rows != 1 or len(s.policies) != 1 for s in rows):
+            raise ValueError("stack one or more prefilled one-row streams (not a repeated or stacked one)")
         first = rows[0]
         stream = cls(first.model, first.method, first.token_ids, EvictingCache.stack([s.cache for s in rows]))
         stream.slack = first.slack
-        stream.policies = [p for s in rows for p in s.policies]
+        stream.policies = copy.deepcopy([p for s in rows for p in s.policies])
         stream.seen = [n for s in rows for n in s.seen]
         stream.layouts = [lay for s in rows for lay in s.layouts]
         stream.peak_kv_bytes = max(s.peak_kv_bytes for s in rows)
@@ -186,6 +181,8 @@ class Stream:
 
     def repeat(self, times: int) -> None:
         """Turn a prefilled one-row stream into ``times`` identical rows sharing one policy (benchmarks)."""
+        if times < 1 or len(self.policies) != 1:
+            raise ValueError(f"repeat a prefilled one-row stream at least once, not {times} times")
         self.cache.repeat_rows(times)
 
     def clone(self) -> Stream:
@@ -202,6 +199,9 @@ class Stream:
         out, keys it frees are marked, the piece is fed at the row's logical indices, and what expired is freed."""
         if len(tokens) != len(self.policies):
             raise ValueError(f"step got {len(tokens)} tokens for {len(self.policies)} rows")
+        vocab = self.model.get_input_embeddings().weight.shape[0]
+        if bad := [t for t in tokens if t is not None and not 0 <= t < vocab]:  # before any row's policy moves on
+            raise UsageError(f"token ids {bad} are outside the model's vocabulary (0..{vocab - 1})")
         pieces = [None if t is None else policy.step(t) for policy, t in zip(self.policies, tokens, strict=True)]
         shared = len(self.policies) == 1
         for b, piece in enumerate(pieces):
