@@ -217,3 +217,37 @@ def test_stream_misuse_is_one_clear_error():
     repeated.repeat(2)
     with pytest.raises(ValueError, match="not a repeated or stacked one"):
         Stream.stack([repeated])
+
+
+def test_bad_generation_settings_are_one_clear_line():
+    from kvcondense.batch import generate_batch
+
+    model = tiny_model("llama")
+    for bad in ({"max_new_tokens": -1}, {"stop": [""]}, {"stop": "x"}):
+        with pytest.raises(UsageError, match="max_new_tokens must be|non-empty strings"):
+            generate(model, Tok(), sentinel(), TOKENS, prompt(10, 0), progress=False, **bad)
+    with pytest.raises(UsageError, match="max_new_tokens must be"):
+        generate_batch(model, Tok(), sentinel(), TOKENS, [prompt(10, 0)], -1)
+    with pytest.raises(UsageError, match="a batch needs prompts"):
+        generate_batch(model, Tok(), sentinel(), TOKENS, [], 4)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(UsageError, match="temperature"):
+            Sampling(temperature=bad)
+    with pytest.raises(UsageError, match="top-p"):
+        Sampling(top_p=float("nan"))
+
+
+@pytest.mark.parametrize(
+    "name,params,match",
+    [("sentinel", {"decode_span": 0}, "decode_span"), ("local", {"ratio": 1e-5}, "1/10000")],
+)
+def test_method_settings_that_would_break_later_are_refused_at_once(name, params, match):
+    with pytest.raises(UsageError, match=match):
+        build_method(name, **params)
+
+
+def test_an_unknown_method_is_one_line_in_every_entry():
+    from kvcondense.methods import check_params
+
+    with pytest.raises(UsageError, match="unknown method 'bogus'"):
+        check_params("bogus", {})

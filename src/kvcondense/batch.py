@@ -33,8 +33,10 @@ def generate_batch(
     """Generation for several prompts at once (greedy unless ``sampling`` says otherwise; one sampler draws for
     every row). Returns each row's new token ids and the final cache."""
     texts = [tokenize(p, tokenizer) if isinstance(p, str) else p for p in prompts]
-    if any(len(t) == 0 for t in texts):
-        raise UsageError("a prompt of the batch is empty; give every row some text")
+    if not texts or any(len(t) == 0 for t in texts):
+        raise UsageError("a batch needs prompts, each with some text")
+    if max_new_tokens < 0:
+        raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     limit = context_limit(model)
     longest = max(len(t) for t in texts)
     if limit is not None and longest + max_new_tokens > limit:

@@ -70,6 +70,10 @@ def generate(
     text = tokenize(prompt, tokenizer) if isinstance(prompt, str) else prompt
     if len(text) == 0:
         raise UsageError("the prompt is empty; give some text")
+    if max_new_tokens < 0:
+        raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if isinstance(stop, str) or any(not s for s in stop):
+        raise UsageError(f"stop takes a list of non-empty strings, got {stop!r}")
     limit = context_limit(model)
     if limit is not None and len(text) + max_new_tokens > limit and not allow_long_context:
         raise UsageError(

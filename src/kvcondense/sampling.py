@@ -29,8 +29,8 @@ class Sampling:
     _generator: torch.Generator = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise UsageError(f"--temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):  # NaN and inf too
+            raise UsageError(f"--temperature must be a number >= 0 (0: greedy), got {self.temperature}")
         if self.top_k < 0:
             raise UsageError(f"--top-k must be >= 0 (0: off), got {self.top_k}")
         if not 0 < self.top_p <= 1:

@@ -214,6 +214,8 @@ class MemorySession:
     @torch.no_grad()
     def answer(self, query: str, max_new_tokens: int = 64, stop: str = "\n") -> str:
         """Greedy answer to ``query`` from memory; generation stops after ``stop`` or at end of sequence."""
+        if max_new_tokens < 0:
+            raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         eos = self.tokenizer.eos_token_id
         new: list[int] = []
         ids = self._ids(query, "input")

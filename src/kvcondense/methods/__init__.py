@@ -48,6 +48,8 @@ def build_method(name: str, **params) -> Method:
 
 def check_params(name: str, params: dict, source: str = "") -> None:
     """Refuse parameters that method ``name`` does not take (a flag for another method is never silently ignored)."""
+    if name not in METHODS:
+        raise UsageError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
     cls = METHODS[name]
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(k for k, v in params.items() if v is not None and k not in fields)

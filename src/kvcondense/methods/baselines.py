@@ -139,6 +139,8 @@ class LocalAttention(Method):
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
+        if Fraction(self.ratio).limit_denominator(10_000) == 0:
+            raise UsageError(f"ratio {self.ratio} is below 1/10000, the precision of local attention's window")
 
     def layout(self, text: TokenizedText, token_ids: dict[str, int], seed: int = 0) -> Layout:
         return text_layout(text.ids, local_expiry(len(text), self.ratio))

@@ -231,6 +231,8 @@ class Sentinel(Method):
             )
         if self.max_span_words < 2:
             raise UsageError(f"max_span_words must be >= 2, got {self.max_span_words}")
+        if self.decode_span < 1:
+            raise UsageError(f"decode_span must be >= 1, got {self.decode_span}")
 
     def scoring(self) -> Scoring | None:
         return Scoring(self.score_window) if self.placement == "scored" else None
