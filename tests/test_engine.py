@@ -251,3 +251,20 @@ def test_an_unknown_method_is_one_line_in_every_entry():
 
     with pytest.raises(UsageError, match="unknown method 'bogus'"):
         check_params("bogus", {})
+
+
+def test_positions_past_the_context_are_counted_on_the_layout_and_a_learned_table_is_never_overrun():
+    """Gist tokens take positions of their own: a prompt within the context as text can run past it as a layout.
+    A model with learned absolute positions (GPT-2) cannot extrapolate: past its table is one line, not an
+    IndexError, even with allow_long_context, in the prompt and while decoding."""
+    gist = build_method("gist")
+    with pytest.raises(UsageError, match="compressed prompt takes"):
+        generate(tiny_model("llama"), Tok(), gist, TOKENS, prompt(400, 0), 12, progress=False)
+    gpt2 = tiny_model("gpt2")
+    with pytest.raises(UsageError, match="past the model's 512 learned positions"):
+        generate(gpt2, Tok(), gist, TOKENS, prompt(400, 0), 12, progress=False, allow_long_context=True)
+    stream = Stream(gpt2, build_method("local"), TOKENS)
+    logits = stream.prefill(prompt(505, 1))
+    with pytest.raises(UsageError, match="position 512 is past"):
+        for _ in generate_step(stream, logits, 20):
+            pass

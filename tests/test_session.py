@@ -99,6 +99,10 @@ def test_empty_turn_is_refused():
         session.feed("   ")
     with pytest.raises(ValueError, match="turn is empty"):
         session.feed(torch.tensor([], dtype=torch.long))
+    with pytest.raises(ValueError, match="1-D tensor of token ids"):
+        session.feed(torch.tensor([[5, 6, 7]]))
+    with pytest.raises(ValueError, match="max_new_tokens must be"):
+        session.answer("who?", max_new_tokens=-1)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import torch
 from .cache import EvictingCache
 from .engine import PREFILL_CHUNK, Sampling, Stream, generate_step
 from .errors import UsageError
-from .generate import context_limit
+from .generate import check_layout_positions, context_limit
 from .methods import Method, TokenizedText, tokenize
 
 
@@ -45,6 +45,7 @@ def generate_batch(
             f"context of {limit}; shorten it or generate fewer tokens"
         )
     stream, logits = Stream.batch(model, method, token_ids, texts, chunk_tokens, seed)
+    check_layout_positions(limit, stream, max_new_tokens)
     new: list[list[int]] = [[] for _ in texts]
     for tokens in generate_step(stream, logits, max_new_tokens, tokenizer.eos_token_id, sampling):
         for row, token in zip(new, tokens, strict=True):

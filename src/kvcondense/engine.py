@@ -28,6 +28,7 @@ from .forward import can_feed_causally, chunk_bounds, feed, num_layers, step_mas
 from .layout import Kind, Layout
 from .masks import to_attention_mask
 from .methods import Method, StepPiece, TokenizedText
+from .models import check_positions, learned_positions
 from .sampling import Sampling
 from .scoring import prompt_layout
 
@@ -90,6 +91,7 @@ class Stream:
         self.seen: list[int] = [self.cache.seen if seen is None else seen] * self.cache.rows
         self.layouts: list[Layout] = []
         self.peak_kv_bytes = self.peak_slots = 0
+        self.position_table = learned_positions(model)  # GPT-2's: a position past it is an error, not extrapolated
 
     # -- prompts ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -119,6 +121,7 @@ class Stream:
         layout = prompt
         if not isinstance(prompt, Layout):
             layout, read = prompt_layout(self.model, self.method, prompt, self.token_ids, seed)
+        check_positions(self.position_table, layout.position_ids)
         predict_from = self.method.predict_from if self.method is not None else (Kind.TEXT,)
         predictors = torch.isin(layout.kinds, torch.tensor([int(k) for k in predict_from]))
         last = int(torch.nonzero(predictors).max()) if bool(predictors.any()) else len(layout) - 1
@@ -170,12 +173,10 @@ class Stream:
         slots; each row keeps a copy of its own policy and its logical length: the rows stay usable apart)."""
         if not rows or any(s.cache.rows != 1 or len(s.policies) != 1 for s in rows):
             raise ValueError("stack one or more prefilled one-row streams (not a repeated or stacked one)")
-        first = rows[0]
-        stream = cls(first.model, first.method, first.token_ids, EvictingCache.stack([s.cache for s in rows]))
-        stream.slack = first.slack
+        one = rows[0]
+        stream = cls(one.model, one.method, one.token_ids, EvictingCache.stack([s.cache for s in rows]), one.slack)
         stream.policies = copy.deepcopy([p for s in rows for p in s.policies])
-        stream.seen = [n for s in rows for n in s.seen]
-        stream.layouts = [lay for s in rows for lay in s.layouts]
+        stream.seen, stream.layouts = [n for s in rows for n in s.seen], [lay for s in rows for lay in s.layouts]
         stream.peak_kv_bytes = max(s.peak_kv_bytes for s in rows)
         return stream
 
@@ -203,6 +204,7 @@ class Stream:
         if bad := [t for t in tokens if t is not None and not 0 <= t < vocab]:  # before any row's policy moves on
             raise UsageError(f"token ids {bad} are outside the model's vocabulary (0..{vocab - 1})")
         pieces = [None if t is None else policy.step(t) for policy, t in zip(self.policies, tokens, strict=True)]
+        check_positions(self.position_table, *(p.layout.position_ids for p in pieces if p is not None))
         shared = len(self.policies) == 1
         for b, piece in enumerate(pieces):
             for logical, expire in piece.updates if piece is not None else ():

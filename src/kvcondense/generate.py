@@ -36,6 +36,17 @@ class Generation:
     slots_per_step: list[int] = field(default_factory=list)
 
 
+def check_layout_positions(limit: int | None, stream: Stream, max_new_tokens: int) -> None:
+    """Refuse a prompt whose layout, with ``max_new_tokens`` after it, runs past ``limit`` positions: a method's
+    special tokens may take positions of their own (gist tokens do), beyond the text's count checked before."""
+    used = max(int(lay.position_ids.max()) + 1 for lay in stream.layouts)
+    if limit is not None and used + max_new_tokens > limit:
+        raise UsageError(
+            f"the compressed prompt takes {used} positions (its special tokens take some) and with {max_new_tokens} "
+            f"new tokens exceeds the model's context of {limit}; shorten the prompt or generate fewer tokens"
+        )
+
+
 def context_limit(model) -> int | None:
     cfg = model.config
     return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
@@ -82,6 +93,8 @@ def generate(
         )
     stream = Stream(model, method, token_ids, slack=slack)
     logits = stream.prefill(text, chunk_tokens, seed)
+    if not allow_long_context:
+        check_layout_positions(limit, stream, max_new_tokens)
     cache, new, slots = stream.cache, [], []
     steps = generate_step(stream, logits, max_new_tokens, tokenizer.eos_token_id, sampling)
     for (token,) in tqdm(steps, total=max_new_tokens, desc="generate", disable=not progress, leave=False):

@@ -134,6 +134,25 @@ def attention_window(model) -> int | None:
     return min(sizes) if sizes else None
 
 
+def learned_positions(model) -> int | None:
+    """How many positions a model with a table of learned absolute positions has (GPT-2's ``wpe``, OPT's
+    ``embed_positions``), or None (RoPE and the like: later positions extrapolate)."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding) and name.endswith(("wpe", "embed_positions", "position_embeddings")):
+            return module.num_embeddings - getattr(module, "offset", 0)
+    return None
+
+
+def check_positions(table: int | None, *positions: torch.Tensor) -> None:
+    """Refuse in one line to feed positions past a table of ``table`` learned positions (None: no table)."""
+    last = max((int(p.max()) for p in positions if p.numel()), default=-1)
+    if table is not None and last >= table:
+        raise UsageError(
+            f"position {last} is past the model's {table} learned positions (its special tokens take positions "
+            "too); shorten the prompt or generate fewer tokens"
+        )
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL, attn_implementation: str = "sdpa", dtype=torch.float32, device_map=None
 ):

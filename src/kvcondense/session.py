@@ -117,6 +117,8 @@ class MemorySession:
             return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
         if text.numel() == 0:
             raise UsageError(f"the {what} is empty; give some text")
+        if text.dim() != 1:
+            raise UsageError(f"the {what} takes a 1-D tensor of token ids, got shape {tuple(text.shape)}")
         return text.long()
 
     # -- positions --------------------------------------------------------------------------------------------------
