@@ -65,3 +65,11 @@ def test_ccm_batch_equals_rows_alone(method):
     with model.disable_adapter():  # the LoRA matters here: without it the rows decode otherwise
         base = [generate(model, Tok(), m, comp, p, 12, chunk_tokens=16, progress=False).new_tokens for p in prompts]
     assert base != new
+
+
+def test_a_one_token_prompt_of_a_per_head_method_joins_a_batch():
+    """Its per-head expiry equals the per-slot one (nothing pending per head), so its cache stacks with the others."""
+    model, method = tiny_model("llama"), build_method("scored-heads")
+    prompts = [prompt(1, 0), prompt(40, 1)]
+    rows, _ = generate_batch(model, Tok(), method, TOKENS, prompts, 5)
+    assert rows == [generate(model, Tok(), method, TOKENS, p, 5, progress=False).new_tokens for p in prompts]

@@ -144,6 +144,8 @@ class EvictingCache(CacheState, Cache):
     ) -> None:
         """Record the metadata of the tokens a forward pass has just added to every layer (``k_heads``: their expiry
         per layer and KV head, (B, layers, KV heads, n), if it differs from ``k_expire``)."""
+        if k_heads is not None and self.slot_heads is None and bool((k_heads == k_expire[:, None, None]).all()):
+            k_heads = None  # every head follows the per-slot expiry: nothing per head to apply later
         if k_heads is not None or self.slot_heads is not None:
             shape = (k_heads if k_heads is not None else self.slot_heads).shape[1:3]
             old = self.slot_expire[:, None, None].expand(-1, *shape, -1) if self.slot_heads is None else self.slot_heads
