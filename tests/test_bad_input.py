@@ -119,6 +119,25 @@ def test_out_holding_another_checkpoint_needs_overwrite(capsys, trained, tiny_di
     assert read_meta(other)["run_id"] != read_meta(trained)["run_id"]
 
 
+def test_a_users_files_inside_a_checkpoint_survive_its_replacement(trained, tiny_dir, sample_path, tmp_path):
+    """Results, notes or an export kept in a checkpoint's folder move into the checkpoint that replaces it
+    (--overwrite, and every save of a run: they used to go with the old copy)."""
+    other = Path(shutil.copytree(trained, tmp_path / "other"))
+    (other / "NOTES.txt").write_text("my notes\n")
+    (other / "exported").mkdir()
+    (other / "exported" / "adapter.bin").write_bytes(b"x")
+    mine = snapshot(other / "NOTES.txt", other / "exported")
+    assert main([str(a) for a in train_args(tiny_dir, sample_path, other, "--overwrite")]) == 0
+    assert snapshot(other / "NOTES.txt", other / "exported") == mine
+    assert read_meta(other)["run_id"] != read_meta(trained)["run_id"]
+
+
+def test_a_batch_larger_than_the_data_is_one_line_not_a_hang(capsys, tiny_dir, sample_path, tmp_path):
+    out = tmp_path / "big-batch"
+    fails_cleanly(capsys, *train_args(tiny_dir, sample_path, out, "--batch-size", "1000"), match="fewer than one batch")
+    assert not out.exists()
+
+
 def test_out_that_is_a_file(capsys, tiny_dir, sample_path, tmp_path):
     (f := tmp_path / "f").write_text("x")
     fails_cleanly(capsys, *train_args(tiny_dir, sample_path, f), match="is an existing file", keep=(tmp_path,))

@@ -88,7 +88,7 @@ def write_checkpoint(
 
     A checkpoint already at ``out`` is replaced only when it belongs to the same run (``meta["run_id"]``) or to
     a run named in ``replaces`` (the previous run's, when ``--overwrite`` was given). Anything else at ``out`` is
-    refused, and is never deleted.
+    refused, and is never deleted; files of the user's inside a replaced checkpoint move into the new one.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +111,9 @@ def write_checkpoint(
             out.rename(old)
         tmp.rename(out)  # a kill between the two renames is recovered by recover()
         if old is not None:
+            for entry in old.iterdir():  # what else is in the folder (results, notes, an export) is the user's
+                if entry.name not in OURS:
+                    entry.rename(out / entry.name)
             shutil.rmtree(old)
     except (OSError, SafetensorError) as e:  # a full disk, a quota: the previous checkpoint is still whole
         raise CheckpointError(f"could not write the checkpoint {out} ({_reason(e)}); the previous one is intact") from e

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .data.episodes import truncation
+from .errors import UsageError
 from .layout import Layout, with_continuation
 from .methods import EpisodeTokens, Method, TokenizedText, tokenize, tokenize_episode
 from .scoring import method_layout
@@ -75,7 +76,16 @@ def episode_prompts(episodes, tokenizer, budget: int) -> list[Prompted]:
 
 def batches(blocks: list, batch_size: int, seed: int, rank: int = 0, world: int = 1):
     """Endless stream of (epoch, list of (block index, block)), reshuffled every epoch; each process takes its
-    own slice of every global batch."""
+    own slice of every global batch. Refused at once when the data holds less than one global batch."""
+    if len(blocks) < batch_size * world:  # not one batch in an epoch: the stream would look for one forever
+        raise UsageError(
+            f"the data makes {len(blocks)} training examples, fewer than one batch of {batch_size * world} "
+            f"(--batch-size {batch_size} x {world} processes); give more text, smaller --block-tokens or batches"
+        )
+    return _epochs(blocks, batch_size, seed, rank, world)
+
+
+def _epochs(blocks: list, batch_size: int, seed: int, rank: int, world: int):
     epoch = 0
     global_bs = batch_size * world
     while True:
