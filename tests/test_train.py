@@ -274,3 +274,42 @@ def test_a_checkpoint_is_readable_by_others_as_the_umask_allows(tiny_dir, sample
     assert any(p.name == "adapter.safetensors" for p in paths) and any(p.is_dir() for p in paths[1:])
     for p in paths:
         assert stat.S_IMODE(p.stat().st_mode) == (0o755 if p.is_dir() else 0o644), p
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"steps": 2.5}, "steps must be int"),  # the final save never fired: "written" and no checkpoint
+        ({"lr": "1e-3"}, "YAML reads 1e-3 as text"),
+        ({"lr": float("nan")}, "lr must be a finite number"),
+        ({"max_grad_norm": float("inf")}, "max_grad_norm must be a finite number"),
+        ({"seed": None}, "seed must be int"),
+        ({"steps": True}, "steps must be a whole number"),
+        ({"schedule": "reduce_lr_on_plateau"}, "unknown schedule"),
+        ({"log_every": 0}, "log_every must be >= 1"),
+        ({"report_to": "tensorboard"}, "report_to must be a list"),
+        ({"lora": {"r": 8, "extra": 1}}, "lora has unknown settings"),
+        ({"lora": {"r": "8"}}, "lora.r must be int"),
+    ],
+)
+def test_training_settings_of_the_wrong_type_are_one_line(tiny_dir, sample_path, tmp_path, bad, match):
+    """Python callers and --config files (YAML reads 1e-3 as a string) are checked like a checkpoint's config."""
+    with pytest.raises(UsageError, match=match):
+        config(tiny_dir, sample_path, tmp_path / "out", **bad)
+
+
+def test_a_diverged_adapter_is_never_saved(tiny_dir, sample_path, tmp_path, monkeypatch):
+    import kvcondense.train as train_module
+
+    real = train_module.checkpoint_tensors
+
+    def poisoned(*args, **kwargs):
+        adapter, trainable, optimizer = real(*args, **kwargs)
+        name = next(iter(adapter))
+        return {**adapter, name: torch.full_like(adapter[name], float("nan"))}, trainable, optimizer
+
+    monkeypatch.setattr(train_module, "checkpoint_tensors", poisoned)
+    out = tmp_path / "diverged"
+    with pytest.raises(UsageError, match="training diverged: .* holds NaN or inf"):
+        train(config(tiny_dir, sample_path, out, steps=2))
+    assert not out.exists()

@@ -62,8 +62,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if min(self.contexts) < 8 or min(self.batches) < 1 or self.decode_steps < 1:
             raise UsageError("contexts must be >= 8 tokens, batches and --steps >= 1")
-        if self.kv_budget_mb is not None and self.kv_budget_mb <= 0:
-            raise UsageError(f"--kv-budget-mb must be > 0, got {self.kv_budget_mb}")
+        if self.kv_budget_mb is not None and not 0 < self.kv_budget_mb < float("inf"):  # NaN and inf too
+            raise UsageError(f"--kv-budget-mb must be a number > 0, got {self.kv_budget_mb}")
 
 
 def peak_rss_mb() -> float:

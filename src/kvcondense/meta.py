@@ -6,6 +6,8 @@ before any of it is used; the message names the field, so a mistyped edit is one
 
 from __future__ import annotations
 
+import math
+
 from .methods import METHODS
 
 FORMAT = 1
@@ -59,8 +61,22 @@ def _wrong(section: str, obj: dict, spec: dict, required: bool) -> str | None:
             return f"field {section}{key} must be a {'number' if kind is _NUMBER else 'whole number'}, got {value!r}"
         if not isinstance(value, kind):
             names = " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
-            return f"field {section}{key} must be {names}, got {type(value).__name__} {str(value)[:40]!r}"
+            hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) and kind is _NUMBER else ""
+            return f"field {section}{key} must be {names}, got {type(value).__name__} {str(value)[:40]!r}{hint}"
+        if kind is _NUMBER and not math.isfinite(value):
+            return f"field {section}{key} must be a finite number, got {value!r}"
     return None
+
+
+def training_problem(training: dict, lora: dict | None = None) -> str | None:
+    """The first problem of a set of training settings (``TrainConfig``'s fields, a ``--config`` file's) and of
+    their LoRA settings: an unknown LoRA key, or a value of the wrong type; None when they are well-formed."""
+    if lora is not None:
+        if extra := sorted(set(lora) - set(_LORA)):
+            return f"lora has unknown settings {extra}; it takes {', '.join(_LORA)}"
+        if (problem := _wrong("lora.", lora, _LORA, required=False)) is not None:
+            return problem
+    return _wrong("", training, _TRAINING_OPTIONAL, required=False)
 
 
 def validate_meta(meta) -> str | None:

@@ -215,6 +215,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
         if tensors is None:
             return
         adapter, trainable, optimizer_state = tensors
+        if bad := [name for name, t in adapter.items() if t.is_floating_point() and not bool(t.isfinite().all())]:
+            raise UsageError(f"training diverged: {bad[0]} holds NaN or inf after step {step} (not saved); lower --lr")
         resume_state = {
             "trainable": trainable,
             "optimizer": optimizer_state,
@@ -245,7 +247,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
         step += 1
         loss_value = parts["loss"]
         if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss became {loss_value} at step {step}; lower --lr")
+            raise UsageError(f"training diverged: the loss became {loss_value} at step {step}; lower --lr")
         bar.update()
         bar.set_postfix(loss=f"{loss_value:.3f}")
         if step % cfg.log_every == 0 or step == cfg.steps:

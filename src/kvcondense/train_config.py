@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .checkpoint import read_meta
 from .errors import UsageError
 from .lora import LoraSettings
+from .meta import training_problem
 from .methods import Method
 from .models import DEFAULT_MODEL
 from .trackers import tracker_names
 
 OBJECTIVES = ("lm", "kl", "lm+kl")
 TEACHER_DTYPES = ("float32", "bfloat16")
+SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+             "inverse_sqrt")  # fmt: skip
+"""The ``transformers.get_scheduler`` names that need nothing but the optimizer, warmup and step count."""
 
 
 @dataclass
@@ -100,11 +104,20 @@ class TrainConfig:
     report_to: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        lora = self.lora if isinstance(self.lora, dict) else asdict(self.lora)
+        settings = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("lora", "report_to")}
+        listed = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}  # the API may give tuples
+        if problem := training_problem(listed, {k: list(v) if isinstance(v, tuple) else v for k, v in lora.items()}):
+            raise UsageError(f"training setting {problem.removeprefix('field ')}")
+        if not isinstance(self.report_to, list | tuple):
+            raise UsageError(f"report_to must be a list of trackers, got {self.report_to!r}")
         if isinstance(self.lora, dict):
             self.lora = LoraSettings(**self.lora)
+        if self.schedule not in SCHEDULES:
+            raise UsageError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.steps < 1:
             raise UsageError(f"steps must be >= 1, got {self.steps}")
-        for name in ("batch_size", "grad_accum", "block_tokens"):
+        for name in ("batch_size", "grad_accum", "block_tokens", "log_every"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
