@@ -254,6 +254,8 @@ META_EDITS = {
     "negative id": (lambda m: m.update(special_tokens={"<CL>": -5}), "negative"),
     "lora rank": (lambda m: m["lora"].update(r="16"), "lora.r"),
     "lora missing": (lambda m: m["lora"].pop("alpha"), "lora.alpha is missing"),
+    "lora extra": (lambda m: m["lora"].update(extra=1), "lora has unknown settings"),
+    "nan lr": (lambda m: m["training"].update(lr=float("nan")), "training.lr must be a finite number"),
     "base model": (lambda m: m.pop("base_model"), "base_model is missing"),
     "fingerprint": (lambda m: m["base_model"].update(fingerprint=5), "base_model.fingerprint"),
     "format": (lambda m: m.update(format=99), "format 99"),
@@ -594,3 +596,22 @@ def test_a_small_file_kept_apart_is_scored_whole(capsys, tiny_dir, tmp_path):
     rc = main(["eval", "--method", "full", "--model", str(tiny_dir), "--data", str(small), "--split", "all"])
     out = capsys.readouterr().out
     assert rc == 0 and "perplexity" in out
+
+
+def test_eval_settings_of_the_wrong_kind_are_one_line_and_ratios_count_once(tmp_path):
+    from kvcondense.evaluate import EvalConfig
+
+    cases = (({"batch_size": 0}, "--batch-size"), ({"seed": None}, "seed"), ({"max_tokens": 100.5}, "max_tokens"))
+    for bad, match in cases:
+        with pytest.raises(UsageError, match=match):
+            EvalConfig(method="sentinel", **bad)
+    assert EvalConfig(method="sentinel", ratios=(0.5, 0.25, 0.5)).ratios == (0.5, 0.25)
+
+
+def test_list_names_a_checkpoint_whose_optional_fields_were_removed(capsys, ck):
+    meta = json.loads((ck / "kvcondense.json").read_text())
+    for key in ("steps", "data"):
+        meta["training"].pop(key)
+    (ck / "kvcondense.json").write_text(json.dumps(meta))
+    assert main(["list", "--checkpoints", str(ck.parent)]) == 0
+    assert ck.name in capsys.readouterr().out

@@ -141,8 +141,8 @@ def cmd_list(args) -> int:
         t = meta["training"]
         weights = "" if (ck / ADAPTER).is_file() else "  (config and log only: no weights)"
         print(
-            f"  {ck.name:{width}s} {meta['method']['name']:12s} {t.get('steps_done', t['steps'])} steps, "
-            f"objective {t.get('objective', 'lm')}, data {t['data']}{weights}"
+            f"  {ck.name:{width}s} {meta['method']['name']:12s} {t.get('steps_done', t.get('steps', '?'))} steps, "
+            f"objective {t.get('objective', 'lm')}, data {t.get('data', '?')}{weights}"
         )
     return 0
 

@@ -102,6 +102,13 @@ class EvalConfig:
             raise UsageError(f"--needle-depths are fractions in [0, 1], got {list(self.needle_depths)}")
         if min(self.prefix_tokens, self.new_tokens, self.docs) < 1:
             raise UsageError("--prefix-tokens, --new-tokens and --docs must be >= 1")
+        ints = ("max_tokens", "block_tokens", "batch_size", "seed", "prefix_tokens", "new_tokens", "docs", "episodes")
+        if bad := [n for n in ints if not isinstance(getattr(self, n), int) or isinstance(getattr(self, n), bool)]:
+            raise UsageError(f"{', '.join(bad)} must be whole numbers, got {[getattr(self, n) for n in bad]}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        self.ratios = tuple(dict.fromkeys(self.ratios))  # a ratio given twice is one result, not two rows
+        self.kv_budgets = tuple(dict.fromkeys(self.kv_budgets))
 
 
 def load_for_eval(cfg: EvalConfig):

@@ -103,6 +103,8 @@ def validate_meta(meta) -> str | None:
     for section, spec in (("base_model.", _BASE), ("lora.", _LORA)):
         if (problem := _wrong(section, meta[section[:-1]], spec, required=True)) is not None:
             return problem
+    if extra := sorted(set(meta["lora"]) - set(_LORA)):
+        return f"field lora has unknown settings {extra}"
     if not all(isinstance(m, str) for m in meta["lora"]["target_modules"]):
         return "field lora.target_modules must be a list of module names"
     return _wrong("training.", meta["training"], _TRAINING_OPTIONAL, required=False)
