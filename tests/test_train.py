@@ -313,3 +313,15 @@ def test_a_diverged_adapter_is_never_saved(tiny_dir, sample_path, tmp_path, monk
     with pytest.raises(UsageError, match="training diverged: .* holds NaN or inf"):
         train(config(tiny_dir, sample_path, out, steps=2))
     assert not out.exists()
+
+
+def test_a_run_whose_blocks_compress_nothing_says_so(tiny_dir, sample_path, tmp_path, caplog):
+    """Sentinel spans need room: blocks of 16 tokens hold none, and the run warns instead of training a
+    compression method on uncompressed text; blocks of 64 compress, and it stays quiet."""
+    with caplog.at_level("WARNING", logger="kvcondense.train"):
+        train(config(tiny_dir, sample_path, tmp_path / "short", steps=1, block_tokens=16))
+    assert "compressed nothing" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kvcondense.train"):
+        train(config(tiny_dir, sample_path, tmp_path / "long", steps=1, block_tokens=256))
+    assert "compressed nothing" not in caplog.text

@@ -262,6 +262,12 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
                     "elapsed_s": round(time.perf_counter() - t0, 1),
                 }
             )
+            ratio = method.params().get("ratio")
+            if len(log) == 1 and kept > 0.999 and ratio and accelerator.is_main_process:
+                logger.warning(
+                    f"step {step} compressed nothing (KV kept {kept:.3f}, {method.name} at ratio {ratio}): "
+                    f"give longer --block-tokens than {cfg.block_tokens}"
+                )
             if cfg.report_to:
                 accelerator.log({k: v for k, v in log[-1].items() if k != "step"}, step=step)
         if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
