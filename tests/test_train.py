@@ -325,3 +325,8 @@ def test_a_run_whose_blocks_compress_nothing_says_so(tiny_dir, sample_path, tmp_
     with caplog.at_level("WARNING", logger="kvcondense.train"):
         train(config(tiny_dir, sample_path, tmp_path / "long", steps=1, block_tokens=256))
     assert "compressed nothing" not in caplog.text
+
+
+def test_paths_from_python_are_the_paths_they_name(tiny_dir, sample_path, tmp_path):
+    cfg = config(tiny_dir, sample_path, tmp_path / "out", data=sample_path, model=tiny_dir)
+    assert (cfg.out, cfg.data, cfg.model) == (str(tmp_path / "out"), str(sample_path), str(tiny_dir))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from .checkpoint import read_meta
 from .errors import UsageError
@@ -104,6 +104,9 @@ class TrainConfig:
     report_to: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        for name in ("model", "data", "out", "init_from"):  # a Path from Python is the path it names
+            if isinstance(getattr(self, name), PurePath):
+                setattr(self, name, str(getattr(self, name)))
         lora = self.lora if isinstance(self.lora, dict) else asdict(self.lora)
         settings = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("lora", "report_to")}
         listed = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}  # the API may give tuples
