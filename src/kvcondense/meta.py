@@ -68,14 +68,17 @@ def _wrong(section: str, obj: dict, spec: dict, required: bool) -> str | None:
     return None
 
 
+def _lora_problem(lora: dict, required: bool) -> str | None:
+    if extra := sorted(set(lora) - set(_LORA)):
+        return f"field lora has unknown settings {extra}; it takes {', '.join(_LORA)}"
+    return _wrong("lora.", lora, _LORA, required)
+
+
 def training_problem(training: dict, lora: dict | None = None) -> str | None:
     """The first problem of a set of training settings (``TrainConfig``'s fields, a ``--config`` file's) and of
     their LoRA settings: an unknown LoRA key, or a value of the wrong type; None when they are well-formed."""
-    if lora is not None:
-        if extra := sorted(set(lora) - set(_LORA)):
-            return f"lora has unknown settings {extra}; it takes {', '.join(_LORA)}"
-        if (problem := _wrong("lora.", lora, _LORA, required=False)) is not None:
-            return problem
+    if lora is not None and (problem := _lora_problem(lora, required=False)) is not None:
+        return problem
     return _wrong("", training, _TRAINING_OPTIONAL, required=False)
 
 
@@ -100,11 +103,9 @@ def validate_meta(meta) -> str | None:
         return "field special_tokens must map token strings to whole-number ids"
     if any(v < 0 for v in tokens.values()):
         return "field special_tokens holds a negative token id"
-    for section, spec in (("base_model.", _BASE), ("lora.", _LORA)):
-        if (problem := _wrong(section, meta[section[:-1]], spec, required=True)) is not None:
+    for problem in (_wrong("base_model.", meta["base_model"], _BASE, True), _lora_problem(meta["lora"], True)):
+        if problem is not None:
             return problem
-    if extra := sorted(set(meta["lora"]) - set(_LORA)):
-        return f"field lora has unknown settings {extra}"
     if not all(isinstance(m, str) for m in meta["lora"]["target_modules"]):
         return "field lora.target_modules must be a list of module names"
     return _wrong("training.", meta["training"], _TRAINING_OPTIONAL, required=False)

@@ -123,13 +123,16 @@ def hub_snapshot(repo_id: str) -> Path:
 
 def attention_window(model) -> int | None:
     """The narrowest window the model's own causal mask imposes on some of its layers (``sliding_window``,
-    ``attention_chunk_size``; none when ``layer_types`` lists only full attention), or None. kvcondense's masks
-    never apply one: past it, its attention is not the model's own."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    ``attention_chunk_size``; none when ``layer_types`` lists only full attention or ``use_sliding_window`` is
+    off), or None. ``model``: a model or its config. kvcondense's masks never apply one: past it, its attention
+    is not the model's own."""
+    cfg = getattr(model, "config", model)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     types = getattr(cfg, "layer_types", None)
     if types is not None and all(t == "full_attention" for t in types):
         return None
-    sizes = [getattr(cfg, key, None) for key in ("sliding_window", "attention_chunk_size")]
+    keys = ("attention_chunk_size",) if types is None and getattr(cfg, "use_sliding_window", True) is False else ()
+    sizes = [getattr(cfg, key, None) for key in keys or ("sliding_window", "attention_chunk_size")]
     sizes = [s for s in sizes if isinstance(s, int) and not isinstance(s, bool) and s > 0]
     return min(sizes) if sizes else None
 

@@ -27,6 +27,7 @@ from .forward import attention_implementation, attn_implementation
 from .layout import Kind, Layout
 from .lora import lora_gate
 from .methods.base import Method, TokenizedText
+from .models import attention_window
 from .score_tally import SCORING, Part, Tally
 
 POOL = 5
@@ -104,11 +105,8 @@ def _pass(model, ids, parts, chunk_tokens: int, value_norm: bool, keep: int = 0)
 def check_full_attention(config, n: int) -> None:
     """Refuse, in one line, a text longer than a sliding window of the model: its layers do not see every token, so
     a score of every token by every layer does not exist (and the scoring attention applies no window)."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    window = getattr(cfg, "sliding_window", None)
-    types = getattr(cfg, "layer_types", None)
-    sliding = any("sliding" in t for t in types) if types else bool(getattr(cfg, "use_sliding_window", True))
-    if window and sliding and n > window:
+    window = attention_window(config)
+    if window is not None and n > window:
         raise UsageError(
             f"the scoring pass needs full attention over the text: this model's layers see a sliding window of "
             f"{window} tokens and the text has {n}; use a placement without scores"

@@ -107,10 +107,13 @@ class TrainConfig:
         for name in ("model", "data", "out", "init_from"):  # a Path from Python is the path it names
             if isinstance(getattr(self, name), PurePath):
                 setattr(self, name, str(getattr(self, name)))
-        lora = self.lora if isinstance(self.lora, dict) else asdict(self.lora)
+
+        def as_json(values: dict) -> dict:  # the Python API may give tuples where a config file holds lists
+            return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
         settings = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("lora", "report_to")}
-        listed = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}  # the API may give tuples
-        if problem := training_problem(listed, {k: list(v) if isinstance(v, tuple) else v for k, v in lora.items()}):
+        lora = self.lora if isinstance(self.lora, dict) else asdict(self.lora)
+        if problem := training_problem(as_json(settings), as_json(lora)):
             raise UsageError(f"training setting {problem.removeprefix('field ')}")
         if not isinstance(self.report_to, list | tuple):
             raise UsageError(f"report_to must be a list of trackers, got {self.report_to!r}")
